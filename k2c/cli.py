@@ -1,0 +1,153 @@
+"""The `k2c` command: check, inspect, build, train and import-hf.
+
+Every failure a user can cause ends in one clear message on stderr and exit code 2; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+from k2c import __version__
+from k2c.codegen import CodegenError, build_package, compile_spec
+from k2c.ir import IRError
+from k2c.passes import PassError, PlacementError
+from k2c.report import inspect_json, inspect_text
+from k2c.spec import SpecError, load_spec
+from k2c.spec.import_hf import import_hf_config
+
+USER_ERRORS = (SpecError, PlacementError, CodegenError, IRError, PassError)
+
+
+def default_out_dir(spec_name: str) -> Path:
+    return Path("generated") / spec_name
+
+
+def _load(path: str):
+    return load_spec(Path(path))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    spec = _load(args.spec)
+    compile_spec(spec)
+    print(f"{args.spec}: ok ({spec.name})")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    spec = _load(args.spec)
+    graph = compile_spec(spec)
+    if args.json:
+        print(json.dumps(inspect_json(spec, graph), indent=1, sort_keys=True))
+    else:
+        print(inspect_text(spec, graph), end="")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    spec = _load(args.spec)
+    out = Path(args.out) if args.out else default_out_dir(spec.name)
+    start = time.perf_counter()
+    result = build_package(spec, out, force=args.force, dump_ir=Path(args.dump_ir) if args.dump_ir else None)
+    took = time.perf_counter() - start
+    changed = ", ".join(result.written) if result.written else "nothing changed"
+    print(f"built {out}/ in {took:.2f}s ({changed})")
+    return 0
+
+
+def import_package(out_dir: Path, name: str) -> ModuleType:
+    """Import a generated package from its folder, whatever the current directory."""
+    spec = importlib.util.spec_from_file_location(
+        name, out_dir / "__init__.py", submodule_search_locations=[str(out_dir)]
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    spec = _load(args.spec)
+    out = Path(args.out) if args.out else default_out_dir(spec.name)
+    result = build_package(spec, out)
+    if result.written:
+        print(f"built {out}/ ({', '.join(result.written)})")
+    package = import_package(out.resolve(), spec.name)
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / spec.name
+    package.train.run(run_dir, steps=args.steps, resume=args.resume)
+    return 0
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    text = import_hf_config(Path(args.config), name=args.name)
+    if args.output:
+        out = Path(args.output)
+        if out.exists() and not args.force:
+            raise CodegenError(f"{out} exists; refusing to overwrite it (pass --force to replace it)")
+        from k2c.codegen.build import write_atomic
+
+        write_atomic(out, text)
+        print(f"wrote {out}")
+    else:
+        print(text, end="")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="k2c", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"k2c {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("check", help="validate a spec")
+    c.add_argument("spec")
+    c.set_defaults(run=cmd_check)
+
+    c = sub.add_parser("inspect", help="show what the compiler decided for a spec")
+    c.add_argument("spec")
+    c.add_argument("--json", action="store_true", help="one JSON object instead of tables")
+    c.set_defaults(run=cmd_inspect)
+
+    c = sub.add_parser("build", help="generate the Python package of a spec")
+    c.add_argument("spec")
+    c.add_argument("-o", "--out", help="package folder (default: generated/<name>)")
+    c.add_argument("--force", action="store_true", help="overwrite files edited since the last build")
+    c.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pass into DIR")
+    c.set_defaults(run=cmd_build)
+
+    c = sub.add_parser("train", help="build if needed, then train on the spec's data")
+    c.add_argument("spec")
+    c.add_argument("-o", "--out", help="package folder (default: generated/<name>)")
+    c.add_argument("--run-dir", help="metrics, plots and checkpoints (default: runs/<name>)")
+    c.add_argument("--steps", type=int, help="override training.steps")
+    c.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    c.set_defaults(run=cmd_train)
+
+    c = sub.add_parser("import-hf", help="a spec from a Hugging Face DeepSeek-V3 / Kimi K2 config.json")
+    c.add_argument("config")
+    c.add_argument("-o", "--output", help="write the spec here instead of stdout")
+    c.add_argument("--name", help="spec name (default: from the config)")
+    c.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    c.set_defaults(run=cmd_import_hf)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""What `k2c inspect` shows: the compiler's decisions as readable tables or one JSON object."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from k2c.ir import MATRIX_KINDS, Graph, OpKind
+from k2c.passes.group_params import adapter_param_names
+from k2c.spec.schema import Spec
+
+
+def _human(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:g}"
+
+
+def _table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = [title, "  " + "  ".join(h.ljust(w) for h, w in zip(cells[0], widths)).rstrip()]
+    lines.append("  " + "  ".join("-" * w for w in widths))
+    lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells[1:]]
+    return "\n".join(lines) + "\n\n"
+
+
+def layer_rows(spec: Spec) -> list[dict[str, Any]]:
+    m = spec.model
+    a = m.attention
+    attn = f"MLA {a.heads}h q_lora={a.q_lora_rank} kv_lora={a.kv_lora_rank} qk={a.qk_nope_head_dim}+{a.qk_rope_head_dim} v={a.v_head_dim}"
+    rows = []
+    for i in range(m.layers):
+        if i < m.dense_layers:
+            assert m.dense_mlp is not None
+            mlp = f"dense SwiGLU {m.dense_mlp.intermediate_size}"
+        else:
+            assert m.moe is not None
+            e = m.moe
+            mlp = (f"MoE {e.experts_per_token}/{e.routed_experts} experts x {e.expert_intermediate_size}"
+                   f" + {e.shared_experts} shared, groups {e.router.groups_per_token}/{e.router.groups}")
+        rows.append({"layer": i, "attention": attn, "mlp": mlp})
+    return rows
+
+
+def _collapse(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """Consecutive layers with the same description become one row `a-b`."""
+    out: list[tuple[str, str, str]] = []
+    start = 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or (rows[i]["attention"], rows[i]["mlp"]) != (rows[start]["attention"], rows[start]["mlp"]):
+            span = str(start) if i - 1 == start else f"{start}-{i - 1}"
+            out.append((span, rows[start]["attention"], rows[start]["mlp"]))
+            start = i
+    return out
+
+
+def adapter_rows(graph: Graph) -> list[dict[str, Any]]:
+    rows = []
+    for op in graph.ops():
+        if op.kind in MATRIX_KINDS and op["adapter"].kind != "trainable":
+            d = op["adapter"]
+            rows.append({"site": op.name, "shape": f"{op['out_features']}x{op['in_features']}", "kind": d.kind,
+                         "rank": d.rank, "keep_ratio": d.keep_ratio, "svd_rank": d.svd_rank,
+                         "kept_channels": d.kept_channels, "backward_flops_saved_per_token": d.backward_flops_saved})
+    return rows
+
+
+def clip_rows(graph: Graph) -> list[dict[str, Any]]:
+    rows = []
+    for op in graph.ops(OpKind.ATTENTION):
+        d = op["qk_clip"]
+        rows.append({"layer": op.layer, "mode": d.mode, "tau": d.tau, "q_weight": d.q_weight,
+                     "q_rows_sqrt_gamma": d.q_sqrt_gamma_rows, "q_rows_gamma": d.q_gamma_rows,
+                     "kv_weight": d.kv_weight, "kv_rows_sqrt_gamma": d.kv_sqrt_gamma_rows})
+    return rows
+
+
+def group_rows(graph: Graph) -> list[dict[str, Any]]:
+    """Parameter groups summed per (optimizer, weight decay, kind of op)."""
+    totals: dict[tuple[str, bool, str], list[int]] = {}
+    for op in graph.ops():
+        sizes = {p.name: p.numel for p in op.params}
+        if op.kind in MATRIX_KINDS and op["adapter"].rank:
+            stack = op.get("experts", 1)
+            a_name, b_name = adapter_param_names(op)
+            sizes[a_name] = stack * op["adapter"].rank * op["in_features"]
+            sizes[b_name] = stack * op["out_features"] * op["adapter"].rank
+        for g in op.get("param_groups", ()):
+            what = "adapter" if "lora_" in g.name else op.kind.value
+            entry = totals.setdefault((g.optimizer, g.weight_decay, what), [0, 0])
+            entry[0] += 1
+            entry[1] += sizes[g.name]
+    return [{"optimizer": opt, "weight_decay": wd, "op_kind": what, "tensors": n, "numel": numel}
+            for (opt, wd, what), (n, numel) in sorted(totals.items())]
+
+
+def inspect_json(spec: Spec, graph: Graph) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "params": graph.facts["params"],
+        "flops_per_token": graph.facts["flops_per_token"],
+        "layers": layer_rows(spec),
+        "adapter_sites": adapter_rows(graph),
+        "qk_clip_sites": clip_rows(graph),
+        "param_groups": group_rows(graph),
+        "kernels": {"backend": "torch", "note": "reference torch path; no fused Triton kernels are selected yet"},
+    }
+
+
+def inspect_text(spec: Spec, graph: Graph) -> str:
+    p, f = graph.facts["params"], graph.facts["flops_per_token"]
+    out = f"{spec.name}: {spec.description}\n\n" if spec.description else f"{spec.name}\n\n"
+    out += _table("Parameters", ("", "total", "activated"), [
+        ("all", f"{p['total']:,} ({_human(p['total'])})", f"{p['activated']:,} ({_human(p['activated'])})"),
+        ("without embedding and head", f"{p['total_without_embedding_and_head']:,}",
+         f"{p['activated_without_embedding_and_head']:,}"),
+    ])
+    out += f"FLOPs per token at seq_len {f['seq_len']}: forward {_human(f['forward'])}, training {_human(f['train'])}\n\n"
+    out += _table("Layers", ("layers", "attention", "mlp"), _collapse(layer_rows(spec)))
+    sites = adapter_rows(graph)
+    if sites:
+        out += _table(f"Adapter sites ({spec.adapter.kind})",
+                      ("site", "shape", "kind", "rank", "keep", "svd rank", "|S|", "bwd FLOPs saved/token"),
+                      [(r["site"], r["shape"], r["kind"], r["rank"] or "-", r["keep_ratio"], r["svd_rank"] or "-",
+                        r["kept_channels"] or "-", _human(r["backward_flops_saved_per_token"]))
+                       for r in sites])
+    else:
+        out += "Adapter sites: none (every weight trains)\n\n"
+    clips = clip_rows(graph)
+    out += _table("QK-Clip", ("layer", "mode", "tau", "q rows x sqrt(g) / x g", "kv_b rows x sqrt(g)"),
+                  [(r["layer"], r["mode"], r["tau"], f"{_rows(r['q_rows_sqrt_gamma'])} / {_rows(r['q_rows_gamma'])}",
+                    _rows(r["kv_rows_sqrt_gamma"])) for r in clips])
+    out += _table("Optimizer groups", ("optimizer", "weight decay", "op kind", "tensors", "numel"),
+                  [(r["optimizer"], "yes" if r["weight_decay"] else "no", r["op_kind"], r["tensors"],
+                    _human(r["numel"])) for r in group_rows(graph)])
+    out += "Kernels: torch reference path for every op (no fused Triton kernel selected yet)\n"
+    return out
+
+
+def _rows(rule: tuple[int, int, int]) -> str:
+    offset, count, stride = rule
+    return f"h*{stride}+[{offset},{offset + count})"
