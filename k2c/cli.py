@@ -78,9 +78,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = build_package(spec, out)
     if result.written:
         print(f"built {out}/ ({', '.join(result.written)})")
-    package = import_package(out.resolve(), spec.name)
+    import_package(out.resolve(), spec.name)
+    train = importlib.import_module(f"{spec.name}.train")
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / spec.name
-    package.train.run(run_dir, steps=args.steps, resume=args.resume)
+    train.run(run_dir, steps=args.steps, resume=args.resume)
     return 0
 
 

@@ -25,6 +25,8 @@ class Graph:
         self.name = name
         self._g = nx.DiGraph()
         self._facts: tuple[tuple[str, Any], ...] = ()
+        self._order: tuple[str, ...] | None = None  # cached: passes change payloads, never the structure
+        self._text: str | None = None
 
     # ---------------------------------------------------------------- building
 
@@ -32,6 +34,7 @@ class Graph:
         """Append `op`, fed by `inputs` in argument order; `out` is the type of what it produces."""
         if op.name in self._g:
             raise IRError(f"duplicate op name {op.name!r}")
+        self._order = self._text = None
         self._g.add_node(op.name, op=op, order=self._g.number_of_nodes(), out=out)
         for slot, src in enumerate(inputs):
             src_name = src if isinstance(src, str) else src.name
@@ -44,6 +47,7 @@ class Graph:
         new = Graph(self.name)
         new._g = self._g.copy()
         new._facts = self._facts
+        new._order = self._order
         return new
 
     def replace_ops(self, ops: Iterable[Op]) -> Graph:
@@ -75,8 +79,10 @@ class Graph:
     # ---------------------------------------------------------------- reading
 
     def ops(self, kind: OpKind | None = None) -> Iterator[Op]:
-        order = nx.get_node_attributes(self._g, "order")
-        for name in nx.lexicographical_topological_sort(self._g, key=order.__getitem__):
+        if self._order is None:
+            rank = nx.get_node_attributes(self._g, "order")
+            self._order = tuple(nx.lexicographical_topological_sort(self._g, key=rank.__getitem__))
+        for name in self._order:
             op = self._g.nodes[name]["op"]
             if kind is None or op.kind is kind:
                 yield op
@@ -133,6 +139,11 @@ class Graph:
 
     def text(self) -> str:
         """The canonical printed form: one line per op, inputs by name, then the facts."""
+        if self._text is None:
+            self._text = self._render_text()
+        return self._text
+
+    def _render_text(self) -> str:
         lines = [f"graph {self.name} {{"]
         for op in self.ops():
             ins = ", ".join(i.name for i in self.inputs(op))

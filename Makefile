@@ -1,0 +1,19 @@
+# The two entry points of the README. Each sets up .venv on first use (torch 2.13 CPU build, k2c, test extras).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.k2c-installed
+
+.PHONY: train test
+train: $(STAMP)
+	$(BIN)/k2c train specs/k2-tiny.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n auto
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)

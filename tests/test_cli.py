@@ -1,0 +1,88 @@
+"""The `k2c` command as a user meets it: exit codes, messages, and what it writes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "specs" / "k2-tiny.yaml"
+
+
+def k2c(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "k2c.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+
+
+def test_check_ok():
+    r = k2c("check", str(TINY))
+    assert r.returncode == 0 and "ok (k2_tiny)" in r.stdout
+
+
+def test_check_bad_spec_exits_2_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY.read_text().replace("hidden_size:", "hiden_size:", 1))
+    r = k2c("check", str(bad))
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert f"{bad}:" in r.stderr and "hiden_size" in r.stderr
+
+
+def test_unplaceable_adapter_exits_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY.read_text() + "adapter: {kind: lora, targets: [{match: attn.nope}]}\n")
+    r = k2c("check", str(bad))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "'attn.nope' matches no linear" in r.stderr
+
+
+def test_inspect_json_reports_params():
+    r = k2c("inspect", str(TINY), "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["params"]["total"] > doc["params"]["activated"] > 0
+    assert {"layers", "adapter_sites", "qk_clip_sites", "param_groups"} <= doc.keys()
+
+
+def test_inspect_tables():
+    r = k2c("inspect", str(TINY))
+    assert r.returncode == 0, r.stderr
+    for title in ("Parameters", "Layers", "QK-Clip", "Optimizer groups"):
+        assert title in r.stdout
+
+
+def test_build_refuses_to_overwrite_user_edits(tmp_path):
+    out = tmp_path / "pkg"
+    assert k2c("build", str(TINY), "-o", str(out)).returncode == 0
+    model = out / "model.py"
+    original = model.read_text()
+    model.write_text(original + "\n# my change\n")
+    r = k2c("build", str(TINY), "-o", str(out))
+    assert r.returncode == 2 and "model.py" in r.stderr and "--force" in r.stderr
+    assert model.read_text().endswith("# my change\n")  # nothing lost
+    assert k2c("build", str(TINY), "-o", str(out), "--force").returncode == 0
+    assert model.read_text() == original
+
+
+def test_build_refuses_a_folder_that_is_not_a_package(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    r = k2c("build", str(TINY), "-o", str(tmp_path))
+    assert r.returncode == 2 and "notes.txt" in r.stderr
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_dump_ir_writes_one_file_per_pass(tmp_path):
+    r = k2c("build", str(TINY), "-o", str(tmp_path / "pkg"), "--dump-ir", str(tmp_path / "ir"))
+    assert r.returncode == 0, r.stderr
+    names = sorted(p.name for p in (tmp_path / "ir").iterdir())
+    assert names == ["00-build.ir", "01-infer_shapes.ir", "02-count_params.ir", "03-place_adapters.ir",
+                     "04-place_qk_clip.ir", "05-group_params.ir"]
+    assert "qk_clip=ClipDecision(mode='weights'" in (tmp_path / "ir" / "04-place_qk_clip.ir").read_text()
+
+
+@pytest.mark.parametrize("missing", ["nope.yaml", "specs"])
+def test_missing_or_directory_spec(missing):
+    r = k2c("check", missing)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and missing in r.stderr
