@@ -6,10 +6,12 @@ Every failure a user can cause ends in one clear message on stderr and exit code
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -19,6 +21,7 @@ from k2c.ir import IRError
 from k2c.passes import PassError, PlacementError
 from k2c.report import inspect_json, inspect_text
 from k2c.spec import SpecError, load_spec
+from k2c.spec.loader import field_error
 from k2c.spec.import_hf import import_hf_config
 
 USER_ERRORS = (SpecError, PlacementError, CodegenError, IRError, PassError)
@@ -32,16 +35,27 @@ def _load(path: str):
     return load_spec(Path(path))
 
 
+@contextlib.contextmanager
+def at_spec_fields(path: str) -> Iterator[None]:
+    """A spec that the passes cannot place is reported at its field in the file, like any other spec error."""
+    try:
+        yield
+    except PlacementError as err:
+        raise field_error(path, err.field, err.message) from None
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     spec = _load(args.spec)
-    compile_spec(spec)
+    with at_spec_fields(args.spec):
+        compile_spec(spec)
     print(f"{args.spec}: ok ({spec.name})")
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     spec = _load(args.spec)
-    graph = compile_spec(spec)
+    with at_spec_fields(args.spec):
+        graph = compile_spec(spec)
     if args.json:
         print(json.dumps(inspect_json(spec, graph), indent=1, sort_keys=True))
     else:
@@ -53,7 +67,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     spec = _load(args.spec)
     out = Path(args.out) if args.out else default_out_dir(spec.name)
     start = time.perf_counter()
-    result = build_package(spec, out, force=args.force, dump_ir=Path(args.dump_ir) if args.dump_ir else None)
+    with at_spec_fields(args.spec):
+        result = build_package(spec, out, force=args.force, dump_ir=Path(args.dump_ir) if args.dump_ir else None)
     took = time.perf_counter() - start
     changed = ", ".join(result.written) if result.written else "nothing changed"
     print(f"built {out}/ in {took:.2f}s ({changed})")
@@ -75,7 +90,8 @@ def import_package(out_dir: Path, name: str) -> ModuleType:
 def cmd_train(args: argparse.Namespace) -> int:
     spec = _load(args.spec)
     out = Path(args.out) if args.out else default_out_dir(spec.name)
-    result = build_package(spec, out)
+    with at_spec_fields(args.spec):
+        result = build_package(spec, out)
     if result.written:
         print(f"built {out}/ ({', '.join(result.written)})")
     import_package(out.resolve(), spec.name)
@@ -142,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.run(args)
+    except SpecError as err:
+        print(err, file=sys.stderr)  # already one `file:line:column: error: ...` line per issue
+        return 2
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -35,7 +35,7 @@ def test_unplaceable_adapter_exits_2(tmp_path):
     bad.write_text(TINY.read_text() + "adapter: {kind: lora, targets: [{match: attn.nope}]}\n")
     r = k2c("check", str(bad))
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "'attn.nope' matches no linear" in r.stderr
+    assert f"{bad}:" in r.stderr and "adapter.targets[0].match: 'attn.nope' matches no linear" in r.stderr
 
 
 def test_inspect_json_reports_params():

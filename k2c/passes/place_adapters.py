@@ -15,13 +15,19 @@ import re
 from dataclasses import dataclass
 
 from k2c.ir import MATRIX_KINDS, Graph, Op
+from k2c.spec.loader import dotted
 from k2c.spec.schema import Adapter, AdapterTarget, parse_layers
 
 DEFAULT_KEEP_RATIO = {"attn.o": 0.55, "up": 0.65, "down": 0.65}
 
 
 class PlacementError(ValueError):
-    """A spec's adapter section that cannot be placed on this model; the message names the field."""
+    """A spec's adapter section that cannot be placed on this model, with the spec field at fault."""
+
+    def __init__(self, field: tuple[str | int, ...], message: str):
+        self.field = field
+        self.message = message
+        super().__init__(f"{dotted(field)}: {message}")
 
 
 @dataclass(frozen=True)
@@ -61,11 +67,11 @@ def _default_keep_ratio(role: str) -> float:
 
 
 def _decide(adapter: Adapter, target: AdapterTarget, index: int, op: Op) -> AdapterDecision:
-    where = f"adapter.targets[{index}]"
+    where = ("adapter", "targets", index)
     rank = target.rank or adapter.rank
     if adapter.kind == "lora":
         if target.keep_ratio not in (None, 1.0):
-            raise PlacementError(f"{where}.keep_ratio: expected 1.0 or nothing for adapter kind 'lora' "
+            raise PlacementError((*where, "keep_ratio"), "expected 1.0 or nothing for adapter kind 'lora' "
                                  f"(keep ratios below 1 need kind 'ce_lora'), found {target.keep_ratio}")
         return AdapterDecision("lora", rank, adapter.alpha)
     keep = target.keep_ratio if target.keep_ratio is not None else _default_keep_ratio(site_role(op))
@@ -74,7 +80,7 @@ def _decide(adapter: Adapter, target: AdapterTarget, index: int, op: Op) -> Adap
     m, n = op["out_features"], op["in_features"]
     svd_rank = target.svd_rank or adapter.svd_rank or max(1, 7 * rank // 8)
     if svd_rank >= min(m, n):
-        raise PlacementError(f"{where}.svd_rank: expected less than min(out, in) = {min(m, n)} of {op.name}, "
+        raise PlacementError((*where, "svd_rank"), f"expected less than min(out, in) = {min(m, n)} of {op.name}, "
                              f"found {svd_rank}")
     kept = math.ceil(keep * m)
     # dY W costs 2mn per row; CE-LoRA pays 2k(m+n) for the SVD pair and 2|S|n for the kept residual rows.
@@ -95,8 +101,8 @@ def place_adapters(graph: Graph) -> Graph:
     for i, (target, layers) in enumerate(zip(adapter.targets, layer_sets)):
         if not any(_matches(target, op, layers) for op in sites):
             in_layers = f" in layers {target.layers!r}" if target.layers is not None else ""
-            raise PlacementError(f"adapter.targets[{i}].match: {target.match!r}{in_layers} matches no linear; "
-                                 f"expected one of {', '.join(roles)}")
+            raise PlacementError(("adapter", "targets", i, "match"),
+                                 f"{target.match!r}{in_layers} matches no linear; expected one of {', '.join(roles)}")
     decided = []
     for op in sites:
         decision = AdapterDecision("frozen")
