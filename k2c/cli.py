@@ -96,9 +96,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"built {out}/ ({', '.join(result.written)})")
     import_package(out.resolve(), spec.name)
     train = importlib.import_module(f"{spec.name}.train")
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / spec.name
-    train.run(run_dir, steps=args.steps, resume=args.resume)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(spec.name, args.resume)
+    try:
+        train.run(run_dir, steps=args.steps, resume=args.resume)
+    except train.TrainError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
+
+
+def default_run_dir(spec_name: str, resume: bool) -> Path:
+    """runs/<name>/<n>: a new numbered folder per run, so training again never overwrites an earlier run;
+    with --resume, the latest one."""
+    base = Path("runs") / spec_name
+    numbers = [int(p.name) for p in base.glob("*") if p.name.isdigit()] if base.exists() else []
+    latest = max(numbers, default=0)
+    return base / str(latest if resume and latest else latest + 1)
 
 
 def cmd_import_hf(args: argparse.Namespace) -> int:

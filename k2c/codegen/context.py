@@ -82,9 +82,8 @@ def config_fields(spec: Spec) -> list[ConfigField]:
          "model.moe.router.groups_per_token"),
         ("router_normalize", "bool", moe.router.normalize if moe else True, "model.moe.router.normalize"),
         ("routed_scaling", "float", moe.router.routed_scaling if moe else 1.0, "model.moe.router.routed_scaling"),
-        ("router_bias_rate", "float",
-         moe.router.balance.rate if moe and moe.router.balance.kind == "aux_free_bias" else 0.0,
-         "model.moe.router.balance.rate (0: no aux-loss-free balancing)"),
+        ("router_bias_rate", "float", router_bias_rate(spec),
+         "model.moe.router.balance.rate (0: no aux-loss-free balancing; always 0 under an adapter)"),
         ("optimizer_kind", "str", o.kind, "optimizer.kind"),
         ("lr", "float", o.lr, "optimizer.lr"),
         ("weight_decay", "float", o.weight_decay, "optimizer.weight_decay"),
@@ -122,6 +121,14 @@ def config_fields(spec: Spec) -> list[ConfigField]:
         ("seed", "int", t.seed, "training.seed"),
     ]
     return [ConfigField(n, ann, repr(v), src) for n, ann, v, src in fields]
+
+
+def router_bias_rate(spec: Spec) -> float:
+    """Under an adapter the base model is frozen: moving its router biases would change it outside the adapter."""
+    moe = spec.model.moe
+    if moe is None or moe.router.balance.kind != "aux_free_bias" or spec.adapter.kind != "none":
+        return 0.0
+    return moe.router.balance.rate
 
 
 def adapter_sites(graph: Graph) -> list[str]:

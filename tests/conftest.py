@@ -1,0 +1,145 @@
+"""Shared fixtures: build and import a generated package; its transformers twin as the numerical reference."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from k2c.cli import import_package
+from k2c.codegen import build_package
+from k2c.spec.schema import Spec
+
+_package_ids = itertools.count()
+
+# Tests run one per core (pytest -n); torch's own threads on top only fight over the same cores.
+torch.set_num_threads(1)
+
+
+def import_generated(out_dir: Path) -> ModuleType:
+    """Import a generated package under a name of its own, so that several builds of one spec can coexist."""
+    return import_package(out_dir, f"k2c_generated_{next(_package_ids)}")
+
+
+@pytest.fixture
+def build_generated(tmp_path: Path):
+    """spec -> `k2c.codegen.build_package` into tmp_path -> the imported package."""
+
+    def build(spec: Spec) -> ModuleType:
+        out_dir = tmp_path / f"{spec.name}_{next(_package_ids)}"
+        build_package(spec, out_dir)
+        return import_generated(out_dir)
+
+    return build
+
+
+def hf_config(spec: Spec, attn_implementation: str = "eager"):
+    """The transformers DeepseekV3Config that describes the same model as the spec."""
+    from transformers import DeepseekV3Config
+
+    m, a, moe = spec.model, spec.model.attention, spec.model.moe
+    rope = {"rope_type": "default", "rope_theta": a.rope.theta}
+    if (yarn := a.rope.scaling) is not None:
+        rope = {
+            "rope_type": "yarn",
+            "rope_theta": a.rope.theta,
+            "factor": yarn.factor,
+            "original_max_position_embeddings": yarn.original_max_position_embeddings,
+            "beta_fast": yarn.beta_fast,
+            "beta_slow": yarn.beta_slow,
+            "mscale": yarn.mscale,
+            "mscale_all_dim": yarn.mscale_all_dim,
+        }
+    return DeepseekV3Config(
+        vocab_size=m.vocab_size,
+        hidden_size=m.hidden_size,
+        num_hidden_layers=m.layers,
+        first_k_dense_replace=m.dense_layers,
+        intermediate_size=m.dense_mlp.intermediate_size if m.dense_mlp else 1,
+        rms_norm_eps=m.norm_eps,
+        max_position_embeddings=m.max_position_embeddings,
+        tie_word_embeddings=m.tie_embeddings,
+        initializer_range=m.init_std,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.heads,
+        q_lora_rank=a.q_lora_rank,
+        kv_lora_rank=a.kv_lora_rank,
+        qk_nope_head_dim=a.qk_nope_head_dim,
+        qk_rope_head_dim=a.qk_rope_head_dim,
+        v_head_dim=a.v_head_dim,
+        rope_interleave=a.rope.interleaved,
+        rope_parameters=rope,
+        n_routed_experts=moe.routed_experts,
+        n_shared_experts=moe.shared_experts,
+        num_experts_per_tok=moe.experts_per_token,
+        moe_intermediate_size=moe.expert_intermediate_size,
+        n_group=moe.router.groups,
+        topk_group=moe.router.groups_per_token,
+        norm_topk_prob=moe.router.normalize,
+        routed_scaling_factor=moe.router.routed_scaling,
+        attn_implementation=attn_implementation,
+    )
+
+
+@pytest.fixture
+def hf_twin():
+    """spec -> transformers' DeepseekV3ForCausalLM for it, with random weights that make every part matter.
+
+    transformers initialises the router weight and its correction bias to zeros and the norm gains to ones; here
+    all of them are random (a non-zero bias changes which experts are chosen), and matrices are scaled by
+    fan_in^-0.5 so that activations, attention and routing stay far from uniform.
+    """
+    from transformers import DeepseekV3ForCausalLM
+
+    def twin(spec: Spec, seed: int = 0, device: str = "cpu"):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = DeepseekV3ForCausalLM(hf_config(spec)).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.ndim == 1:
+                    p.copy_(1 + 0.2 * torch.randn_like(p))
+                elif "embed_tokens" in name:
+                    p.normal_()
+                else:
+                    p.normal_(0, p.shape[-1] ** -0.5)
+            for name, b in model.named_buffers():
+                if name.endswith("e_score_correction_bias"):
+                    b.uniform_(-0.2, 0.2)
+        return model
+
+    return twin
+
+
+@pytest.fixture
+def hf_max_logits():
+    """(transformers model, input_ids) -> [layers, heads] largest pre-softmax logit, read from inside its attention."""
+    from transformers import AttentionInterface
+
+    recorded = []
+
+    def recording_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        scores = (query @ key.transpose(2, 3)) * scaling  # [batch, heads, queries, keys]
+        t = scores.shape[-1]
+        scores = scores.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
+        recorded.append(scores.amax(dim=(0, 2, 3)))
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+        return (probs @ value).transpose(1, 2).contiguous(), probs
+
+    AttentionInterface.register("k2c_recording", recording_attention)
+
+    def max_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+        recorded.clear()
+        previous = model.config._attn_implementation
+        model.set_attn_implementation("k2c_recording")
+        try:
+            with torch.no_grad():
+                model(input_ids)
+        finally:
+            model.set_attn_implementation(previous)
+        return torch.stack(recorded)
+
+    return max_logits

@@ -1,0 +1,341 @@
+"""The generated MuonClip optimizer: its Muon and AdamW updates, schedule, groups, router bias and resume.
+
+Muon is checked against torch.optim.Muon and against Algorithm 1 of the Kimi K2 report written out below in fp64.
+Newton-Schulz runs in bf16 (as in both references), so those comparisons allow for its rounding; see BF16_TOL.
+"""
+
+import dataclasses
+import io
+import math
+
+import pytest
+import torch
+
+from conftest import import_generated
+from k2c.codegen import build_package
+from specs_for_tests import tiny_spec
+
+# Five bf16 Newton-Schulz steps (8 significant bits, each step amplifying by up to a = 3.4) land within about 2.5%
+# of exact arithmetic by Frobenius norm and within two units in the last place at 1.0 (2^-7) entrywise, for the
+# matrix shapes of this model (measured over 100 random matrices each, for torch.optim.Muon and for ours). Two such
+# runs (ours and torch.optim.Muon, or ours and exact fp64) are allowed twice that. Units: the update scale
+# lr * rms_scale * sqrt(max(n, m)), under which the orthogonalised update has entries below 1.
+BF16_TOL = 4 * 2.0**-7
+BF16_FRO_TOL = 0.05
+
+SQUARE, WIDE, TALL = (
+    "model.layers.1.self_attn.o_proj.weight",  # [64, 64]
+    "model.layers.1.self_attn.q_a_proj.weight",  # [32, 64]
+    "model.layers.1.self_attn.kv_b_proj.weight",  # [128, 16]
+)
+EXPERTS = "model.layers.2.mlp.experts.up_proj"  # [8, 32, 64]
+
+
+@pytest.fixture(scope="module")
+def g(tmp_path_factory):
+    spec = tiny_spec(
+        name="muon_tiny",
+        optimizer={"lr": 0.02, "weight_decay": 0.1, "schedule": {"warmup_steps": 2, "final_lr_ratio": 0.1}},
+        **{"training.steps": 20},
+    )
+    out_dir = tmp_path_factory.mktemp("muon") / spec.name
+    build_package(spec, out_dir)
+    return import_generated(out_dir)
+
+
+def fresh(g, seed=0, dtype=None):
+    torch.manual_seed(seed)
+    model = g.build_model(dtype=dtype)
+    return model, g.build_optimizer(model)
+
+
+def update_scale(g, lr, shape):
+    return lr * (g.CONFIG.rms_scale * math.sqrt(max(shape[-2:])))  # grouped as the optimizer groups it
+
+
+def assert_updates_match(ours, ref, scale):
+    """Two Muon updates (parameter deltas), compared in units of the update scale."""
+    ours, ref = ours.double() / scale, ref.double() / scale
+    assert (ours - ref).abs().max().item() < BF16_TOL
+    assert ((ours - ref).norm() / ref.norm()).item() < BF16_FRO_TOL
+
+
+def algorithm_1(w, momentum, grad, lr, cfg):
+    """One step of Algorithm 1 (Kimi K2) for one matrix, in fp64. Returns the new weight and momentum."""
+    momentum = cfg.muon_momentum * momentum + grad
+    u = grad + cfg.muon_momentum * momentum if cfg.muon_nesterov else momentum
+    x = u / (u.norm() + 1e-7)
+    n, m = x.shape
+    if n > m:
+        x = x.T
+    a, b, c = cfg.ns_coefficients
+    for _ in range(cfg.ns_steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    if n > m:
+        x = x.T
+    o = x * cfg.rms_scale * math.sqrt(max(n, m))
+    return w - lr * (o + cfg.weight_decay * w), momentum
+
+
+@pytest.mark.parametrize("name", [SQUARE, WIDE, TALL], ids=["square", "wide", "tall"])
+def test_muon_matches_torch_muon(g, name):
+    model, opt = fresh(g)
+    cfg = g.CONFIG
+    w = model.get_parameter(name)
+    ref_w = w.detach().clone().requires_grad_()
+    ref = torch.optim.Muon(
+        [ref_w], lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum, nesterov=cfg.muon_nesterov,
+        ns_coefficients=cfg.ns_coefficients, eps=1e-7, ns_steps=cfg.ns_steps, adjust_lr_fn="match_rms_adamw",
+    )
+    for step in range(6):
+        grad = torch.randn_like(w)
+        w.grad, ref_w.grad = grad.clone(), grad.clone()  # every other parameter has no gradient and stays put
+        ref.param_groups[0]["lr"] = g.optim.lr_at(step)
+        before, ref_before = w.detach().clone(), ref_w.detach().clone()
+        opt.step()
+        ref.step()
+        scale = update_scale(g, ref.param_groups[0]["lr"], w.shape)
+        assert_updates_match(w.detach() - before, ref_w.detach() - ref_before, scale)
+        # the momentum is a plain sum; torch keeps the EMA, (1 - mu) times it
+        torch.testing.assert_close(opt.state[w]["momentum"] * (1 - cfg.muon_momentum),
+                                   ref.state[ref_w]["momentum_buffer"], rtol=1e-5, atol=1e-6)
+
+
+def test_muon_weight_decay_uses_the_unscaled_lr(g):
+    """A zero gradient orthogonalises to zero, leaving W - lr * wd * W, exactly as torch.optim.Muon does."""
+    model, opt = fresh(g)
+    cfg = g.CONFIG
+    w = model.get_parameter(WIDE)
+    ref_w = w.detach().clone().requires_grad_()
+    ref = torch.optim.Muon([ref_w], lr=g.optim.lr_at(0), weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
+    expected = w.detach() * (1 - g.optim.lr_at(0) * cfg.weight_decay)
+    w.grad, ref_w.grad = torch.zeros_like(w), torch.zeros_like(w)
+    opt.step()
+    ref.step()
+    assert torch.equal(w.detach(), ref_w.detach())
+    torch.testing.assert_close(w.detach(), expected, rtol=1e-6, atol=0)
+
+
+def test_muon_matches_algorithm_1_for_every_matrix(g):
+    """Every Muon parameter of the model, stacked experts as a loop over their matrices."""
+    model, opt = fresh(g)
+    cfg = g.CONFIG
+    in_muon = {id(p) for group in opt.param_groups if group["kind"] == "muon" for p in group["params"]}
+    muon = {name: p for name, p in model.named_parameters() if id(p) in in_muon}
+    assert {SQUARE, WIDE, TALL, EXPERTS} <= muon.keys()
+    ref = {name: (p.detach().double(), torch.zeros_like(p, dtype=torch.float64)) for name, p in muon.items()}
+    for step in range(4):
+        lr = g.optim.lr_at(step)
+        before = {name: p.detach().clone() for name, p in muon.items()}
+        for p in muon.values():
+            p.grad = torch.randn_like(p)
+        for name, p in muon.items():
+            w, momentum = ref[name]
+            grad = p.grad.double()
+            if p.ndim == 2:
+                ref[name] = algorithm_1(w, momentum, grad, lr, cfg)
+            else:
+                experts = [algorithm_1(w[e], momentum[e], grad[e], lr, cfg) for e in range(p.shape[0])]
+                ref[name] = tuple(torch.stack(t) for t in zip(*experts))
+        opt.step()
+        for name, p in muon.items():
+            ours = (p.detach() - before[name]).view(-1, *p.shape[-2:])
+            exact = (ref[name][0] - before[name].double()).view(-1, *p.shape[-2:])
+            for ours_one, exact_one in zip(ours, exact):  # per matrix: experts are separate matrices
+                assert_updates_match(ours_one, exact_one, update_scale(g, lr, p.shape))
+
+
+def test_stacked_experts_get_what_a_loop_over_experts_gets(g):
+    model, opt = fresh(g)
+    cfg = g.CONFIG
+    w = model.get_parameter(EXPERTS)
+    momentum = torch.zeros_like(w)
+    for step in range(3):
+        lr = g.optim.lr_at(step)
+        w.grad = torch.randn_like(w)
+        before = w.detach().clone()
+        momentum.mul_(cfg.muon_momentum).add_(w.grad)
+        u = w.grad.add(momentum, alpha=cfg.muon_momentum)  # Nesterov, rounded as the optimizer rounds it
+        scale = update_scale(g, lr, w.shape)
+        loop = torch.stack([
+            before[e].mul(1 - lr * cfg.weight_decay).add(
+                g.optim.newton_schulz(u[e], cfg.ns_steps, cfg.ns_coefficients, g.optim.ns_dtype(w.device)).float(),
+                alpha=-scale)
+            for e in range(w.shape[0])
+        ])
+        # torch.optim.Muon on each expert as a 2D matrix of its own
+        ref_w = [before[e].clone().requires_grad_() for e in range(w.shape[0])]
+        ref = torch.optim.Muon(
+            ref_w, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum, nesterov=cfg.muon_nesterov,
+            ns_coefficients=cfg.ns_coefficients, eps=1e-7, ns_steps=cfg.ns_steps, adjust_lr_fn="match_rms_adamw",
+        )
+        for e, rw in enumerate(ref_w):
+            rw.grad = u[e].clone()  # a fresh torch Muon orthogonalises the direction of its first gradient
+        ref.step()
+        opt.step()
+        assert torch.equal(w.detach(), loop)
+        for e, rw in enumerate(ref_w):
+            assert_updates_match(w.detach()[e] - before[e], rw.detach() - before[e], scale)
+
+
+def test_batching_does_not_change_the_update(g, monkeypatch):
+    """Same-shape matrices share one batched Newton-Schulz; one at a time must give the same bits."""
+    results = []
+    for batch_elements in (g.optim.NS_BATCH_ELEMENTS, 1):
+        monkeypatch.setattr(g.optim, "NS_BATCH_ELEMENTS", batch_elements)
+        model, opt = fresh(g)
+        torch.manual_seed(1)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        results.append(model.state_dict())
+    for name, value in results[0].items():
+        assert torch.equal(value, results[1][name]), name
+
+
+def test_newton_schulz_orthogonalises_each_matrix(g):
+    """Run to convergence (the classic cubic iteration), every matrix of a stack becomes semi-orthogonal.
+
+    The matrices differ in scale by 10^6: normalising the stack as a whole would leave the small one far from it.
+    """
+    u = torch.randn(3, 8, 20) * torch.tensor([1e-3, 1.0, 1e3]).view(3, 1, 1)
+    x = g.optim.newton_schulz(u, 20, (1.5, -0.5, 0.0)).double()
+    eye = torch.eye(8, dtype=torch.float64).expand(3, 8, 8)
+    assert (x @ x.mT - eye).abs().max().item() < 0.05
+    tall = g.optim.newton_schulz(u.mT, 20, (1.5, -0.5, 0.0)).double()
+    assert (tall.mT @ tall - eye).abs().max().item() < 0.05
+
+
+def test_adamw_group_matches_torch_adamw(g):
+    model, opt = fresh(g)
+    cfg = g.CONFIG
+    adamw = [p for group in opt.param_groups if group["kind"] == "adamw" for p in group["params"]]
+    assert any(p is model.model.embed_tokens.weight for p in adamw)
+    assert any(p is model.model.norm.weight for p in adamw)
+    ref_params = [p.detach().clone().requires_grad_() for p in adamw]
+    ref = torch.optim.AdamW(ref_params, lr=cfg.lr, betas=cfg.adamw_betas, eps=cfg.adamw_eps,
+                            weight_decay=cfg.weight_decay, foreach=False)
+    for step in range(5):
+        for p, r in zip(adamw, ref_params):
+            p.grad = torch.randn_like(p)
+            r.grad = p.grad.clone()
+        ref.param_groups[0]["lr"] = g.optim.lr_at(step)
+        opt.step()
+        ref.step()
+        for p, r in zip(adamw, ref_params):
+            assert torch.equal(p.detach(), r.detach())
+
+
+@pytest.mark.parametrize("decay", ["constant", "cosine", "linear"])
+def test_lr_schedule(g, monkeypatch, decay):
+    warmup, steps, peak, ratio = 4, 20, 0.5, 0.1
+    monkeypatch.setattr(g.optim, "CONFIG", dataclasses.replace(
+        g.CONFIG, lr=peak, warmup_steps=warmup, steps=steps, lr_decay=decay, final_lr_ratio=ratio))
+    floor = peak * ratio
+    for step in range(steps + 5):
+        if step < warmup:
+            expected = peak * (step + 1) / warmup
+        elif decay == "constant":
+            expected = peak
+        else:
+            t = min(step - warmup, steps - warmup) / (steps - warmup)
+            shape = (1 + math.cos(math.pi * t)) / 2 if decay == "cosine" else 1 - t
+            expected = floor + (peak - floor) * shape
+        assert g.optim.lr_at(step) == pytest.approx(expected, rel=1e-12)
+    assert g.optim.lr_at(warmup - 1) == pytest.approx(peak)
+    assert g.optim.lr_at(steps) == pytest.approx(peak if decay == "constant" else floor)
+
+    model, opt = fresh(g)
+    for step in range(6):
+        opt.step()
+        assert opt.last_report["lr"] == g.optim.lr_at(step)
+        assert all(group["lr"] == g.optim.lr_at(step) for group in opt.param_groups)
+
+
+def test_param_groups_follow_the_rules(g):
+    model, opt = fresh(g)
+    kind = {id(p): group["kind"] for group in opt.param_groups for p in group["params"]}
+    expected = {
+        "model.embed_tokens.weight": "adamw",
+        "model.layers.1.input_layernorm.weight": "adamw",
+        "model.layers.1.mlp.gate.weight": "adamw",  # router weight: the spec's default
+        SQUARE: "muon",
+        WIDE: "muon",
+        TALL: "muon",
+        EXPERTS: "muon",
+        "model.layers.0.mlp.down_proj.weight": "muon",
+        "lm_head.weight": "adamw",
+    }
+    for name, want in expected.items():
+        assert kind[id(model.get_parameter(name))] == want, name
+    assert len(kind) == sum(1 for _ in model.parameters())
+    assert all(group["weight_decay"] == g.CONFIG.weight_decay for group in opt.param_groups)
+
+    model.model.norm.weight.requires_grad_(False)
+    assert all(p is not model.model.norm.weight for group in g.build_optimizer(model).param_groups
+               for p in group["params"])
+
+    model.register_parameter("stray", torch.nn.Parameter(torch.zeros(3)))
+    with pytest.raises(ValueError, match="'stray'"):
+        g.build_optimizer(model)
+
+
+def test_router_bias_moves_against_the_load(g):
+    model, opt = fresh(g)
+    model.train()
+    with torch.no_grad():
+        model(torch.randint(0, g.CONFIG.vocab_size, (2, 32)))
+    loads = model.expert_loads()
+    assert loads.keys() == {1, 2}
+    biases = {i: model.get_buffer(f"model.layers.{i}.mlp.gate.e_score_correction_bias") for i in loads}
+    before = {i: b.clone() for i, b in biases.items()}
+    opt.step()
+    for i, load in loads.items():
+        assert load.sum() == 2 * 32 * g.CONFIG.experts_per_token
+        expected = before[i] + g.CONFIG.router_bias_rate * torch.sign(load.mean() - load)
+        assert torch.equal(biases[i], expected)
+        assert (biases[i] != before[i]).any()
+    assert all((load == 0).all() for load in model.expert_loads().values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resume_is_bit_exact(g, monkeypatch, dtype):
+    # a tau under the logits of the first steps, so that resuming also carries the clipped weights
+    monkeypatch.setattr(g.optim, "CONFIG", dataclasses.replace(g.CONFIG, qk_clip_tau=0.05))
+    data = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, g.CONFIG.vocab_size, (2, 16), generator=data) for _ in range(8)]
+
+    def train(model, opt, batch_list):
+        clipped = 0
+        for x in batch_list:
+            model(x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            clipped += opt.last_report["clipped_heads"]
+        return clipped
+
+    model, opt = fresh(g, dtype=dtype)
+    model.train()
+    train(model, opt, batches[:3])
+    saved = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, saved)
+    assert train(model, opt, batches[3:]) > 0
+
+    saved.seek(0)
+    checkpoint = torch.load(saved)
+    resumed, resumed_opt = fresh(g, seed=1, dtype=dtype)
+    resumed.train()
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_opt.load_state_dict(checkpoint["opt"])
+    assert resumed_opt.state["step"] == 3
+    assert all(t.dtype == torch.float32 for s in resumed_opt.state.values() if isinstance(s, dict)
+               for t in s.values() if torch.is_tensor(t))
+    train(resumed, resumed_opt, batches[3:])
+
+    assert resumed_opt.state["step"] == opt.state["step"] == 8
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        for key, value in opt.state[p].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(resumed_opt.state[q][key])), key
