@@ -183,3 +183,28 @@ def test_loss_falls(build_generated, tmp_path):
     assert records[0]["loss"] == pytest.approx(uniform, abs=0.1)
     assert summary["eval_loss"] < uniform - 1.5
     assert records[-1]["eval_loss"] < records[7]["eval_loss"] - 0.2
+
+
+def test_fine_tuning_starts_from_init_from(build_generated, tmp_path):
+    from safetensors.torch import save_file
+
+    base, _ = trainer(build_generated)
+    torch.manual_seed(7)
+    published = {k: v.contiguous() for k, v in base.hf_state_dict(base.build_model()).items()}
+    save_file(published, tmp_path / "base.safetensors")
+    package, train = trainer(build_generated, **{
+        "training.steps": 2, "training.init_from": str(tmp_path / "base.safetensors"), "adapter": adapter("ce_lora", 0.5),
+    })
+    train.run(tmp_path / "run")
+    tuned = package.build_model()
+    tuned.load_state_dict(torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"])
+    after = package.hf_state_dict(tuned)
+    # the frozen base is exactly the checkpoint it started from; only the adapters moved
+    assert all(torch.equal(after[k], published[k]) for k in published)
+    assert any(p.abs().sum() > 0 for n, p in tuned.named_parameters() if n.endswith("lora_B"))
+
+
+def test_unloadable_init_from_is_a_train_error(build_generated, tmp_path):
+    _, train = trainer(build_generated, **{"training.steps": 1, "training.init_from": str(tmp_path / "none")})
+    with pytest.raises(train.TrainError, match="training.init_from .* cannot be loaded"):
+        train.run(tmp_path / "run")

@@ -114,6 +114,7 @@ def config_fields(spec: Spec) -> list[ConfigField]:
         ("steps", "int", t.steps, "training.steps"),
         ("dtype", "str", t.dtype, "training.dtype"),
         ("data", "str", t.data, "training.data"),
+        ("init_from", "str | None", t.init_from, "training.init_from: published-layout checkpoint to start from"),
         ("eval_fraction", "float", t.eval_fraction, "training.eval_fraction"),
         ("eval_every", "int", t.eval_every, "training.eval_every"),
         ("log_every", "int", t.log_every, "training.log_every"),

@@ -291,6 +291,7 @@ class Training(Section):
     steps: PositiveInt = 300
     dtype: Literal["float32", "bfloat16"] = "float32"
     data: str = "bundled"  # "bundled", or a path to a UTF-8 text file
+    init_from: str | None = None  # a checkpoint in the published layout to start from (fine-tuning); None: random
     eval_fraction: Annotated[float, Field(gt=0, lt=1, strict=True)] = 0.05
     eval_every: PositiveInt = 50
     log_every: PositiveInt = 10
