@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 from types import ModuleType
 
@@ -14,6 +15,17 @@ from k2c.codegen import build_package
 from k2c.spec.schema import Spec
 
 _package_ids = itertools.count()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This process's environment with the repository importable first: for tests that run k2c in a child."""
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    return env
+
+# The suite is a CPU suite (GPU runs are separate and explicit): generated training loops stay on the CPU.
+os.environ.setdefault("K2C_DEVICE", "cpu")
 
 # Tests run one per core (pytest -n); torch's own threads on top only fight over the same cores.
 torch.set_num_threads(1)

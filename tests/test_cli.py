@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, subprocess_env
+
 TINY = REPO / "specs" / "k2-tiny.yaml"
 
 
 def k2c(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "k2c.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+                          env=subprocess_env())
 
 
 def test_check_ok():

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, subprocess_env
+
 SPECS = sorted((REPO / "specs").glob("*.yaml"))
 
 RENDER_ALL = """
@@ -28,7 +29,7 @@ def renders() -> list[dict[str, dict[str, str]]]:
     results = []
     for seed in ("0", "12345"):
         r = subprocess.run([sys.executable, "-c", RENDER_ALL, *map(str, SPECS)], capture_output=True, text=True,
-                           cwd=REPO, env={"PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+                           cwd=REPO, env=subprocess_env(PYTHONHASHSEED=seed))
         assert r.returncode == 0, r.stderr
         results.append(json.loads(r.stdout))
     return results

@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from conftest import REPO, subprocess_env
+
 from k2c.ir import Graph, IRError, Op, OpKind, Param, build_graph
 from specs_for_tests import tiny_spec
 
@@ -41,7 +43,7 @@ def test_text_is_identical_across_hash_seeds():
             "from k2c.codegen import compile_spec; print(compile_spec(tiny_spec()).text())")
     outs = {
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                       env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout
+                       cwd=REPO, env=subprocess_env(PYTHONHASHSEED=seed)).stdout
         for seed in ("1", "2")
     }
     assert len(outs) == 1 and "layers.2.experts.up = expert_linear(" in outs.pop()

@@ -237,16 +237,18 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, H], experts and weights [N, k] -> sum over k of weight * expert(x), [N, H]."""
-        k = experts.shape[1]
+        n, k = experts.shape
         flat = experts.flatten()
         # group the (token, slot) pairs by expert so that each expert runs one matmul over its tokens
         order = flat.argsort(stable=True)
-        tokens = order // k
         counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
-        rows = x[tokens]
+        # Only permutations move rows, never a scatter-add: gradients and outputs come out the same, bit for bit,
+        # on every run and device (an index_add_ of k rows per token sums in whatever order its atomics land).
+        rows = x.unsqueeze(1).expand(n, k, x.shape[1]).reshape(n * k, -1).index_select(0, order)
         hidden = F.silu(self.project("gate_proj", rows, counts)) * self.project("up_proj", rows, counts)
         y = self.project("down_proj", hidden, counts) * weights.flatten()[order].unsqueeze(1)
-        return torch.zeros_like(x).index_add_(0, tokens, y.to(x.dtype))
+        slots = torch.empty_like(y).index_copy_(0, order, y)  # back to (token, slot) order
+        return slots.view(n, k, -1).sum(dim=1).to(x.dtype)
 
 
 class MoE(nn.Module):
