@@ -17,6 +17,7 @@ from types import ModuleType
 
 from k2c import __version__
 from k2c.codegen import CodegenError, build_package, compile_spec
+from k2c.codegen.build import write_atomic
 from k2c.ir import IRError
 from k2c.passes import PassError, PlacementError
 from k2c.report import inspect_json, inspect_text
@@ -120,8 +121,6 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
         out = Path(args.output)
         if out.exists() and not args.force:
             raise CodegenError(f"{out} exists; refusing to overwrite it (pass --force to replace it)")
-        from k2c.codegen.build import write_atomic
-
         write_atomic(out, text)
         print(f"wrote {out}")
     else:

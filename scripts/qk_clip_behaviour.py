@@ -103,7 +103,7 @@ def main() -> None:
     }
     meta = {
         "date": datetime.date.today().isoformat(), "torch": torch.__version__, "python": platform.python_version(),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, CPU",
+        "machine": f"{platform.machine()} CPU, torch threads: {torch.get_num_threads()}",
         "spec": "specs/k2-tiny.yaml, weight_decay 0, constant lr after 10 warm-up steps",
         "steps": args.steps, "lr": args.lr, "tau": args.tau,
     }
