@@ -3,10 +3,15 @@ gradients out; max-logit and expert-load recording against brute force; full-siz
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
+from conftest import subprocess_env
 from specs_for_tests import tiny_spec
 
+from k2c.spec import load_spec
 from k2c.spec.schema import Spec
 
 # every case differs from the transformers defaults, so that a field read from the wrong place shows up
@@ -202,3 +207,23 @@ def test_full_kimi_k2_builds_on_meta(build_generated, hf_twin):
             expected[name] = tuple(p.shape)
     assert {name: tuple(t.shape) for name, t in package.hf_state_dict(model).items()} == expected
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in hf.parameters())
+
+
+@pytest.mark.parametrize("case", ["no_q_lora", "grouped_router", "unnormalized_router", "yarn"])
+def test_import_hf_build_and_load_give_the_same_model(case, build_generated, hf_twin, tmp_path):
+    """The user's path: a saved transformers model -> `k2c import-hf` -> build -> load its checkpoint."""
+    spec = case_spec(case)
+    hf = hf_twin(spec)
+    hf.save_pretrained(tmp_path / "hf")
+    imported = tmp_path / "imported.yaml"
+    r = subprocess.run([sys.executable, "-m", "k2c.cli", "import-hf", str(tmp_path / "hf" / "config.json"),
+                        "-o", str(imported)], capture_output=True, text=True, env=subprocess_env())
+    assert r.returncode == 0, r.stderr
+    package = build_generated(load_spec(imported))
+    model = package.build_model()
+    package.load_hf_state_dict(model, tmp_path / "hf")
+    ids, labels = batch(spec, seed=2)
+    with torch.no_grad():
+        ours, reference = model.eval()(ids, labels=labels), hf(ids, labels=labels)
+    assert relative_error(ours.logits, reference.logits) < 1e-4
+    torch.testing.assert_close(ours.loss, reference.loss, rtol=1e-5, atol=0)

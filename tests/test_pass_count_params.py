@@ -4,7 +4,10 @@ import pytest
 import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
+from conftest import REPO
+
 from k2c.codegen import compile_spec
+from k2c.spec import load_spec
 from specs_for_tests import tiny_spec
 
 FULL_SIZE = {  # HF config.json values from the reference table (models.md)
@@ -28,27 +31,13 @@ def hf_param_count(**kw) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def spec_for(kw: dict):
-    return tiny_spec(**{
-        "name": "full", "training.seq_len": 4096,
-        "model": {
-            "vocab_size": kw["vocab_size"], "hidden_size": kw["hidden_size"], "layers": kw["num_hidden_layers"],
-            "dense_layers": kw["first_k_dense_replace"],
-            "attention": {"heads": kw["num_attention_heads"], "q_lora_rank": kw["q_lora_rank"], "kv_lora_rank": 512,
-                          "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128},
-            "dense_mlp": {"intermediate_size": kw["intermediate_size"]},
-            "moe": {"routed_experts": kw["n_routed_experts"], "shared_experts": kw["n_shared_experts"],
-                    "experts_per_token": kw["num_experts_per_tok"],
-                    "expert_intermediate_size": kw["moe_intermediate_size"],
-                    "router": {"groups": kw["n_group"], "groups_per_token": kw["topk_group"]}},
-        },
-    })
+SHIPPED = {"kimi_k2": "kimi-k2.yaml", "deepseek_v3": "deepseek-v3.yaml", "moonlight": "moonlight-16b-a3b.yaml"}
 
 
 @pytest.mark.parametrize("name", sorted(FULL_SIZE))
-def test_total_equals_transformers(name):
-    kw = FULL_SIZE[name]
-    assert compile_spec(spec_for(kw)).facts["params"]["total"] == hf_param_count(**kw)
+def test_shipped_spec_total_equals_transformers(name):
+    spec = load_spec(REPO / "specs" / SHIPPED[name])
+    assert compile_spec(spec).facts["params"]["total"] == hf_param_count(**FULL_SIZE[name])
 
 
 def test_activated_counts_top_k_of_each_expert_stack():
