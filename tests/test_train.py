@@ -75,11 +75,12 @@ def test_resume_is_bit_exact(build_generated, tmp_path, monkeypatch, case):
     package, train = trainer(build_generated, **{
         "training.steps": 6, "training.grad_accum": 2, "training.eval_every": 3, "training.checkpoint_every": 2,
         "optimizer.schedule": {"warmup_steps": 2, "decay": "cosine"},
-        "optimizer.qk_clip": {"tau": 0.02},  # below the logits of a fresh model: QK-Clip acts at every step
+        "optimizer.qk_clip": {"tau": 0.02},  # below the logits of a fresh model: QK-Clip keeps acting
         **RESUME_CASES[case],
     })
     train.run(tmp_path / "straight")
-    assert all(r["clipped_heads"] > 0 for r in read_metrics(tmp_path / "straight"))
+    # the clip must act after the checkpoint (step 2), so that what it did has to survive the resume
+    assert any(r["clipped_heads"] > 0 for r in read_metrics(tmp_path / "straight") if r["step"] > 2)
 
     def interrupted_in_step_4(model):
         opt = package.build_optimizer(model)

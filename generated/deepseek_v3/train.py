@@ -206,7 +206,13 @@ def plot(records, path):
 
 def device():
     """K2C_DEVICE if set, else the GPU when there is one."""
-    return torch.device(os.environ.get("K2C_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(os.environ.get("K2C_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        # Exact resume needs a step to give the same bits every time; on CUDA that takes deterministic kernels
+        # (the embedding gradient otherwise sums repeated tokens with atomics) and a fixed cuBLAS workspace.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return dev
 
 
 def run(run_dir, steps=None, resume=False):
