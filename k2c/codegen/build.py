@@ -36,7 +36,6 @@ class BuildResult:
     out_dir: Path
     graph: Graph
     written: tuple[str, ...]  # files whose content changed
-    unchanged: tuple[str, ...]
 
 
 def compile_spec(spec: Spec, dump_ir: Path | None = None) -> Graph:
@@ -124,13 +123,12 @@ def build_package(spec: Spec, out_dir: Path, *, force: bool = False, dump_ir: Pa
             "refusing to overwrite them. Move your changes elsewhere, or pass --force to replace them."
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    written, unchanged = [], []
+    written = []
     # manifest.json last: until it is replaced, the old one still describes what is on disk.
     for name in sorted(files, key=lambda n: n == "manifest.json"):
         path = out_dir / name
         if path.exists() and path.read_text(encoding="utf-8") == files[name]:
-            unchanged.append(name)
             continue
         write_atomic(path, files[name])
         written.append(name)
-    return BuildResult(out_dir, graph, tuple(written), tuple(unchanged))
+    return BuildResult(out_dir, graph, tuple(written))

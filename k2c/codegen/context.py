@@ -187,7 +187,7 @@ def manifest(spec: Spec, graph: Graph, files: dict[str, str]) -> str:
                 continue
             if key == "adapter" and decision.kind == "trainable":
                 continue
-            out.append({"op": op.name, "module": op["module"], **_as_dict(decision)})
+            out.append({"op": op.name, "module": op["module"], **vars(decision)})
         return out
 
     groups = [
@@ -209,6 +209,3 @@ def manifest(spec: Spec, graph: Graph, files: dict[str, str]) -> str:
     }
     return json.dumps(doc, indent=1, sort_keys=True) + "\n"
 
-
-def _as_dict(decision: Any) -> dict[str, Any]:
-    return {k: v for k, v in vars(decision).items()}
