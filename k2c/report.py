@@ -7,6 +7,7 @@ from typing import Any
 
 from k2c.ir import MATRIX_KINDS, Graph, OpKind
 from k2c.passes.group_params import adapter_param_names
+from k2c.passes.place_adapters import site_role
 from k2c.spec.schema import Spec
 
 
@@ -44,16 +45,21 @@ def layer_rows(spec: Spec) -> list[dict[str, Any]]:
     return rows
 
 
-def _collapse(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
-    """Consecutive layers with the same description become one row `a-b`."""
-    out: list[tuple[str, str, str]] = []
-    start = 0
-    for i in range(1, len(rows) + 1):
-        if i == len(rows) or (rows[i]["attention"], rows[i]["mlp"]) != (rows[start]["attention"], rows[start]["mlp"]):
-            span = str(start) if i - 1 == start else f"{start}-{i - 1}"
-            out.append((span, rows[start]["attention"], rows[start]["mlp"]))
-            start = i
-    return out
+def by_layer_spans(rows: list[tuple[int, ...]]) -> list[tuple[str, ...]]:
+    """Rows (layer, *columns) -> (layers, *columns): the layers that share the same columns, as spans like 1-3,5."""
+    layers: dict[tuple, list[int]] = {}
+    for layer, *columns in rows:
+        layers.setdefault(tuple(columns), []).append(layer)
+    return [(_spans(found), *columns) for columns, found in layers.items()]
+
+
+def _spans(layers: list[int]) -> str:
+    spans, start = [], layers[0]
+    for prev, cur in zip(layers, layers[1:] + [None]):
+        if cur != prev + 1 if cur is not None else True:
+            spans.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    return ",".join(spans)
 
 
 def adapter_rows(graph: Graph) -> list[dict[str, Any]]:
@@ -61,7 +67,8 @@ def adapter_rows(graph: Graph) -> list[dict[str, Any]]:
     for op in graph.ops():
         if op.kind in MATRIX_KINDS and op["adapter"].kind != "trainable":
             d = op["adapter"]
-            rows.append({"site": op.name, "shape": f"{op['out_features']}x{op['in_features']}", "kind": d.kind,
+            rows.append({"site": op.name, "layer": op.layer, "role": site_role(op),
+                         "shape": f"{op['out_features']}x{op['in_features']}", "kind": d.kind,
                          "rank": d.rank, "keep_ratio": d.keep_ratio, "svd_rank": d.svd_rank,
                          "kept_channels": d.kept_channels, "backward_flops_saved_per_token": d.backward_flops_saved})
     return rows
@@ -118,20 +125,22 @@ def inspect_text(spec: Spec, graph: Graph) -> str:
          f"{p['activated_without_embedding_and_head']:,}"),
     ])
     out += f"FLOPs per token at seq_len {f['seq_len']}: forward {_human(f['forward'])}, training {_human(f['train'])}\n\n"
-    out += _table("Layers", ("layers", "attention", "mlp"), _collapse(layer_rows(spec)))
+    out += _table("Layers", ("layers", "attention", "mlp"),
+                  by_layer_spans([(r["layer"], r["attention"], r["mlp"]) for r in layer_rows(spec)]))
     sites = adapter_rows(graph)
     if sites:
         out += _table(f"Adapter sites ({spec.adapter.kind})",
-                      ("site", "shape", "kind", "rank", "keep", "svd rank", "|S|", "bwd FLOPs saved/token"),
-                      [(r["site"], r["shape"], r["kind"], r["rank"] or "-", r["keep_ratio"], r["svd_rank"] or "-",
-                        r["kept_channels"] or "-", _human(r["backward_flops_saved_per_token"]))
-                       for r in sites])
+                      ("layers", "site", "shape", "kind", "rank", "keep", "svd rank", "|S|", "bwd FLOPs saved/token"),
+                      by_layer_spans([(r["layer"], r["role"], r["shape"], r["kind"], r["rank"] or "-",
+                                       r["keep_ratio"], r["svd_rank"] or "-", r["kept_channels"] or "-",
+                                       _human(r["backward_flops_saved_per_token"])) for r in sites]))
     else:
         out += "Adapter sites: none (every weight trains)\n\n"
     clips = clip_rows(graph)
-    out += _table("QK-Clip", ("layer", "mode", "tau", "q rows x sqrt(g) / x g", "kv_b rows x sqrt(g)"),
-                  [(r["layer"], r["mode"], r["tau"], f"{_rows(r['q_rows_sqrt_gamma'])} / {_rows(r['q_rows_gamma'])}",
-                    _rows(r["kv_rows_sqrt_gamma"])) for r in clips])
+    out += _table("QK-Clip", ("layers", "mode", "tau", "q rows x sqrt(g) / x g", "kv_b rows x sqrt(g)"),
+                  by_layer_spans([(r["layer"], r["mode"], r["tau"],
+                                   f"{_rows(r['q_rows_sqrt_gamma'])} / {_rows(r['q_rows_gamma'])}",
+                                   _rows(r["kv_rows_sqrt_gamma"])) for r in clips]))
     out += _table("Optimizer groups", ("optimizer", "weight decay", "op kind", "tensors", "numel"),
                   [(r["optimizer"], "yes" if r["weight_decay"] else "no", r["op_kind"], r["tensors"],
                     _human(r["numel"])) for r in group_rows(graph)])

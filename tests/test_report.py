@@ -1,0 +1,27 @@
+"""`k2c inspect`'s tables: layers that share a decision print as one row with their spans."""
+
+from k2c.codegen import compile_spec
+from k2c.report import by_layer_spans, inspect_json, inspect_text
+from specs_for_tests import tiny_spec
+
+
+def test_layers_with_the_same_columns_share_a_row():
+    rows = [(0, "a"), (1, "a"), (2, "b"), (3, "a"), (5, "a"), (6, "b")]
+    assert by_layer_spans(rows) == [("0-1,3,5", "a"), ("2,6", "b")]
+
+
+def test_adapter_table_groups_sites_by_layer_span():
+    spec = tiny_spec(adapter={"kind": "ce_lora", "rank": 4,
+                              "targets": [{"match": "experts.up", "layers": "2", "keep_ratio": 0.25}]})
+    text = inspect_text(spec, compile_spec(spec))
+    lines = [line.split() for line in text.splitlines()]
+    assert ["2", "experts.up", "32x64", "ce_lora", "4", "0.25", "3", "8"] == lines[
+        next(i for i, l in enumerate(lines) if l[:2] == ["2", "experts.up"])][:8]
+    assert ["1", "experts.up", "32x64", "frozen"] in [l[:4] for l in lines]
+    assert ["0-2", "scale", "100.0"] in [l[:3] for l in lines]  # QK-Clip on frozen q/k: one row for all layers
+
+
+def test_json_lists_every_site():
+    spec = tiny_spec(adapter={"kind": "lora", "targets": [{"match": "attn.o"}]})
+    sites = inspect_json(spec, compile_spec(spec))["adapter_sites"]
+    assert [s["site"] for s in sites if s["kind"] == "lora"] == [f"layers.{i}.attn.o" for i in range(3)]
