@@ -11,7 +11,7 @@
    relative error of CE-LoRA's input gradient against the exact `dY W` for keep ratios 0.1 .. 1.0.
    Writes docs/celora_finetune.{json,png,md}.
 
-    python scripts/celora_finetune.py [--pretrain-steps 300] [--finetune-steps 200] [--svd-rank K] [--out DIR]
+    python scripts/celora_finetune.py [--pretrain-steps 300] [--finetune-steps 200] [--svd-rank K] [--refresh-every N] [--out DIR]
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--finetune-steps", type=int, default=200)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--svd-rank", type=int, help="rank of CE-LoRA's frozen SVD pair (default: the adapter rank)")
+    ap.add_argument("--refresh-every", type=int, default=20, help="backward passes between critical-channel choices")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--out", type=Path, default=REPO / "docs")
     args = ap.parse_args()
@@ -89,7 +90,7 @@ def main() -> None:
             spec = with_changes(
                 base, f"ft_{label.replace('.', '')}",
                 adapter={"kind": kind, "rank": args.rank, "alpha": 2.0 * args.rank, "svd_rank": svd_rank,
-                         "refresh_every": 20, "targets": targets},
+                         "refresh_every": args.refresh_every, "targets": targets},
                 optimizer={"lr": args.lr, "schedule": {"warmup_steps": 10, "decay": "cosine", "final_lr_ratio": 0.1}},
                 training={"data": str(work / "finetune.txt"), "steps": args.finetune_steps, "eval_every": 25,
                           "init_from": str(work / "base.safetensors")},
@@ -111,7 +112,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(), "torch": torch.__version__, "python": platform.python_version(),
         "machine": f"{platform.machine()} CPU", "pretrain_steps": args.pretrain_steps,
         "pretrain_eval_loss": pre_summary["eval_loss"], "finetune_steps": args.finetune_steps, "rank": args.rank,
-        "lr": args.lr, "svd_rank": svd_rank, "refresh_every": 20,
+        "lr": args.lr, "svd_rank": svd_rank, "refresh_every": args.refresh_every,
         "approximated_sites": APPROXIMATED, "exact_sites": EXACT,
     }
     results_doc = {"meta": meta, "results": results, "input_grad_error": error_curve}
