@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -25,7 +26,11 @@ from k2c.spec import SpecError, load_spec
 from k2c.spec.loader import field_error
 from k2c.spec.import_hf import import_hf_config
 
-USER_ERRORS = (SpecError, PlacementError, CodegenError, IRError, PassError)
+class UsageError(Exception):
+    """A command asked for something it cannot do as given; the message says what to change."""
+
+
+USER_ERRORS = (SpecError, PlacementError, CodegenError, IRError, PassError, UsageError)
 
 
 def default_out_dir(spec_name: str) -> Path:
@@ -97,6 +102,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"built {out}/ ({', '.join(result.written)})")
     import_package(out.resolve(), spec.name)
     train = importlib.import_module(f"{spec.name}.train")
+    if args.run_dir is None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise UsageError("under a multi-process launcher (torchrun), pass --run-dir so that every process "
+                           "uses the same run folder")
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(spec.name, args.resume)
     try:
         train.run(run_dir, steps=args.steps, resume=args.resume)
@@ -120,7 +128,7 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
     if args.output:
         out = Path(args.output)
         if out.exists() and not args.force:
-            raise CodegenError(f"{out} exists; refusing to overwrite it (pass --force to replace it)")
+            raise UsageError(f"{out} exists; refusing to overwrite it (pass --force to replace it)")
         write_atomic(out, text)
         print(f"wrote {out}")
     else:

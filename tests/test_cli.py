@@ -87,3 +87,18 @@ def test_dump_ir_writes_one_file_per_pass(tmp_path):
 def test_missing_or_directory_spec(missing):
     r = k2c("check", missing)
     assert r.returncode == 2 and "Traceback" not in r.stderr and missing in r.stderr
+
+
+def test_train_under_a_launcher_needs_a_run_dir():
+    r = subprocess.run([sys.executable, "-m", "k2c.cli", "train", str(TINY)], cwd=REPO, capture_output=True,
+                       text=True, env=subprocess_env(WORLD_SIZE="2"))
+    assert r.returncode == 2 and "pass --run-dir" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_import_hf_does_not_overwrite(tmp_path):
+    target = tmp_path / "spec.yaml"
+    target.write_text("mine")
+    config = tmp_path / "config.json"
+    config.write_text('{"model_type": "deepseek_v3"}')
+    r = k2c("import-hf", str(config), "-o", str(target))
+    assert r.returncode == 2 and "--force" in r.stderr and target.read_text() == "mine"

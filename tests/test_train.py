@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import import_generated
 from matplotlib.image import imread
 
 from specs_for_tests import tiny_spec
@@ -209,3 +212,38 @@ def test_unloadable_init_from_is_a_train_error(build_generated, tmp_path):
     _, train = trainer(build_generated, **{"training.steps": 1, "training.init_from": str(tmp_path / "none")})
     with pytest.raises(train.TrainError, match="training.init_from .* cannot be loaded"):
         train.run(tmp_path / "run")
+
+
+def data_parallel_rank(rank, package_dir, run_dir, init_file):
+    """One of two gloo processes training the package together, as torchrun would start them."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        package = import_generated(Path(package_dir))
+        train = importlib.import_module(f"{package.__name__}.train")
+        rows, windows = [], train.windows
+        train.windows = lambda tokens, starts: rows.append(len(starts)) or windows(tokens, starts)
+        train.run(Path(run_dir))
+        (Path(run_dir) / f"rows.{rank}").write_text(json.dumps(rows))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_data_parallel_processes_take_the_single_process_steps(build_generated, tmp_path):
+    """Each rank takes half of every batch; averaged gradients make the same steps as one process on all of it."""
+    package, train = trainer(build_generated, **{"training.steps": 3, "training.grad_accum": 2})
+    train.run(tmp_path / "single")
+    mp.spawn(data_parallel_rank, args=(str(Path(package.__file__).parent), str(tmp_path / "parallel"),
+                                       str(tmp_path / "rendezvous")), nprocs=2, join=True)
+    for rank in range(2):  # 3 steps x 2 micro-batches of half the batch each, then the held-out batches
+        rows = json.loads((tmp_path / "parallel" / f"rows.{rank}").read_text())
+        assert rows[:6] == [2] * 6 and set(rows[6:]) == {4}
+    single, parallel = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "parallel")
+    assert [r["step"] for r in parallel] == [1, 2, 3]
+    for a, b in zip(single, parallel):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    a = torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "parallel" / "checkpoint.pt", weights_only=True)["model"]
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)

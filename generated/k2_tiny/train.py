@@ -8,6 +8,7 @@ travels in the checkpoint with the model, the optimizer and torch's RNG states, 
 steps that an uninterrupted one would, bit for bit.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -18,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -205,8 +207,10 @@ def plot(records, path):
 
 
 def device():
-    """K2C_DEVICE if set, else the GPU when there is one."""
+    """K2C_DEVICE if set, else the GPU when there is one (under a launcher, this process's local GPU)."""
     dev = torch.device(os.environ.get("K2C_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if dev.type == "cuda":
         # Exact resume needs a step to give the same bits every time; on CUDA that takes deterministic kernels
         # (the embedding gradient otherwise sums repeated tokens with atomics) and a fixed cuBLAS workspace.
@@ -215,10 +219,38 @@ def device():
     return dev
 
 
+def data_parallel(dev):
+    """(rank, world size). Under torchrun (WORLD_SIZE > 1) every process holds the whole model and takes its
+    share of each batch; gradients are averaged, so all ranks take the same step."""
+    size = int(os.environ.get("WORLD_SIZE", 1))
+    if size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    if not dist.is_initialized():
+        return 0, 1
+    if CONFIG.batch_size % dist.get_world_size():
+        raise TrainError(f"training.batch_size {CONFIG.batch_size} must split evenly over "
+                         f"{dist.get_world_size()} processes")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def average_gradients(params, size):
+    """All ranks end with the mean gradient, summed in one flat buffer per dtype."""
+    by_dtype = {}
+    for p in params:
+        if p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= size
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
+
 def run(run_dir, steps=None, resume=False):
     """Train to `steps` optimizer steps (CONFIG.steps by default), writing checkpoint, metrics and plot to run_dir.
 
-    With `resume`, continue from run_dir's checkpoint. Returns a summary of the run.
+    With `resume`, continue from run_dir's checkpoint. Returns a summary of the run (None on ranks other than 0).
     Raises TrainError for a run that cannot go as asked.
     """
     run_dir = Path(run_dir)
@@ -231,6 +263,8 @@ def run(run_dir, steps=None, resume=False):
         raise TrainError(f"{checkpoint_path} exists: resume from it, or train in another run folder")
 
     dev = device()
+    rank, size = data_parallel(dev)
+    lead = rank == 0  # the one process that writes metrics, checkpoints and plots
     train_tokens, eval_tokens = (t.to(dev) for t in split(read_corpus()))
     held_out = eval_starts(eval_tokens).to(dev)
     torch.manual_seed(CONFIG.seed)
@@ -249,23 +283,30 @@ def run(run_dir, steps=None, resume=False):
         start = load_checkpoint(checkpoint_path, model, opt, batches)
         if start >= steps:
             raise TrainError(f"{checkpoint_path} is at step {start} already; ask for more steps to go on")
-        keep_metrics(metrics_path, start)
-    else:
+        if lead:
+            keep_metrics(metrics_path, start)
+    elif lead:
         metrics_path.write_text("", encoding="utf-8")
 
     tokens_per_step = CONFIG.grad_accum * CONFIG.batch_size * CONFIG.seq_len
     began, train_time, eval_loss = time.perf_counter(), 0.0, None
-    with open(metrics_path, "a", encoding="utf-8") as metrics:
+    share = CONFIG.batch_size // size
+    with open(metrics_path, "a", encoding="utf-8") if lead else contextlib.nullcontext() as metrics:
         for step in range(start + 1, steps + 1):
             t0 = time.perf_counter()
             step_loss = torch.zeros((), device=dev)
+            # every rank draws the whole batch from the same generator and keeps its share of it
             starts = torch.randint(len(train_tokens) - CONFIG.seq_len + 1,
                                    (CONFIG.grad_accum, CONFIG.batch_size), generator=batches)
-            for micro in starts.to(dev):
+            for micro in starts[:, rank * share : (rank + 1) * share].to(dev):
                 ids = windows(train_tokens, micro)
                 micro_loss = model(ids, labels=ids).loss / CONFIG.grad_accum
                 micro_loss.backward()
                 step_loss += micro_loss.detach()
+            if size > 1:
+                average_gradients(params, size)
+                dist.all_reduce(step_loss)
+                step_loss /= size
             loss = step_loss.item()
             if not math.isfinite(loss):
                 raise TrainError(f"the loss is {loss} at step {step}; try a lower optimizer.lr")
@@ -283,10 +324,12 @@ def run(run_dir, steps=None, resume=False):
                 "grad_norm": grad_norm,
                 "max_logits": report["max_logits"],
                 "clipped_heads": report["clipped_heads"],
-                "tokens_per_s": tokens_per_step / took,
+                "tokens_per_s": tokens_per_step / took,  # all ranks together
             }
             if step % CONFIG.eval_every == 0 or step == steps:
                 eval_loss = record["eval_loss"] = evaluate(model, eval_tokens, held_out)
+            if not lead:
+                continue
             if step % CONFIG.log_every == 0 or "eval_loss" in record:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
@@ -294,6 +337,9 @@ def run(run_dir, steps=None, resume=False):
                 save_checkpoint(checkpoint_path, model, opt, batches, step)
             done = step - start
             show_progress(step, steps, record, eval_loss, (time.perf_counter() - began) / done * (steps - step))
+
+    if not lead:
+        return None
 
     records = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines()]
     plot(records, plot_path)

@@ -286,7 +286,7 @@ class Adapter(Section):
 
 class Training(Section):
     seq_len: PositiveInt = 256
-    batch_size: PositiveInt = 16
+    batch_size: PositiveInt = 16  # sequences per step, over all data-parallel processes
     grad_accum: PositiveInt = 1
     steps: PositiveInt = 300
     dtype: Literal["float32", "bfloat16"] = "float32"
