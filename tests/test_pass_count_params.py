@@ -5,39 +5,26 @@ import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from conftest import REPO
+from published_configs import DEEPSEEK_V3, KIMI_K2, MOONLIGHT
 
 from k2c.codegen import compile_spec
 from k2c.spec import load_spec
 from specs_for_tests import tiny_spec
 
-FULL_SIZE = {  # HF config.json values from the reference table (models.md)
-    "kimi_k2": dict(hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=61,
-                    first_k_dense_replace=1, n_routed_experts=384, n_shared_experts=1, num_experts_per_tok=8,
-                    num_attention_heads=64, q_lora_rank=1536, vocab_size=163840, n_group=1, topk_group=1),
-    "deepseek_v3": dict(hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=61,
-                        first_k_dense_replace=3, n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8,
-                        num_attention_heads=128, q_lora_rank=1536, vocab_size=129280, n_group=8, topk_group=4),
-    "moonlight": dict(hidden_size=2048, intermediate_size=11264, moe_intermediate_size=1408, num_hidden_layers=27,
-                      first_k_dense_replace=1, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
-                      num_attention_heads=16, q_lora_rank=None, vocab_size=163840, n_group=1, topk_group=1),
-}
+PUBLISHED = {"kimi-k2.yaml": KIMI_K2, "deepseek-v3.yaml": DEEPSEEK_V3, "moonlight-16b-a3b.yaml": MOONLIGHT}
 
 
-def hf_param_count(**kw) -> int:
-    cfg = DeepseekV3Config(kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-                           num_key_value_heads=kw["num_attention_heads"], **kw)
+def hf_param_count(config: dict) -> int:
+    cfg = DeepseekV3Config(**{k: v for k, v in config.items() if k != "model_type"})  # kimi_k2 is DeepseekV3
     with torch.device("meta"):
         model = DeepseekV3ForCausalLM(cfg)
     return sum(p.numel() for p in model.parameters())
 
 
-SHIPPED = {"kimi_k2": "kimi-k2.yaml", "deepseek_v3": "deepseek-v3.yaml", "moonlight": "moonlight-16b-a3b.yaml"}
-
-
-@pytest.mark.parametrize("name", sorted(FULL_SIZE))
-def test_shipped_spec_total_equals_transformers(name):
-    spec = load_spec(REPO / "specs" / SHIPPED[name])
-    assert compile_spec(spec).facts["params"]["total"] == hf_param_count(**FULL_SIZE[name])
+@pytest.mark.parametrize("spec_file", sorted(PUBLISHED))
+def test_shipped_spec_total_equals_transformers(spec_file):
+    spec = load_spec(REPO / "specs" / spec_file)
+    assert compile_spec(spec).facts["params"]["total"] == hf_param_count(PUBLISHED[spec_file])
 
 
 def test_activated_counts_top_k_of_each_expert_stack():
