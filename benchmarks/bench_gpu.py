@@ -24,9 +24,11 @@ from triton.testing import do_bench
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from k2c.cli import import_package  # noqa: E402
+from k2c.runtime import adapters, optim  # noqa: E402
+from k2c.runtime.packages import import_package  # noqa: E402
+from k2c.runtime.plan import AdapterPlan, AdapterSite  # noqa: E402
 
-g = import_package(REPO / "generated" / "k2_tiny", "k2_tiny")  # its optimizer and adapter code; sizes come from here
+g = import_package(REPO / "generated" / "k2_tiny", "k2_tiny")  # its optimizer settings, changed below
 DEV = torch.device("cuda")
 
 
@@ -52,8 +54,11 @@ class Experts(torch.nn.Module):
         self.down_proj = torch.nn.Parameter(torch.randn(e, h, i, device=DEV) * 0.02)
 
     # what MuonClip asks of its model after the update: no router, no attention here
-    def expert_loads(self):
+    def moe_layers(self):
         return {}
+
+    def attentions(self):
+        return []
 
     def step_max_logits(self):
         return torch.full((1, 1), -torch.inf, device=DEV)
@@ -64,15 +69,14 @@ class Experts(torch.nn.Module):
 
 def muon_rows() -> list[dict]:
     # the anchor's settings: constant lr 2e-4, weight decay 0.1; no attention here, so no QK-Clip
-    g.optim.CONFIG = dataclasses.replace(g.CONFIG, lr=2e-4, warmup_steps=0, lr_decay="constant", weight_decay=0.1,
-                                         qk_clip_tau=None, router_bias_rate=0.0)
+    plan = dataclasses.replace(g.PLAN.optimizer, lr=2e-4, warmup_steps=0, decay="constant", weight_decay=0.1)
     torch.manual_seed(0)
     ours_model = Experts()
     grads = {n: torch.randn_like(p) for n, p in ours_model.named_parameters()}
     for n, p in ours_model.named_parameters():
         p.grad = grads[n]
-    ours = g.optim.MuonClip(ours_model, [{"params": list(ours_model.named_parameters()), "kind": "muon",
-                                          "weight_decay": 0.1}])
+    ours = optim.MuonClip(ours_model, [{"params": list(ours_model.named_parameters()), "kind": "muon",
+                                        "weight_decay": 0.1}], plan)
     # the anchor: the same 192 matrices as 2D parameters, one at a time
     flat = [torch.nn.Parameter(p.detach()[e].clone()) for p in ours_model.parameters() for e in range(64)]
     for p, grad in zip(flat, (grads[n][e] for n in grads for e in range(64))):
@@ -120,10 +124,12 @@ def lora_rows(tokens: int = 16384, n_in: int = 7168, n_out: int = 2048, rank: in
 
     def ours(keep: float):
         kind = "ce_lora" if keep < 1 else "lora"
-        site = g.config.AdapterSite("bench", None, kind, rank=rank, alpha=2.0 * rank, keep_ratio=keep,
-                                    svd_rank=7 * rank // 8 if keep < 1 else 0)
-        layer = g.adapters.LoRALinear(torch.nn.Linear(n_in, n_out, bias=False, device=DEV, dtype=torch.bfloat16),
-                                      site)
+        site = AdapterSite("bench", None, kind, rank=rank, alpha=2.0 * rank, keep_ratio=keep,
+                           svd_rank=7 * rank // 8 if keep < 1 else 0)
+        plan = AdapterPlan(kind=kind, rank=rank, alpha=2.0 * rank, rslora=False, dropout=0.0, refresh_every=200,
+                           sites=(site,))
+        layer = adapters.LoRALinear(torch.nn.Linear(n_in, n_out, bias=False, device=DEV, dtype=torch.bfloat16),
+                                    site, plan)
         with torch.no_grad():
             layer.weight.copy_(base.weight)
             layer.lora_A.copy_(peft_layer.lora_A["default"].weight)

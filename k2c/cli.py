@@ -7,21 +7,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 from k2c import __version__
 from k2c.codegen import CodegenError, build_package, compile_spec
-from k2c.codegen.build import write_atomic
 from k2c.ir import IRError
 from k2c.passes import PassError, PlacementError
 from k2c.report import inspect_json, inspect_text
+from k2c.runtime.files import write_atomic
 from k2c.spec import SpecError, load_spec
 from k2c.spec.loader import field_error
 from k2c.spec.import_hf import import_hf_config
@@ -81,18 +79,6 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def import_package(out_dir: Path, name: str) -> ModuleType:
-    """Import a generated package from its folder, whatever the current directory."""
-    spec = importlib.util.spec_from_file_location(
-        name, out_dir / "__init__.py", submodule_search_locations=[str(out_dir)]
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     spec = _load(args.spec)
     out = Path(args.out) if args.out else default_out_dir(spec.name)
@@ -100,14 +86,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = build_package(spec, out)
     if result.written:
         print(f"built {out}/ ({', '.join(result.written)})")
-    import_package(out.resolve(), spec.name)
-    train = importlib.import_module(f"{spec.name}.train")
+    from k2c.runtime import train
+    from k2c.runtime.packages import import_package
+
+    package = import_package(out, spec.name)
     if args.run_dir is None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise UsageError("under a multi-process launcher (torchrun), pass --run-dir so that every process "
                            "uses the same run folder")
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(spec.name, args.resume)
     try:
-        train.run(run_dir, steps=args.steps, resume=args.resume)
+        train.run(package, run_dir, steps=args.steps, resume=args.resume)
     except train.TrainError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -103,6 +103,16 @@ def group_rows(graph: Graph) -> list[dict[str, Any]]:
             for (opt, wd, what), (n, numel) in sorted(totals.items())]
 
 
+def kernel_rows(graph: Graph) -> list[dict[str, Any]]:
+    """What select_kernels chose: per op kind and kernel, how many ops."""
+    counts: dict[tuple[str, str], int] = {}
+    for op in graph.ops():
+        if "kernel" in op:
+            key = (op.kind.value, op["kernel"])
+            counts[key] = counts.get(key, 0) + 1
+    return [{"op_kind": kind, "kernel": kernel, "ops": n} for (kind, kernel), n in sorted(counts.items())]
+
+
 def inspect_json(spec: Spec, graph: Graph) -> dict[str, Any]:
     return {
         "name": spec.name,
@@ -112,7 +122,7 @@ def inspect_json(spec: Spec, graph: Graph) -> dict[str, Any]:
         "adapter_sites": adapter_rows(graph),
         "qk_clip_sites": clip_rows(graph),
         "param_groups": group_rows(graph),
-        "kernels": {"backend": "torch", "note": "reference torch path; no fused Triton kernels are selected yet"},
+        "kernels": kernel_rows(graph),
     }
 
 
@@ -144,7 +154,8 @@ def inspect_text(spec: Spec, graph: Graph) -> str:
     out += _table("Optimizer groups", ("optimizer", "weight decay", "op kind", "tensors", "numel"),
                   [(r["optimizer"], "yes" if r["weight_decay"] else "no", r["op_kind"], r["tensors"],
                     _human(r["numel"])) for r in group_rows(graph)])
-    out += "Kernels: torch reference path for every op (no fused Triton kernel selected yet)\n"
+    out += _table("Kernels (select_kernels)", ("op kind", "kernel", "ops"),
+                  [(r["op_kind"], r["kernel"], r["ops"]) for r in kernel_rows(graph)])
     return out
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
 import json
 import platform
 import sys
@@ -31,7 +30,9 @@ from safetensors.torch import save_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from k2c.cli import import_package  # noqa: E402
+from k2c.runtime import adapters as runtime_adapters  # noqa: E402
+from k2c.runtime import train as runtime_train  # noqa: E402
+from k2c.runtime.packages import import_package  # noqa: E402
 from k2c.codegen import build_package  # noqa: E402
 from k2c.spec import Spec, load_spec  # noqa: E402
 
@@ -51,8 +52,7 @@ def with_changes(base: Spec, name: str, **sections) -> Spec:
 def run(spec: Spec, workdir: Path) -> tuple[dict, object]:
     build_package(spec, workdir / spec.name)
     package = import_package(workdir / spec.name, spec.name)
-    train = importlib.import_module(f"{spec.name}.train")
-    return train.run(workdir / f"{spec.name}_run"), package
+    return runtime_train.run(package, workdir / f"{spec.name}_run"), package
 
 
 def main() -> None:
@@ -146,10 +146,10 @@ def input_grad_errors(package, model, text: bytes, svd_rank: int) -> dict[str, l
         exact = dy @ weight
         errors = []
         for keep in KEEP_RATIOS:
-            double = package.adapters.DoubleLoRA(svd_rank, keep, refresh_every=1)
+            double = runtime_adapters.DoubleLoRA(svd_rank, keep, refresh_every=1)
             double.refresh_due(weight)
             double.select(weight, torch.linalg.vector_norm(dy, dim=0))
-            approx = package.adapters.base_input_grad(dy, weight, double.residual())
+            approx = runtime_adapters.base_input_grad(dy, weight, double.residual())
             errors.append((torch.linalg.norm(approx - exact) / torch.linalg.norm(exact)).item())
         curves[name] = errors
     return curves

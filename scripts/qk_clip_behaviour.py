@@ -24,7 +24,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from k2c.cli import import_package  # noqa: E402
+from k2c.runtime import train as runtime_train  # noqa: E402
+from k2c.runtime.packages import import_package  # noqa: E402
 from k2c.codegen import build_package  # noqa: E402
 from k2c.spec import Spec, load_spec  # noqa: E402
 
@@ -41,9 +42,8 @@ def variant(base: Spec, name: str, kind: str, lr: float, tau: float, steps: int)
 def train(spec: Spec, workdir: Path) -> dict[str, list[float]]:
     build_package(spec, workdir / spec.name)
     package = import_package(workdir / spec.name, spec.name)
-    train_module = __import__(f"{spec.name}.train", fromlist=["run"])
-    cfg = package.CONFIG
-    train_tokens, _ = train_module.split(train_module.read_corpus())
+    cfg = package.PLAN.training
+    train_tokens, _ = runtime_train.split(runtime_train.read_corpus(cfg), cfg, package.CONFIG.vocab_size)
     torch.manual_seed(cfg.seed)
     model = package.build_model()
     opt = package.build_optimizer(model)
@@ -51,11 +51,11 @@ def train(spec: Spec, workdir: Path) -> dict[str, list[float]]:
     curves: dict[str, list[float]] = {"loss": [], "seen": [], "after": [], "clipped_heads": []}
     for step in range(1, cfg.steps + 1):
         starts = torch.randint(len(train_tokens) - cfg.seq_len + 1, (cfg.batch_size,), generator=batches)
-        ids = train_module.windows(train_tokens, starts)
+        ids = runtime_train.windows(train_tokens, starts, cfg.seq_len)
         model.train()
         loss = model(ids, labels=ids).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), package.PLAN.optimizer.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         report = opt.last_report

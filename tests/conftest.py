@@ -10,7 +10,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from k2c.cli import import_package
+from k2c.runtime.packages import import_package
 from k2c.codegen import build_package
 from k2c.spec.schema import Spec
 

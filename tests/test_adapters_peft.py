@@ -9,6 +9,8 @@ import pytest
 import torch
 from specs_for_tests import tiny_spec
 
+from k2c.runtime.model import Experts
+
 # Every kind of site: CE-LoRA and LoRA linears in attention, dense MLP and shared experts; expert stacks where
 # gate and up differ in rank (their fused PEFT adapter mixes two ranks and two scales) or only some are adapted.
 TARGETS = [
@@ -96,5 +98,5 @@ def test_merge_folds_the_adapters_into_plain_modules(build_generated, hf_twin):
     assert not [name for name, _ in model.named_buffers() if "svd_" in name or "kept" in name]
     for layer in model.model.layers:
         assert type(layer.self_attn.q_b_proj) is torch.nn.Linear
-    assert type(model.model.layers[1].mlp.experts) is package.model.Experts
+    assert type(model.model.layers[1].mlp.experts) is Experts
     assert type(model.model.layers[1].mlp.shared_experts.up_proj) is torch.nn.Linear

@@ -12,26 +12,14 @@ import math
 
 import pytest
 import torch
-from conftest import import_generated
-from specs_for_tests import tiny_spec
 
-from k2c.codegen import build_package
-
-SPEC = tiny_spec(adapter={
-    "kind": "ce_lora", "rank": 4, "alpha": 8.0, "svd_rank": 3, "refresh_every": 5,
-    "targets": [{"match": "attn.o", "keep_ratio": 0.5}, {"match": "attn.q_b"}, {"match": "experts.*"}],
-})
-
-
-def build_adapters(spec, out_dir):
-    """The adapters module of the package generated from `spec`."""
-    build_package(spec, out_dir / spec.name)
-    return import_generated(out_dir / spec.name).adapters
+from k2c.runtime import adapters as runtime_adapters
+from k2c.runtime.plan import AdapterPlan, AdapterSite
 
 
 @pytest.fixture(scope="module")
-def adapters(tmp_path_factory):
-    return build_adapters(SPEC, tmp_path_factory.mktemp("celora"))
+def adapters():
+    return runtime_adapters
 
 
 def randn(*shape, generator, requires_grad=False):
@@ -101,13 +89,12 @@ def test_keep_ratio_one_is_exact_lora(adapters):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_lora_linear_module_matches_the_plain_formula_with_dropout(tmp_path):
-    adapters = build_adapters(tiny_spec(adapter={**SPEC.adapter.model_dump(), "dropout": 0.25, "rslora": True}),
-                              tmp_path)
+def test_lora_linear_module_matches_the_plain_formula_with_dropout(adapters):
     g = torch.Generator().manual_seed(1)
     base = torch.nn.Linear(16, 24, bias=False)
-    site = adapters.AdapterSite("l", None, "lora", rank=4, alpha=6.0, keep_ratio=1.0, svd_rank=0)
-    layer = adapters.LoRALinear(base, site)
+    site = AdapterSite("l", None, "lora", rank=4, alpha=6.0, keep_ratio=1.0, svd_rank=0)
+    plan = AdapterPlan(kind="lora", rank=4, alpha=6.0, rslora=True, dropout=0.25, refresh_every=5, sites=(site,))
+    layer = adapters.LoRALinear(base, site, plan)
     assert layer.weight is base.weight and not layer.weight.requires_grad
     assert not list(layer.buffers())  # exact LoRA keeps no SVD pair and no channel set
     with torch.no_grad():

@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+
+from k2c.runtime.checkpoint import CheckpointError
 from specs_for_tests import tiny_spec
 
 SPEC = {"model.moe.router.routed_scaling": 2.5, "model.norm_eps": 1e-5}
@@ -187,7 +189,7 @@ def test_checkpoint_errors_name_the_key(setup, corrupt):
     message = corrupt(checkpoint)
     model = package.build_model()
     before = {name: t.clone() for name, t in model.state_dict().items()}
-    with pytest.raises(package.checkpoint.CheckpointError) as err:
+    with pytest.raises(CheckpointError) as err:
         package.load_hf_state_dict(model, checkpoint)
     assert isinstance(err.value, ValueError)
     assert message in str(err.value)

@@ -13,6 +13,8 @@ import torch
 
 from conftest import import_generated
 from k2c.codegen import build_package
+from k2c.runtime import optim
+from k2c.runtime.optim import lr_at
 from specs_for_tests import tiny_spec
 
 # Five bf16 Newton-Schulz steps (8 significant bits, each step amplifying by up to a = 3.4) land within about 2.5%
@@ -43,6 +45,15 @@ def g(tmp_path_factory):
     return import_generated(out_dir)
 
 
+@pytest.fixture(scope="module")
+def low_tau(tmp_path_factory):
+    """The same model with a tau under the logits of the first steps: QK-Clip acts on every step."""
+    spec = tiny_spec(name="muon_low_tau", optimizer={"qk_clip": {"tau": 0.05}})
+    out_dir = tmp_path_factory.mktemp("muon") / spec.name
+    build_package(spec, out_dir)
+    return import_generated(out_dir)
+
+
 def fresh(g, seed=0, dtype=None):
     torch.manual_seed(seed)
     model = g.build_model(dtype=dtype)
@@ -50,7 +61,7 @@ def fresh(g, seed=0, dtype=None):
 
 
 def update_scale(g, lr, shape):
-    return lr * (g.CONFIG.rms_scale * math.sqrt(max(shape[-2:])))  # grouped as the optimizer groups it
+    return lr * (g.PLAN.optimizer.rms_scale * math.sqrt(max(shape[-2:])))  # grouped as the optimizer groups it
 
 
 def assert_updates_match(ours, ref, scale):
@@ -62,8 +73,8 @@ def assert_updates_match(ours, ref, scale):
 
 def algorithm_1(w, momentum, grad, lr, cfg):
     """One step of Algorithm 1 (Kimi K2) for one matrix, in fp64. Returns the new weight and momentum."""
-    momentum = cfg.muon_momentum * momentum + grad
-    u = grad + cfg.muon_momentum * momentum if cfg.muon_nesterov else momentum
+    momentum = cfg.momentum * momentum + grad
+    u = grad + cfg.momentum * momentum if cfg.nesterov else momentum
     x = u / (u.norm() + 1e-7)
     n, m = x.shape
     if n > m:
@@ -81,35 +92,35 @@ def algorithm_1(w, momentum, grad, lr, cfg):
 @pytest.mark.parametrize("name", [SQUARE, WIDE, TALL], ids=["square", "wide", "tall"])
 def test_muon_matches_torch_muon(g, name):
     model, opt = fresh(g)
-    cfg = g.CONFIG
+    cfg = g.PLAN.optimizer
     w = model.get_parameter(name)
     ref_w = w.detach().clone().requires_grad_()
     ref = torch.optim.Muon(
-        [ref_w], lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum, nesterov=cfg.muon_nesterov,
+        [ref_w], lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov,
         ns_coefficients=cfg.ns_coefficients, eps=1e-7, ns_steps=cfg.ns_steps, adjust_lr_fn="match_rms_adamw",
     )
     for step in range(6):
         grad = torch.randn_like(w)
         w.grad, ref_w.grad = grad.clone(), grad.clone()  # every other parameter has no gradient and stays put
-        ref.param_groups[0]["lr"] = g.optim.lr_at(step)
+        ref.param_groups[0]["lr"] = lr_at(step, g.PLAN.optimizer)
         before, ref_before = w.detach().clone(), ref_w.detach().clone()
         opt.step()
         ref.step()
         scale = update_scale(g, ref.param_groups[0]["lr"], w.shape)
         assert_updates_match(w.detach() - before, ref_w.detach() - ref_before, scale)
         # the momentum is a plain sum; torch keeps the EMA, (1 - mu) times it
-        torch.testing.assert_close(opt.state[w]["momentum"] * (1 - cfg.muon_momentum),
+        torch.testing.assert_close(opt.state[w]["momentum"] * (1 - cfg.momentum),
                                    ref.state[ref_w]["momentum_buffer"], rtol=1e-5, atol=1e-6)
 
 
 def test_muon_weight_decay_uses_the_unscaled_lr(g):
     """A zero gradient orthogonalises to zero, leaving W - lr * wd * W, exactly as torch.optim.Muon does."""
     model, opt = fresh(g)
-    cfg = g.CONFIG
+    cfg = g.PLAN.optimizer
     w = model.get_parameter(WIDE)
     ref_w = w.detach().clone().requires_grad_()
-    ref = torch.optim.Muon([ref_w], lr=g.optim.lr_at(0), weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
-    expected = w.detach() * (1 - g.optim.lr_at(0) * cfg.weight_decay)
+    ref = torch.optim.Muon([ref_w], lr=lr_at(0, g.PLAN.optimizer), weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
+    expected = w.detach() * (1 - lr_at(0, g.PLAN.optimizer) * cfg.weight_decay)
     w.grad, ref_w.grad = torch.zeros_like(w), torch.zeros_like(w)
     opt.step()
     ref.step()
@@ -120,13 +131,13 @@ def test_muon_weight_decay_uses_the_unscaled_lr(g):
 def test_muon_matches_algorithm_1_for_every_matrix(g):
     """Every Muon parameter of the model, stacked experts as a loop over their matrices."""
     model, opt = fresh(g)
-    cfg = g.CONFIG
+    cfg = g.PLAN.optimizer
     in_muon = {id(p) for group in opt.param_groups if group["kind"] == "muon" for p in group["params"]}
     muon = {name: p for name, p in model.named_parameters() if id(p) in in_muon}
     assert {SQUARE, WIDE, TALL, EXPERTS} <= muon.keys()
     ref = {name: (p.detach().double(), torch.zeros_like(p, dtype=torch.float64)) for name, p in muon.items()}
     for step in range(4):
-        lr = g.optim.lr_at(step)
+        lr = lr_at(step, g.PLAN.optimizer)
         before = {name: p.detach().clone() for name, p in muon.items()}
         for p in muon.values():
             p.grad = torch.randn_like(p)
@@ -148,26 +159,26 @@ def test_muon_matches_algorithm_1_for_every_matrix(g):
 
 def test_stacked_experts_get_what_a_loop_over_experts_gets(g):
     model, opt = fresh(g)
-    cfg = g.CONFIG
+    cfg = g.PLAN.optimizer
     w = model.get_parameter(EXPERTS)
     momentum = torch.zeros_like(w)
     for step in range(3):
-        lr = g.optim.lr_at(step)
+        lr = lr_at(step, g.PLAN.optimizer)
         w.grad = torch.randn_like(w)
         before = w.detach().clone()
-        momentum.mul_(cfg.muon_momentum).add_(w.grad)
-        u = w.grad.add(momentum, alpha=cfg.muon_momentum)  # Nesterov, rounded as the optimizer rounds it
+        momentum.mul_(cfg.momentum).add_(w.grad)
+        u = w.grad.add(momentum, alpha=cfg.momentum)  # Nesterov, rounded as the optimizer rounds it
         scale = update_scale(g, lr, w.shape)
         loop = torch.stack([
             before[e].mul(1 - lr * cfg.weight_decay).add(
-                g.optim.newton_schulz(u[e], cfg.ns_steps, cfg.ns_coefficients, g.optim.ns_dtype(w.device)).float(),
+                optim.newton_schulz(u[e], cfg.ns_steps, cfg.ns_coefficients, optim.ns_dtype(w.device)).float(),
                 alpha=-scale)
             for e in range(w.shape[0])
         ])
         # torch.optim.Muon on each expert as a 2D matrix of its own
         ref_w = [before[e].clone().requires_grad_() for e in range(w.shape[0])]
         ref = torch.optim.Muon(
-            ref_w, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum, nesterov=cfg.muon_nesterov,
+            ref_w, lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov,
             ns_coefficients=cfg.ns_coefficients, eps=1e-7, ns_steps=cfg.ns_steps, adjust_lr_fn="match_rms_adamw",
         )
         for e, rw in enumerate(ref_w):
@@ -182,8 +193,8 @@ def test_stacked_experts_get_what_a_loop_over_experts_gets(g):
 def test_batching_does_not_change_the_update(g, monkeypatch):
     """Same-shape matrices share one batched Newton-Schulz; one at a time must give the same bits."""
     results = []
-    for batch_elements in (g.optim.NS_BATCH_ELEMENTS, 1):
-        monkeypatch.setattr(g.optim, "NS_BATCH_ELEMENTS", batch_elements)
+    for batch_elements in (optim.NS_BATCH_ELEMENTS, 1):
+        monkeypatch.setattr(optim, "NS_BATCH_ELEMENTS", batch_elements)
         model, opt = fresh(g)
         torch.manual_seed(1)
         for p in model.parameters():
@@ -200,16 +211,16 @@ def test_newton_schulz_orthogonalises_each_matrix(g):
     The matrices differ in scale by 10^6: normalising the stack as a whole would leave the small one far from it.
     """
     u = torch.randn(3, 8, 20) * torch.tensor([1e-3, 1.0, 1e3]).view(3, 1, 1)
-    x = g.optim.newton_schulz(u, 20, (1.5, -0.5, 0.0)).double()
+    x = optim.newton_schulz(u, 20, (1.5, -0.5, 0.0)).double()
     eye = torch.eye(8, dtype=torch.float64).expand(3, 8, 8)
     assert (x @ x.mT - eye).abs().max().item() < 0.05
-    tall = g.optim.newton_schulz(u.mT, 20, (1.5, -0.5, 0.0)).double()
+    tall = optim.newton_schulz(u.mT, 20, (1.5, -0.5, 0.0)).double()
     assert (tall.mT @ tall - eye).abs().max().item() < 0.05
 
 
 def test_adamw_group_matches_torch_adamw(g):
     model, opt = fresh(g)
-    cfg = g.CONFIG
+    cfg = g.PLAN.optimizer
     adamw = [p for group in opt.param_groups if group["kind"] == "adamw" for p in group["params"]]
     assert any(p is model.model.embed_tokens.weight for p in adamw)
     assert any(p is model.model.norm.weight for p in adamw)
@@ -220,7 +231,7 @@ def test_adamw_group_matches_torch_adamw(g):
         for p, r in zip(adamw, ref_params):
             p.grad = torch.randn_like(p)
             r.grad = p.grad.clone()
-        ref.param_groups[0]["lr"] = g.optim.lr_at(step)
+        ref.param_groups[0]["lr"] = lr_at(step, g.PLAN.optimizer)
         opt.step()
         ref.step()
         for p, r in zip(adamw, ref_params):
@@ -230,8 +241,8 @@ def test_adamw_group_matches_torch_adamw(g):
 @pytest.mark.parametrize("decay", ["constant", "cosine", "linear"])
 def test_lr_schedule(g, monkeypatch, decay):
     warmup, steps, peak, ratio = 4, 20, 0.5, 0.1
-    monkeypatch.setattr(g.optim, "CONFIG", dataclasses.replace(
-        g.CONFIG, lr=peak, warmup_steps=warmup, steps=steps, lr_decay=decay, final_lr_ratio=ratio))
+    plan = dataclasses.replace(g.PLAN.optimizer, lr=peak, warmup_steps=warmup, decay_steps=steps, decay=decay,
+                               final_lr_ratio=ratio)
     floor = peak * ratio
     for step in range(steps + 5):
         if step < warmup:
@@ -242,15 +253,16 @@ def test_lr_schedule(g, monkeypatch, decay):
             t = min(step - warmup, steps - warmup) / (steps - warmup)
             shape = (1 + math.cos(math.pi * t)) / 2 if decay == "cosine" else 1 - t
             expected = floor + (peak - floor) * shape
-        assert g.optim.lr_at(step) == pytest.approx(expected, rel=1e-12)
-    assert g.optim.lr_at(warmup - 1) == pytest.approx(peak)
-    assert g.optim.lr_at(steps) == pytest.approx(peak if decay == "constant" else floor)
+        assert lr_at(step, plan) == pytest.approx(expected, rel=1e-12)
+    assert lr_at(warmup - 1, plan) == pytest.approx(peak)
+    assert lr_at(steps, plan) == pytest.approx(peak if decay == "constant" else floor)
 
-    model, opt = fresh(g)
+    model, _ = fresh(g)
+    opt = optim.build_optimizer(model, plan)
     for step in range(6):
         opt.step()
-        assert opt.last_report["lr"] == g.optim.lr_at(step)
-        assert all(group["lr"] == g.optim.lr_at(step) for group in opt.param_groups)
+        assert opt.last_report["lr"] == lr_at(step, plan)
+        assert all(group["lr"] == lr_at(step, plan) for group in opt.param_groups)
 
 
 def test_param_groups_follow_the_rules(g):
@@ -270,7 +282,7 @@ def test_param_groups_follow_the_rules(g):
     for name, want in expected.items():
         assert kind[id(model.get_parameter(name))] == want, name
     assert len(kind) == sum(1 for _ in model.parameters())
-    assert all(group["weight_decay"] == g.CONFIG.weight_decay for group in opt.param_groups)
+    assert all(group["weight_decay"] == g.PLAN.optimizer.weight_decay for group in opt.param_groups)
 
     model.model.norm.weight.requires_grad_(False)
     assert all(p is not model.model.norm.weight for group in g.build_optimizer(model).param_groups
@@ -293,16 +305,17 @@ def test_router_bias_moves_against_the_load(g):
     opt.step()
     for i, load in loads.items():
         assert load.sum() == 2 * 32 * g.CONFIG.experts_per_token
-        expected = before[i] + g.CONFIG.router_bias_rate * torch.sign(load.mean() - load)
+        rate = g.PLAN.model.layers[i].mlp.router.bias_rate
+        assert rate > 0
+        expected = before[i] + rate * torch.sign(load.mean() - load)
         assert torch.equal(biases[i], expected)
         assert (biases[i] != before[i]).any()
     assert all((load == 0).all() for load in model.expert_loads().values())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_resume_is_bit_exact(g, monkeypatch, dtype):
-    # a tau under the logits of the first steps, so that resuming also carries the clipped weights
-    monkeypatch.setattr(g.optim, "CONFIG", dataclasses.replace(g.CONFIG, qk_clip_tau=0.05))
+def test_resume_is_bit_exact(low_tau, dtype):
+    g = low_tau
     data = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, g.CONFIG.vocab_size, (2, 16), generator=data) for _ in range(8)]
 

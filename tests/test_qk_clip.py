@@ -53,15 +53,15 @@ def attention_path(site):
     return site.q_weight.rsplit(".", 2)[0]
 
 
-def rotate(x, cfg):
+def rotate(x, rope):
     """RoPE on x [batch, seq, ..., dr]: the rotary dims as complex pairs (interleaved or split halves), turned by
     position * theta^(-2i/dr)."""
-    if cfg.rope_interleaved:
+    if rope.interleaved:
         pairs = torch.complex(x[..., 0::2].double(), x[..., 1::2].double())
     else:
         half = x.shape[-1] // 2
         pairs = torch.complex(x[..., :half].double(), x[..., half:].double())
-    freq = cfg.rope_theta ** (-torch.arange(0, x.shape[-1], 2, dtype=torch.float64) / x.shape[-1])
+    freq = rope.theta ** (-torch.arange(0, x.shape[-1], 2, dtype=torch.float64) / x.shape[-1])
     angles = torch.arange(x.shape[1], dtype=torch.float64)[:, None] * freq
     angles = angles.view(x.shape[1], *[1] * (x.dim() - 3), -1)  # broadcast over the heads, if any
     return pairs * torch.polar(torch.ones_like(angles), angles)
@@ -81,18 +81,18 @@ def forward(g, model, input_ids, attention_inputs=None):
     """
     fed, outputs, hooks = {}, {}, []
 
-    def feed(module, args, layer):
+    def feed(module, args, out, layer):  # the attention's input is its layer's input_layernorm output
         if attention_inputs is not None:
-            args = (attention_inputs[layer], *args[1:])
-        fed[layer] = args[0]
-        return args
+            out = attention_inputs[layer]
+        fed[layer] = out
+        return out
 
     def keep(module, args, out, name):
         outputs[name] = out
 
     for site in g.QK_CLIP_SITES:
-        attention = model.get_submodule(attention_path(site))
-        hooks.append(attention.register_forward_pre_hook(partial(feed, layer=site.layer)))
+        norm = model.get_submodule(f"model.layers.{site.layer}.input_layernorm")
+        hooks.append(norm.register_forward_hook(partial(feed, layer=site.layer)))
         hooks += [model.get_submodule(m).register_forward_hook(partial(keep, name=m)) for m in projections(site)]
     with torch.no_grad():
         model(input_ids)
@@ -103,24 +103,28 @@ def forward(g, model, input_ids, attention_inputs=None):
 
 def pre_softmax_logits(g, outputs, batch, t):
     """{layer: logits [batch, heads, t, t] (fp64, -inf above the diagonal)} from the projections' outputs."""
-    cfg = g.CONFIG
-    assert cfg.yarn_factor is None  # plain RoPE in `rotate`
-    heads, dn, dr, dv = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    a = g.PLAN.model.layers[0].attention
+    assert a.rope.yarn is None  # plain RoPE in `rotate`
+    heads, dn, dr, dv = a.heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
     causal = torch.ones(t, t, dtype=torch.bool).tril()
     logits = {}
     for site in g.QK_CLIP_SITES:
         q_out, kv_a_out, kv_b_out = (outputs[m] for m in projections(site))
         q = q_out.view(batch, t, heads, dn + dr).double()
         k_nope = kv_b_out.view(batch, t, heads, dn + dv)[..., :dn].double()
-        k_rope = kv_a_out[..., cfg.kv_lora_rank:]
+        k_rope = kv_a_out[..., a.kv_lora_rank:]
         nope = torch.einsum("bqhd,bkhd->bhqk", q[..., :dn], k_nope)
-        rope = torch.einsum("bqhd,bkd->bhqk", rotate(q[..., dn:], cfg), rotate(k_rope, cfg).conj()).real
-        logits[site.layer] = ((nope + rope) * cfg.softmax_scale).masked_fill(~causal, -math.inf)
+        rope = torch.einsum("bqhd,bkd->bhqk", rotate(q[..., dn:], a.rope), rotate(k_rope, a.rope).conj()).real
+        logits[site.layer] = ((nope + rope) * a.softmax_scale).masked_fill(~causal, -math.inf)
     return logits
 
 
-def with_tau(g, monkeypatch, tau, **changes):
-    monkeypatch.setattr(g.optim, "CONFIG", dataclasses.replace(g.CONFIG, qk_clip_tau=tau, **changes))
+def with_tau(model, tau):
+    """Clip every attention layer of `model` at `tau` from now on (None: no clip)."""
+    for attention in model.attentions():
+        clip = attention.plan.clip
+        clip = dataclasses.replace(clip, mode="off") if tau is None else dataclasses.replace(clip, tau=tau)
+        attention.plan = dataclasses.replace(attention.plan, clip=clip)
 
 
 def gamma_of(max_logits, tau):
@@ -131,7 +135,7 @@ def snapshot(model):
     return {name: t.detach().clone() for name, t in model.state_dict().items()}
 
 
-def test_clip_scales_each_clipped_heads_logits_by_gamma(g, monkeypatch):
+def test_clip_scales_each_clipped_heads_logits_by_gamma(g):
     cfg = g.CONFIG
     heads, dn, dr, dv = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
     model, opt = fresh(g)
@@ -146,7 +150,7 @@ def test_clip_scales_each_clipped_heads_logits_by_gamma(g, monkeypatch):
     gamma = gamma_of(recorded, tau)
     clipped = gamma < 1
     assert 0 < clipped.sum() < clipped.numel()
-    with_tau(g, monkeypatch, tau)
+    with_tau(model, tau)
     before = snapshot(model)
     opt.step()  # no gradients: the clip is the only change
     assert opt.last_report["clipped_heads"] == clipped.sum().item()
@@ -179,13 +183,13 @@ def test_clip_scales_each_clipped_heads_logits_by_gamma(g, monkeypatch):
         assert torch.equal(after[name], before[name]), name
 
 
-def test_clip_leaves_the_optimizer_state_alone(g, monkeypatch):
+def test_clip_leaves_the_optimizer_state_alone(g):
     """One step with and one without the clip, from the same weights and gradients: same momentum everywhere."""
     input_ids = torch.randint(0, g.CONFIG.vocab_size, (2, 24))
     runs = []
     for tau in (None, 1e-3):  # far below every head's max logit: all are clipped
-        with_tau(g, monkeypatch, tau)
         model, opt = fresh(g)
+        with_tau(model, tau)
         model(input_ids, labels=input_ids).loss.backward()
         opt.step()
         runs.append((model, opt))
@@ -199,8 +203,10 @@ def test_clip_leaves_the_optimizer_state_alone(g, monkeypatch):
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(clipped_opt.state[q][key])), name
 
 
-def test_no_clip_without_muonclip(g, monkeypatch):
-    with_tau(g, monkeypatch, 0.0, optimizer_kind="muon")
+def test_no_clip_without_muonclip(tmp_path_factory):
+    g = import_generated(build(tiny_spec(name="clip_muon", optimizer={"kind": "muon", "qk_clip": {"tau": 1e-3}}),
+                               tmp_path_factory))
+    assert g.QK_CLIP_SITES == ()
     model, opt = fresh(g)
     model(torch.randint(0, g.CONFIG.vocab_size, (1, 16)))
     recorded = model.step_max_logits().clone()
@@ -212,7 +218,7 @@ def test_no_clip_without_muonclip(g, monkeypatch):
     assert (model.step_max_logits() == -math.inf).all()  # statistics reset for the next step
 
 
-def test_frozen_weights_clip_through_the_logit_scale(frozen, monkeypatch):
+def test_frozen_weights_clip_through_the_logit_scale(frozen):
     g = frozen
     assert {site.mode for site in g.QK_CLIP_SITES} == {"scale"}
     model, opt = fresh(g)
@@ -223,7 +229,7 @@ def test_frozen_weights_clip_through_the_logit_scale(frozen, monkeypatch):
     gamma = gamma_of(recorded, tau)
     clipped = gamma < 1
     assert 0 < clipped.sum() < clipped.numel()
-    with_tau(g, monkeypatch, tau)
+    with_tau(model, tau)
     before = snapshot(model)
     opt.step()
 
@@ -253,7 +259,7 @@ def clip_across_ranks(rank, package_dir, init_file):
         split = (both[0] - both[1]).abs().argmax()
         tau = ((both[0].flatten()[split] + both[1].flatten()[split]) / 2).item()
         assert ((both[0] > tau) != (both[1] > tau)).any()
-        g.optim.CONFIG = dataclasses.replace(g.CONFIG, qk_clip_tau=tau)
+        with_tau(model, tau)
 
         before = snapshot(model)
         opt.step()

@@ -1,7 +1,8 @@
 """The generated training loop: exact resume, crash-safe checkpoints, metrics and plot, and a loss that falls."""
 
-import importlib
+import functools
 import json
+from types import SimpleNamespace
 import math
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch.multiprocessing as mp
 from conftest import import_generated
 from matplotlib.image import imread
 
+from k2c.runtime import train as runtime_train
 from specs_for_tests import tiny_spec
 
 CORPUS = Path(__file__).resolve().parents[1] / "k2c" / "data" / "corpus.txt"
@@ -29,13 +31,18 @@ SMALL_MODEL = {
 }
 
 
+def bound(package):
+    """The training loop bound to one generated package: `.run(run_dir, ...)` and `.TrainError`."""
+    return SimpleNamespace(run=functools.partial(runtime_train.run, package), TrainError=runtime_train.TrainError)
+
+
 def trainer(build_generated, **overrides):
-    """Build SMALL_MODEL with a high constant lr and these spec overrides; returns (package, its train module)."""
+    """Build SMALL_MODEL with a high constant lr and these spec overrides; returns (package, its bound loop)."""
     package = build_generated(tiny_spec(**{
         "model": SMALL_MODEL, "training.seq_len": 32, "training.batch_size": 4, "training.log_every": 1,
         "optimizer.lr": 1e-2, "optimizer.schedule": {"decay": "constant"}, **overrides,
     }))
-    return package, importlib.import_module(f"{package.__name__}.train")
+    return package, bound(package)
 
 
 def read_metrics(run_dir):
@@ -85,8 +92,10 @@ def test_resume_is_bit_exact(build_generated, tmp_path, monkeypatch, case):
     # the clip must act after the checkpoint (step 2), so that what it did has to survive the resume
     assert any(r["clipped_heads"] > 0 for r in read_metrics(tmp_path / "straight") if r["step"] > 2)
 
+    build_optimizer = package.build_optimizer
+
     def interrupted_in_step_4(model):
-        opt = package.build_optimizer(model)
+        opt = build_optimizer(model)
         step, calls = opt.step, []
 
         def counted():
@@ -99,7 +108,7 @@ def test_resume_is_bit_exact(build_generated, tmp_path, monkeypatch, case):
         return opt
 
     with monkeypatch.context() as m:
-        m.setattr(train, "build_optimizer", interrupted_in_step_4)
+        m.setattr(package, "build_optimizer", interrupted_in_step_4)
         with pytest.raises(KeyboardInterrupt):
             train.run(tmp_path / "resumed")
     assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 2
@@ -146,7 +155,7 @@ def test_a_checkpoint_write_cut_short_keeps_the_previous_one(build_generated, tm
 
 def test_metrics_follow_a_hand_computation(build_generated, tmp_path):
     package, train = trainer(build_generated, **{"training.steps": 10, "training.eval_every": 1, "training.seed": 7})
-    config = package.CONFIG
+    config = package.PLAN.training
     summary = train.run(tmp_path / "run", steps=2)  # stops early: the spec asks for 10
 
     # step 1 redone by hand: the same init, the first batch of windows from a generator seeded with the seed
@@ -167,7 +176,7 @@ def test_metrics_follow_a_hand_computation(build_generated, tmp_path):
     first = records[0]
     assert first["loss"] == pytest.approx(plain_loss.mean().item(), rel=1e-6)
     assert first["grad_norm"] == pytest.approx(grad_norm, rel=1e-5)
-    assert first["lr"] == config.lr
+    assert first["lr"] == package.PLAN.optimizer.lr
     assert first["max_logits"] == pytest.approx(model.max_logits().amax(dim=1).tolist(), rel=1e-6)
     assert first["clipped_heads"] == 0
     assert [r["step"] for r in records] == [1, 2]
@@ -220,10 +229,10 @@ def data_parallel_rank(rank, package_dir, run_dir, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         package = import_generated(Path(package_dir))
-        train = importlib.import_module(f"{package.__name__}.train")
-        rows, windows = [], train.windows
-        train.windows = lambda tokens, starts: rows.append(len(starts)) or windows(tokens, starts)
-        train.run(Path(run_dir))
+        rows, windows = [], runtime_train.windows
+        runtime_train.windows = lambda tokens, starts, seq_len: rows.append(len(starts)) or windows(tokens, starts,
+                                                                                                    seq_len)
+        runtime_train.run(package, Path(run_dir))
         (Path(run_dir) / f"rows.{rank}").write_text(json.dumps(rows))
     finally:
         dist.destroy_process_group()

@@ -1,7 +1,8 @@
-"""Render the generated package from a decided graph and write it without losing a user's work.
+"""Compile a spec, lower and emit its package, and write it without losing a user's work.
 
-Each file is rendered from `templates/<file>.jinja` with `StrictUndefined`, parsed with `ast.parse` when it is
-Python, and written atomically (a temporary file, then `os.replace`). `manifest.json` records the sha256 of every
+spec -> IR graph -> passes -> `lower` -> Plan -> `emit`: `plan.py` (the plan as data), `model.py` (the wiring,
+emitted from the graph) and `__init__.py` (the package's contract, from `templates/__init__.py.jinja`). Every
+Python file is checked with `ast.parse` and written atomically (a temporary file, then `os.replace`). `manifest.json` records the sha256 of every
 file written; a rebuild refuses to overwrite a file whose content no longer matches (a user edited it) unless
 forced.
 """
@@ -11,20 +12,21 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import jinja2
 
 from k2c.codegen import context
+from k2c.codegen.emit import emit_model, emit_plan
+from k2c.codegen.lower import lower
 from k2c.ir import Graph, build_graph
 from k2c.passes import run_pipeline
+from k2c.runtime.files import write_atomic
+from k2c.runtime.plan import PLAN_SCHEMA
 from k2c.spec.schema import Spec
 
 TEMPLATES = Path(__file__).parent / "templates"
-PACKAGE_FILES = ("__init__.py", "config.py", "model.py", "checkpoint.py", "adapters.py", "optim.py", "train.py")
 
 
 class CodegenError(RuntimeError):
@@ -53,28 +55,23 @@ def _environment() -> jinja2.Environment:
     )
 
 
+def _docstring_text(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
+
+
 def render_package(spec: Spec, graph: Graph) -> dict[str, str]:
-    env = _environment()
-    values = {
-        "header": context.header(spec, graph),
-        "config_fields": context.config_fields(spec),
-        "adapter_sites": context.adapter_sites(graph),
-        "param_rules": context.param_rules(graph),
-        "clip_sites": context.clip_sites(graph),
-        "spec_name": spec.name,
-        "description": spec.description,
-    }
-    files: dict[str, str] = {}
-    for name in PACKAGE_FILES:
-        try:
-            text = env.get_template(f"{name}.jinja").render(values)
-        except jinja2.TemplateError as err:
-            raise CodegenError(f"template {name}.jinja: {err}") from err
+    header = context.header(spec, graph)
+    plan = lower(graph)
+    init = _environment().get_template("__init__.py.jinja").render(
+        header=header, name=spec.name, schema=PLAN_SCHEMA,
+        description=_docstring_text(spec.description or f"The {spec.name} model."),
+    )
+    files = {"__init__.py": init, "plan.py": emit_plan(plan, header), "model.py": emit_model(graph, plan, header)}
+    for name, text in files.items():
         try:
             ast.parse(text, filename=name)
         except SyntaxError as err:
             raise CodegenError(f"generated {name} is not valid Python: line {err.lineno}: {err.msg}") from err
-        files[name] = text
     files["manifest.json"] = context.manifest(spec, graph, files)
     return files
 
@@ -102,17 +99,6 @@ def edited_files(out_dir: Path, new_files: dict[str, str]) -> list[str]:
                   if (out_dir / name).exists() and _sha256(out_dir / name) not in (digest, new_digests.get(name)))
 
 
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_package(spec: Spec, out_dir: Path, *, force: bool = False, dump_ir: Path | None = None) -> BuildResult:
     graph = compile_spec(spec, dump_ir)
     files = render_package(spec, graph)
@@ -123,6 +109,7 @@ def build_package(spec: Spec, out_dir: Path, *, force: bool = False, dump_ir: Pa
             "refusing to overwrite them. Move your changes elsewhere, or pass --force to replace them."
         )
     out_dir.mkdir(parents=True, exist_ok=True)
+    stale = sorted(_recorded_files(out_dir).keys() - files.keys())  # written by an older k2c, unedited (checked above)
     written = []
     # manifest.json last: until it is replaced, the old one still describes what is on disk.
     for name in sorted(files, key=lambda n: n == "manifest.json"):
@@ -131,4 +118,14 @@ def build_package(spec: Spec, out_dir: Path, *, force: bool = False, dump_ir: Pa
             continue
         write_atomic(path, files[name])
         written.append(name)
+    for name in stale:
+        (out_dir / name).unlink(missing_ok=True)
+        written.append(f"removed {name}")
     return BuildResult(out_dir, graph, tuple(written))
+
+
+def _recorded_files(out_dir: Path) -> dict[str, str]:
+    try:
+        return json.loads((out_dir / "manifest.json").read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 from k2c.ir.graph import Graph
 from k2c.ir.ops import Op, OpKind
-from k2c.spec.schema import Model, Spec
+from k2c.spec.schema import Model, Spec, softmax_scale
+
+# transformers and DeepSeek's reference code build q_a_layernorm and kv_a_layernorm with the default epsilon, not
+# `rms_norm_eps`; the published checkpoints were trained that way.
+LATENT_NORM_EPS = 1e-6
 
 
 def build_graph(spec: Spec) -> Graph:
@@ -17,7 +21,8 @@ def build_graph(spec: Spec) -> Graph:
     g = Graph(spec.name)
     tokens = g.add(Op.make(OpKind.INPUT, "input_ids", seq_len=spec.training.seq_len))
     x = g.add(
-        Op.make(OpKind.EMBEDDING, "embed", module="model.embed_tokens", vocab=m.vocab_size, dim=m.hidden_size),
+        Op.make(OpKind.EMBEDDING, "embed", module="model.embed_tokens", vocab=m.vocab_size, dim=m.hidden_size,
+                init_std=m.init_std),
         tokens,
     )
     for i in range(m.layers):
@@ -32,7 +37,7 @@ def build_graph(spec: Spec) -> Graph:
     )
     g.add(Op.make(OpKind.LOSS, "loss", objective="causal_lm_cross_entropy"), head, tokens)
     # The settings that the passes decide from travel with the graph, so each pass is Graph -> Graph.
-    return g.with_facts(adapter=spec.adapter, optimizer=spec.optimizer)
+    return g.with_facts(adapter=spec.adapter, optimizer=spec.optimizer, training=spec.training)
 
 
 def _linear(g: Graph, name: str, module: str, layer: int, n_in: int, n_out: int, src: Op) -> Op:
@@ -51,24 +56,26 @@ def _decoder_layer(g: Graph, m: Model, i: int, x: Op) -> Op:
     else:
         q_a = _linear(g, f"{p}.attn.q_a", f"{mp}.self_attn.q_a_proj", i, h, a.q_lora_rank, normed)
         q_a = g.add(Op.make(OpKind.RMSNORM, f"{p}.attn.q_a_norm", module=f"{mp}.self_attn.q_a_layernorm", layer=i,
-                            dim=a.q_lora_rank, eps=m.norm_eps), q_a)
+                            dim=a.q_lora_rank, eps=LATENT_NORM_EPS), q_a)
         q = _linear(g, f"{p}.attn.q_b", f"{mp}.self_attn.q_b_proj", i, a.q_lora_rank, a.heads * qk_head, q_a)
     kv_a = _linear(g, f"{p}.attn.kv_a", f"{mp}.self_attn.kv_a_proj_with_mqa", i, h,
                    a.kv_lora_rank + a.qk_rope_head_dim, normed)
     kv_latent = g.add(Op.make(OpKind.RMSNORM, f"{p}.attn.kv_a_norm", module=f"{mp}.self_attn.kv_a_layernorm",
-                              layer=i, dim=a.kv_lora_rank, eps=m.norm_eps, leading_part=True), kv_a)
+                              layer=i, dim=a.kv_lora_rank, eps=LATENT_NORM_EPS, leading_part=True), kv_a)
     kv_b = _linear(g, f"{p}.attn.kv_b", f"{mp}.self_attn.kv_b_proj", i, a.kv_lora_rank,
                    a.heads * (a.qk_nope_head_dim + a.v_head_dim), kv_latent)
     yarn = a.rope.scaling
     rope = g.add(
-        Op.make(OpKind.ROPE, f"{p}.attn.rope", layer=i, dim=a.qk_rope_head_dim, theta=a.rope.theta,
-                interleaved=a.rope.interleaved, yarn_factor=yarn.factor if yarn else None),
+        Op.make(OpKind.ROPE, f"{p}.attn.rope", module=f"{mp}.self_attn", layer=i, dim=a.qk_rope_head_dim,
+                theta=a.rope.theta,
+                interleaved=a.rope.interleaved, max_position_embeddings=m.max_position_embeddings,
+                yarn=yarn.model_dump(exclude={"kind"}) if yarn else None),
         q, kv_a,
     )
     attn = g.add(
         Op.make(OpKind.ATTENTION, f"{p}.attn.core", module=f"{mp}.self_attn", layer=i, heads=a.heads,
                 qk_nope_head_dim=a.qk_nope_head_dim, qk_rope_head_dim=a.qk_rope_head_dim,
-                v_head_dim=a.v_head_dim, causal=True),
+                v_head_dim=a.v_head_dim, softmax_scale=softmax_scale(a), causal=True),
         q, kv_b, rope,
     )
     o = _linear(g, f"{p}.attn.o", f"{mp}.self_attn.o_proj", i, a.heads * a.v_head_dim, h, attn)
@@ -118,4 +125,4 @@ def _moe(g: Graph, m: Model, i: int, src: Op) -> Op:
     feeds: list[Op] = [routed, router]
     if moe.shared_experts:
         feeds.append(_swiglu(g, f"{p}.shared", f"{mp}.mlp.shared_experts", i, h, inter * moe.shared_experts, src))
-    return g.add(Op.make(OpKind.MOE_COMBINE, f"{p}.moe", layer=i), *feeds)
+    return g.add(Op.make(OpKind.MOE_COMBINE, f"{p}.moe", module=f"{mp}.mlp", layer=i), *feeds)

@@ -6,19 +6,30 @@ from collections.abc import Callable
 from pathlib import Path
 
 from k2c.ir import Graph, IRError
+from k2c.passes.balance_routers import balance_routers
 from k2c.passes.count_params import count_params
+from k2c.passes.errors import PlacementError
 from k2c.passes.group_params import group_params
 from k2c.passes.infer_shapes import infer_shapes
-from k2c.passes.place_adapters import PlacementError, place_adapters
+from k2c.passes.place_adapters import place_adapters
 from k2c.passes.place_qk_clip import place_qk_clip
+from k2c.passes.select_kernels import select_kernels
 
 Pass = Callable[[Graph], Graph]
 
-PIPELINE: tuple[Pass, ...] = (infer_shapes, count_params, place_adapters, place_qk_clip, group_params)
+PIPELINE: tuple[Pass, ...] = (
+    infer_shapes,
+    count_params,
+    place_adapters,
+    place_qk_clip,
+    balance_routers,
+    group_params,
+    select_kernels,
+)
 
 
 class PassError(ValueError):
-    """A pass produced a graph that fails verification."""
+    """A pass produced a graph that fails verification: a bug in the pass, not in the spec."""
 
 
 def run_pipeline(graph: Graph, dump_dir: Path | None = None) -> Graph:
@@ -38,5 +49,5 @@ def run_pipeline(graph: Graph, dump_dir: Path | None = None) -> Graph:
     return graph
 
 
-__all__ = ["PIPELINE", "PassError", "PlacementError", "run_pipeline", "count_params", "group_params",
-           "infer_shapes", "place_adapters", "place_qk_clip"]
+__all__ = ["PIPELINE", "PassError", "PlacementError", "run_pipeline", "balance_routers", "count_params",
+           "group_params", "infer_shapes", "place_adapters", "place_qk_clip", "select_kernels"]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from k2c.ir import Graph, IRError, Op, OpKind, Param, TensorType
+from k2c.ir import Graph, Op, OpKind, Param, TensorType
+from k2c.passes.errors import PlacementError
 
 TOKENS = ("B", "S")
 
@@ -18,9 +19,25 @@ def infer_shapes(graph: Graph) -> Graph:
     return graph.replace_ops(new_ops).with_types(types)
 
 
+def spec_field(op: Op) -> tuple[str, ...]:
+    """The spec section whose sizes an op takes, for errors."""
+    role = op.name.split(".", 2)[-1]
+    if role.startswith("attn"):
+        return ("model", "attention")
+    if role.startswith(("experts", "router", "shared", "moe")):
+        return ("model", "moe")
+    if role.startswith("mlp."):
+        return ("model", "dense_mlp")
+    return ("model",)
+
+
+def _mismatch(op: Op, message: str) -> PlacementError:
+    return PlacementError(spec_field(op), f"{op.name}: {message}")
+
+
 def _expect_last(op: Op, t: TensorType, dim: int, what: str) -> None:
     if t.shape[-1] != dim:
-        raise IRError(f"{op.name}: {what} is {dim} but its input has last dim {t.shape[-1]} ({t})")
+        raise _mismatch(op, f"expected an input with last dim {what} = {dim}, found {t}")
 
 
 def _infer(op: Op, ins: list[TensorType]) -> tuple[TensorType, tuple[Param, ...]]:
@@ -32,7 +49,7 @@ def _infer(op: Op, ins: list[TensorType]) -> tuple[TensorType, tuple[Param, ...]
     if k is OpKind.RMSNORM:
         if op.get("leading_part"):
             if ins[0].shape[-1] < op["dim"]:
-                raise IRError(f"{op.name}: normalises {op['dim']} dims of a {ins[0]} input")
+                raise _mismatch(op, f"expected an input of at least {op['dim']} dims, found {ins[0]}")
         else:
             _expect_last(op, ins[0], op["dim"], "dim")
         return TensorType((*ins[0].shape[:-1], op["dim"])), (Param(f"{op['module']}.weight", (op["dim"],)),)
@@ -61,7 +78,7 @@ def _infer(op: Op, ins: list[TensorType]) -> tuple[TensorType, tuple[Param, ...]
         return TensorType((*TOKENS, h * dv)), ()
     if k in (OpKind.ADD, OpKind.SWIGLU):
         if ins[0] != ins[1]:
-            raise IRError(f"{op.name}: {k.value} of mismatched inputs {ins[0]} and {ins[1]}")
+            raise _mismatch(op, f"expected inputs of one shape, found {ins[0]} and {ins[1]}")
         return ins[0], ()
     if k is OpKind.MOE_COMBINE:
         return TensorType((*TOKENS, ins[0].shape[-1])), ()
@@ -71,4 +88,4 @@ def _infer(op: Op, ins: list[TensorType]) -> tuple[TensorType, tuple[Param, ...]
         return TensorType((*TOKENS, op["out_features"])), params
     if k is OpKind.LOSS:
         return TensorType(()), ()
-    raise IRError(f"infer_shapes: no rule for op kind {k.value!r} ({op.name})")
+    raise NotImplementedError(f"infer_shapes: no rule for op kind {k.value!r} ({op.name})")

@@ -15,19 +15,10 @@ import re
 from dataclasses import dataclass
 
 from k2c.ir import MATRIX_KINDS, Graph, Op
-from k2c.spec.loader import dotted
+from k2c.passes.errors import PlacementError
 from k2c.spec.schema import Adapter, AdapterTarget, parse_layers
 
 DEFAULT_KEEP_RATIO = {"attn.o": 0.55, "up": 0.65, "down": 0.65}
-
-
-class PlacementError(ValueError):
-    """A spec's adapter section that cannot be placed on this model, with the spec field at fault."""
-
-    def __init__(self, field: tuple[str | int, ...], message: str):
-        self.field = field
-        self.message = message
-        super().__init__(f"{dotted(field)}: {message}")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from k2c.ir import Graph, Op, OpKind
+from k2c.passes.errors import PlacementError
 from k2c.spec.schema import Optimizer
 
 
@@ -33,7 +34,8 @@ def place_qk_clip(graph: Graph) -> Graph:
     for attn in graph.ops(OpKind.ATTENTION):
         q, kv_b, _ = graph.inputs(attn)
         if q.kind is OpKind.RMSNORM or kv_b.kind is not OpKind.LINEAR:
-            raise ValueError(f"place_qk_clip: {attn.name} is not fed by query and kv_b projections")
+            raise PlacementError(("model", "attention"), f"expected {attn.name} to be fed by query and kv_b "
+                                 f"projections, found {q.kind.value} and {kv_b.kind.value}")
         dn, dr, dv = attn["qk_nope_head_dim"], attn["qk_rope_head_dim"], attn["v_head_dim"]
         if not enabled:
             mode = "off"

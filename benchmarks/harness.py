@@ -1,0 +1,90 @@
+"""What every GPU benchmark family shares: one tolerance table, one timer, one results file.
+
+A family is a module under `benchmarks/kernels/` with `run(h: Harness) -> None`: it checks each variant against
+its reference with `h.check` before timing it with `h.time`, and records rows with `h.row`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+# (atol, rtol) per dtype, for max |got - want| <= atol + rtol * max |want|
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-4),
+    torch.float16: (1e-3, 1e-2),
+    torch.bfloat16: (1e-2, 2e-2),
+}
+
+
+@dataclasses.dataclass
+class Row:
+    family: str
+    work: str  # the task and its shapes
+    variant: str
+    ms: float
+    anchor_ms: float  # the anchor's time on the same shapes in this run
+    check: str = ""
+    tflops: float | None = None
+
+    @property
+    def speedup(self) -> float:
+        return self.anchor_ms / self.ms
+
+
+class MismatchError(AssertionError):
+    pass
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.rows: list[Row] = []
+        self.family = ""
+
+    def check(self, what: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype | None = None) -> str:
+        """Raise unless got matches want within the tolerance of `dtype` (got's by default); return a summary."""
+        atol, rtol = TOLERANCES[dtype or got.dtype]
+        err = (got.float() - want.float()).abs().max().item()
+        scale = want.float().abs().max().item()
+        if not err <= atol + rtol * scale:
+            raise MismatchError(f"{self.family}: {what}: max abs error {err:.3g} over a max of {scale:.3g}")
+        return f"{what} err {err:.2g}/{scale:.2g}"
+
+    @staticmethod
+    def time(fn) -> float:
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+    def row(self, work: str, variant: str, ms: float, anchor_ms: float, check: str = "",
+            flops: float | None = None) -> None:
+        tflops = flops / ms / 1e9 if flops else None
+        self.rows.append(Row(self.family, work, variant, ms, anchor_ms, check, tflops))
+
+    def write(self, out: Path, name: str) -> Path:
+        import triton
+
+        gpu = torch.cuda.get_device_name()
+        meta = {"date": datetime.date.today().isoformat(), "gpu": gpu, "torch": torch.__version__,
+                "triton": triton.__version__, "python": platform.python_version(),
+                "timing": "median of triton.testing.do_bench (warmup 25 ms, rep 200 ms)"}
+        stem = f"{meta['date']}-{gpu.replace(' ', '-').lower()}-{name}"
+        out.mkdir(parents=True, exist_ok=True)
+        rows = [dict(dataclasses.asdict(r), speedup=r.speedup) for r in self.rows]
+        (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        lines = [f"# k2c kernels on {gpu}, {meta['date']}", "",
+                 f"torch {meta['torch']}, triton {meta['triton']}; {meta['timing']}. Each speed is the anchor's time "
+                 "on the same shapes in the same run over the variant's.", "",
+                 "| family | work | variant | ms | TFLOP/s | speed vs anchor | check |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r.family} | {r.work} | {r.variant} | {r.ms:.3f} | "
+                  f"{'' if r.tflops is None else f'{r.tflops:.0f}'} | {r.speedup:.2f}x | {r.check} |"
+                  for r in self.rows]
+        path = out / f"{stem}.md"
+        path.write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return path

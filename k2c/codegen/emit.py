@@ -1,0 +1,257 @@
+"""Emit the generated package's Python: the plan as readable data, and the model's wiring from the graph.
+
+`plan.py` prints the `Plan` record tree; layers that share one `LayerPlan` are printed once, under a name, and the
+layer tuple is a run-length sum of those names. `model.py` is printed the way torch.fx prints a graph as code:
+one line per IR op, each value named after its op, one rule per op kind (`RULES`; a kind without a rule is an
+error naming the op). Consecutive layers whose lines and plans agree share one class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from k2c.ir import Graph, Op, OpKind
+from k2c.runtime.plan import LayerPlan, Plan
+
+WIDTH = 120
+
+
+class EmitError(RuntimeError):
+    """An op the emitter has no rule for: a compiler bug, named by the op."""
+
+
+# --------------------------------------------------------------------------- plan.py
+
+
+def _source(value: Any, names: dict[Any, str], indent: int, used: int = 0) -> str:
+    """Python source for a plan value: a record, a tuple, or a literal; named records by their name.
+
+    `indent` is the indentation of the line the value starts on, `used` the characters before it on that line.
+    """
+    if _is_record(value) and value in names:
+        return names[value]
+    if _is_record(value):
+        items = [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
+        parts = [f"{k}={_source(v, names, indent + 4, len(k) + 1)}" for k, v in items]
+        return _call(type(value).__name__, parts, indent, used)
+    if isinstance(value, tuple):
+        if value and all(isinstance(v, LayerPlan) and v in names for v in value):
+            return " + ".join(f"({names[v]},) * {n}" for v, n in _runs(value))
+        parts = [_source(v, names, indent + 4) for v in value]
+        if len(parts) == 1:
+            return f"({parts[0]},)"
+        return _call("", parts, indent, used)
+    return repr(value)
+
+
+def _call(head: str, parts: list[str], indent: int, used: int = 0) -> str:
+    """`head(a, b)` on one line when it fits (with a trailing comma), else one argument per line."""
+    one_line = f"{head}({', '.join(parts)})"
+    if indent + used + len(one_line) + 1 <= WIDTH and "\n" not in one_line:
+        return one_line
+    pad = " " * (indent + 4)
+    return f"{head}(\n" + "".join(f"{pad}{p},\n" for p in parts) + " " * indent + ")"
+
+
+def _runs(values: tuple[Any, ...]) -> Iterator[tuple[Any, int]]:
+    start = 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start]:
+            yield values[start], i - start
+            start = i
+
+
+def layer_groups(plan: Plan) -> list[tuple[int, int]]:
+    """[(first, last)] spans of consecutive layers with one LayerPlan."""
+    spans, start = [], 0
+    for layer, count in _runs(plan.model.layers):
+        spans.append((start, start + count - 1))
+        start += count
+    return spans
+
+
+def _span_name(first: int, last: int) -> str:
+    return f"{first}" if first == last else f"{first}_to_{last}"
+
+
+def _is_record(value: Any) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
+def _shared_parts(layers: list[LayerPlan]) -> list[Any]:
+    """Multi-line parts that several distinct layer plans hold (MLA attention, most often): printed once."""
+    seen: dict[Any, int] = {}
+    for layer in layers:
+        for f in dataclasses.fields(layer):
+            part = getattr(layer, f.name)
+            seen[part] = seen.get(part, 0) + 1
+    return [part for part, count in seen.items() if count > 1 and "\n" in _source(part, {}, 0)]
+
+
+def emit_plan(plan: Plan, header: str) -> str:
+    names: dict[Any, str] = {}
+    blocks = []
+    distinct = list(dict.fromkeys(plan.model.layers))
+    for part in _shared_parts(distinct):
+        base = type(part).__name__.removesuffix("Plan").upper()
+        taken = sum(name.split("_")[0] == base for name in names.values())
+        name = base if not taken else f"{base}_{taken + 1}"
+        blocks.append(f"{name} = {_source(part, names, 0, len(name) + 3)}\n")
+        names[part] = name
+    for first, last in layer_groups(plan):
+        layer = plan.model.layers[first]
+        if layer not in names:
+            name = f"LAYERS_{_span_name(first, last)}".upper()
+            blocks.append(f"{name} = {_source(layer, names, 0, len(name) + 3)}\n")
+            names[layer] = name
+    record_types = sorted({type(v).__name__ for v in _records(plan)})
+    imports = _call("from k2c.runtime.plan import ", record_types, 0)
+    return (
+        f"{header}\n"
+        '"""What the compiler decided for this spec, as data: sizes, kernels, adapter sites, QK-Clip sites, optimizer\n'
+        'groups and training settings. `k2c.runtime` reads these records and nothing else."""\n\n'
+        f"{imports}\n\n"
+        + "\n".join(blocks)
+        + f"\nPLAN = {_source(plan, names, 0, 7)}\n"
+    )
+
+
+def _records(value: Any) -> Iterator[Any]:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        yield value
+        for f in dataclasses.fields(value):
+            yield from _records(getattr(value, f.name))
+    elif isinstance(value, tuple):
+        for v in set(value) if all(isinstance(v, LayerPlan) for v in value) else value:
+            yield from _records(v)
+
+
+# --------------------------------------------------------------------------- model.py
+
+
+def _var(op: Op) -> str:
+    """The value an op produces, named after the op below its layer: `attn.q_a` -> `attn_q_a`."""
+    return op.name.split(".", 2)[2].replace(".", "_") if op.layer is not None else op.name
+
+
+def _module(op: Op) -> str:
+    """The op's module as an attribute path from its layer (`self.self_attn.q_a_proj`) or from the model."""
+    path = op["module"]
+    if op.layer is not None:
+        path = path.removeprefix(f"model.layers.{op.layer}.")
+    return f"self.{path}"
+
+
+def _kernel_arg(op: Op) -> str:
+    return "" if op["kernel"] == "torch" else f", kernel={op['kernel']!r}"
+
+
+Rule = Callable[[Op, list[str], Graph], str]
+
+
+def _rmsnorm(op: Op, ins: list[str], graph: Graph) -> str:
+    src = f"{ins[0]}[..., : {op['dim']}]" if op.get("leading_part") else ins[0]
+    return f"{_module(op)}({src})"
+
+
+def _expert_linear(op: Op, ins: list[str], graph: Graph) -> str:
+    feed, router = graph.inputs(op)
+    tokens_in = graph.out_type(feed).shape[:2] == ("B", "S")  # the layer's tokens, not rows grouped by expert
+    rows = f"{ins[1]}.tokens" if tokens_in else ins[0]
+    return f"{_module(op)}.project({op['param']!r}, {rows}, {ins[1]})"
+
+
+RULES: dict[OpKind, Rule] = {
+    OpKind.EMBEDDING: lambda op, ins, g: f"{_module(op)}({ins[0]})",
+    OpKind.RMSNORM: _rmsnorm,
+    OpKind.LINEAR: lambda op, ins, g: f"{_module(op)}({ins[0]})",
+    OpKind.ROPE: lambda op, ins, g: f"{_module(op)}.rope({ins[0]}, {ins[1]}, rope)",
+    OpKind.ATTENTION: lambda op, ins, g: f"{_module(op)}.core({', '.join(ins)})",
+    OpKind.ADD: lambda op, ins, g: f"{ins[0]} + {ins[1]}",
+    OpKind.SWIGLU: lambda op, ins, g: f"ops.swiglu({ins[0]}, {ins[1]}{_kernel_arg(op)})",
+    OpKind.ROUTER: lambda op, ins, g: f"{_module(op).removesuffix('.gate')}.route({ins[0]})",
+    OpKind.EXPERT_LINEAR: _expert_linear,
+    OpKind.MOE_COMBINE: lambda op, ins, g: f"{_module(op)}.combine({', '.join(ins)})",
+    OpKind.LM_HEAD: lambda op, ins, g: f"{_module(op)}({ins[0]})",
+    OpKind.LOSS: lambda op, ins, g: f"ops.causal_lm_loss({ins[0]}, labels)",
+}
+
+
+def _line(op: Op, graph: Graph, var: Callable[[Op], str]) -> str:
+    rule = RULES.get(op.kind)
+    if rule is None:
+        raise EmitError(f"no emit rule for op kind {op.kind.value!r} ({op.name})")
+    return f"{var(op)} = {rule(op, [var(i) for i in graph.inputs(op)], graph)}"
+
+
+def _layer_lines(graph: Graph, layer: int) -> list[str]:
+    def var(op: Op) -> str:
+        return _var(op) if op.layer == layer else "x"  # the previous layer's output (or the embedding)
+
+    ops = [op for op in graph.ops() if op.layer == layer]
+    lines = [_line(op, graph, var) for op in ops]
+    lines[-1] = "return " + lines[-1].split(" = ", 1)[1]
+    return lines
+
+
+def _class_name(first: int, last: int) -> str:
+    return f"Layer{first}" if first == last else f"Layers{first}To{last}"
+
+
+def emit_model(graph: Graph, plan: Plan, header: str) -> str:
+    groups: list[tuple[int, int, list[str]]] = []
+    for first, last in layer_groups(plan):
+        for i in range(first, last + 1):
+            lines = _layer_lines(graph, i)
+            shared = groups and groups[-1][1] == i - 1 and groups[-1][2] == lines \
+                and plan.model.layers[groups[-1][0]] == plan.model.layers[i]
+            if shared:
+                groups[-1] = (groups[-1][0], i, lines)
+            else:
+                groups.append((i, i, lines))
+    classes = []
+    for first, last, lines in groups:
+        # the lines name layer `first`; every layer of the group has the same ones
+        what = f"layer {first}" if first == last else f"layers {first} to {last}"
+        body = "".join(f"        {line}\n" for line in lines)
+        classes.append(
+            f"class {_class_name(first, last)}(rt.DecoderLayer):\n"
+            f'    """The wiring of {what}."""\n\n'
+            "    def forward(self, x: torch.Tensor, rope: rt.RopeTables) -> torch.Tensor:\n"
+            f"{body}"
+        )
+    layer_types = " + ".join(f"({_class_name(a, b)},) * {b - a + 1}" for a, b, _ in groups)
+
+    top = [op for op in graph.ops() if op.layer is None]
+    forward = ["rope = self.rope(input_ids)"]
+    for op in top:
+        if op.kind is OpKind.INPUT:
+            continue
+        line = _line(op, graph, lambda o: "x" if o.layer is not None else o.name)
+        forward.append(line)
+        if op.kind is OpKind.EMBEDDING:
+            forward += ["x = embed", "for layer in self.model.layers:", "    x = layer(x, rope)"]
+    loss = next(graph.ops(OpKind.LOSS))
+    logits = graph.inputs(loss)[0]
+    forward.append(f"return rt.Output({logits.name}, {loss.name})")
+    body = "".join(f"        {line}\n" for line in forward)
+    return (
+        f"{header}\n"
+        f'"""The wiring of {plan.name}: one line per op of the compiler\'s graph, calling k2c.runtime\'s parts."""\n\n'
+        "from __future__ import annotations\n\n"
+        "import torch\n\n"
+        "from k2c.runtime import model as rt\n"
+        "from k2c.runtime import ops\n"
+        "from k2c.runtime.plan import ModelPlan\n\n"
+        "from .plan import PLAN\n\n\n"
+        + "\n\n".join(classes)
+        + f"\n\nLAYER_TYPES = {layer_types}\n\n\n"
+        "class K2Model(rt.CausalLM):\n"
+        f'    """{plan.name}: {len(plan.model.layers)} decoder layers."""\n\n'
+        "    def __init__(self, plan: ModelPlan = PLAN.model, device=None, dtype=None):\n"
+        "        super().__init__(plan, LAYER_TYPES, device, dtype)\n\n"
+        "    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> rt.Output:\n"
+        f"{body}"
+    )

@@ -1,0 +1,39 @@
+"""select_kernels: which implementation runs each op, written on the op as `kernel`.
+
+One rule per op kind. Every op has its torch reference (the CPU path and the test oracle); a rule names a fused
+Triton kernel of `k2c.runtime.kernels` where one fits the op's shapes and decisions, and the reference otherwise.
+The runtime still falls back to the reference for tensors that are not on a GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from k2c.ir import Graph, Op, OpKind
+from k2c.runtime.plan import TORCH
+
+Rule = Callable[[Op], str]
+
+
+def _reference(op: Op) -> str:
+    return TORCH
+
+
+RULES: dict[OpKind, Rule] = {
+    OpKind.EMBEDDING: _reference,
+    OpKind.RMSNORM: _reference,
+    OpKind.LINEAR: _reference,
+    OpKind.ROPE: _reference,
+    OpKind.ATTENTION: _reference,
+    OpKind.ROUTER: _reference,
+    OpKind.EXPERT_LINEAR: _reference,
+    OpKind.SWIGLU: _reference,
+    OpKind.MOE_COMBINE: _reference,
+    OpKind.ADD: _reference,
+    OpKind.LM_HEAD: _reference,
+    OpKind.LOSS: _reference,
+}
+
+
+def select_kernels(graph: Graph) -> Graph:
+    return graph.replace_ops(op.with_attrs(kernel=RULES[op.kind](op)) for op in graph.ops() if op.kind in RULES)

@@ -1,0 +1,168 @@
+"""RMSNorm, forward and backward, as fused Triton kernels beside the torch reference they must match.
+
+Eager torch spends about ten kernels and as many round trips through memory on a norm and its gradient; here the
+forward is one pass over x and the backward one pass over x and dy, plus a small reduction of the weight gradient.
+The weight gradient is summed per program into its own row of partial sums and those rows are then added up in
+torch: no atomics, so the result is the same on every run.
+
+Numerics are the reference's: normalise in fp32, round to x's dtype, then multiply by the gain.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_DIM = 65536  # a whole row is one tile (the mean needs all of it); beyond this it no longer fits in registers
+TILE = 4096  # elements a program holds: short rows are stacked until a tile is this full
+
+
+def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * x / rms(x) over the last dim: normalised in fp32, rounded to x's dtype, then scaled."""
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@triton.jit
+def _rmsnorm_forward_kernel(
+    x_ptr,  # [rows, dim], rows stride_x apart
+    w_ptr,  # [dim]
+    y_ptr,  # [rows, dim], contiguous
+    rstd_ptr,  # [rows], fp32: 1 / rms of each row, kept for the backward
+    rows,
+    dim,
+    stride_x,
+    eps,
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_N: tl.constexpr,  # dim rounded up to a power of two
+):
+    row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col = tl.arange(0, BLOCK_N)
+    row_ok = row < rows
+    mask = row_ok[:, None] & (col < dim)[None, :]
+    row = row.to(tl.int64)  # rows * dim can pass 2**31
+
+    x = tl.load(x_ptr + row[:, None] * stride_x + col[None, :], mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / dim + eps)
+    tl.store(rstd_ptr + row, rstd, mask=row_ok)
+
+    # the reference rounds the normalised row to x's dtype before the gain multiplies it
+    n = (x * rstd[:, None]).to(y_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + col, mask=col < dim, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row[:, None] * dim + col[None, :], (n * w[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rmsnorm_backward_kernel(
+    dy_ptr,  # [rows, dim], rows stride_dy apart
+    x_ptr,  # [rows, dim], rows stride_x apart
+    w_ptr,  # [dim]
+    rstd_ptr,  # [rows], fp32, from the forward
+    dx_ptr,  # [rows, dim], contiguous
+    dw_partial_ptr,  # [programs, dim], fp32: row p is program p's share of the weight gradient
+    rows,
+    dim,
+    stride_dy,
+    stride_x,
+    BLOCK_M: tl.constexpr,  # rows per tile
+    BLOCK_N: tl.constexpr,  # dim rounded up to a power of two
+):
+    pid = tl.program_id(0)  # this program takes row tiles pid, pid + programs, pid + 2 * programs, ...
+    programs = tl.num_programs(0)
+    col = tl.arange(0, BLOCK_N)
+    col_ok = col < dim
+    w = tl.load(w_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+
+    for tile in range(pid, tl.cdiv(rows, BLOCK_M), programs):
+        row = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = row < rows
+        mask = row_ok[:, None] & col_ok[None, :]
+        row = row.to(tl.int64)
+        x = tl.load(x_ptr + row[:, None] * stride_x + col[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + row[:, None] * stride_dy + col[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row, mask=row_ok, other=0.0)
+
+        n = x * rstd[:, None]
+        # y = w * round(n): w's gradient sees the rounded n; x's passes through the rounding unchanged
+        dw += tl.sum(dy * n.to(x_ptr.dtype.element_ty).to(tl.float32), axis=0)
+        dn = dy * w[None, :]
+        # d/dx of x * rstd(x): rstd * (dn - n * mean(dn * n)) along the row
+        dx = rstd[:, None] * (dn - n * (tl.sum(dn * n, axis=1) / dim)[:, None])
+        tl.store(dx_ptr + row[:, None] * dim + col[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+    tl.store(dw_partial_ptr + pid * dim + col, dw, mask=col_ok)
+
+
+def _tile(dim: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): whole rows, stacked to about TILE elements, 8 to 16 of them per thread."""
+    block_n = triton.next_power_of_2(dim)
+    block_m = max(1, TILE // block_n)
+    return block_m, block_n, min(16, max(1, block_m * block_n // 256))
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., dim] as [rows, dim] with unit column stride: a view where one exists, else a contiguous copy."""
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _backward_programs(x: torch.Tensor, tiles: int) -> int:
+    """Enough programs to fill the GPU, each looping over row tiles; every program adds one row of partial sums."""
+    if x.is_cuda:
+        return min(tiles, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count)
+    return min(tiles, 4)  # the CPU interpreter runs programs one after another: any count is right, few is quick
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x_rows = _as_rows(x)
+        rows, dim = x_rows.shape
+        y = torch.empty((rows, dim), device=x.device, dtype=x.dtype)
+        rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
+        block_m, block_n, num_warps = _tile(dim)
+        grid = (triton.cdiv(rows, block_m),)
+        _rmsnorm_forward_kernel[grid](x_rows, weight, y, rstd, rows, dim, x_rows.stride(0), eps,
+                                      BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+        ctx.save_for_backward(x_rows, weight, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        x_rows, weight, rstd = ctx.saved_tensors
+        dy_rows = _as_rows(dy)
+        rows, dim = x_rows.shape
+        dx = torch.empty((rows, dim), device=x_rows.device, dtype=x_rows.dtype)
+        block_m, block_n, num_warps = _tile(dim)
+        programs = _backward_programs(x_rows, triton.cdiv(rows, block_m))
+        dw_partial = torch.empty((programs, dim), device=x_rows.device, dtype=torch.float32)
+        _rmsnorm_backward_kernel[(programs,)](dy_rows, x_rows, weight, rstd, dx, dw_partial, rows, dim,
+                                              dy_rows.stride(0), x_rows.stride(0),
+                                              BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+        return dx.view(dy.shape), dw_partial.sum(0).to(weight.dtype), None
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`rmsnorm_reference(x, weight, eps)` as fused kernels; differentiable in x and weight.
+
+    x [..., dim] (fp32, bf16 or fp16) may be any view whose rows are evenly spaced with unit column stride (a
+    slice of the last dim, say); other layouts are copied once to contiguous. weight [dim] has x's dtype.
+    """
+    if x.dtype not in DTYPES:
+        raise ValueError(f"rmsnorm: x must be fp32, bf16 or fp16, found {x.dtype}")
+    if x.ndim == 0 or x.numel() == 0:
+        raise ValueError(f"rmsnorm: x must have a last dim and at least one row, found shape {tuple(x.shape)}")
+    dim = x.shape[-1]
+    if dim > MAX_DIM:
+        raise ValueError(f"rmsnorm: the last dim must be at most {MAX_DIM}, found {dim}")
+    if weight.shape != (dim,):
+        raise ValueError(f"rmsnorm: weight must have shape ({dim},) for x of shape {tuple(x.shape)}, "
+                         f"found {tuple(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"rmsnorm: weight must have x's dtype {x.dtype}, found {weight.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"rmsnorm: weight must be on x's device {x.device}, found {weight.device}")
+    return _RMSNorm.apply(x, weight.contiguous(), float(eps))

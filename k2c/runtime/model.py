@@ -1,0 +1,363 @@
+"""The model parts of a DeepSeek-V3 / Kimi K2 architecture, each built from its plan record.
+
+Parameter names mirror transformers' `DeepseekV3ForCausalLM` so that checkpoints map one to one, except that the
+routed experts of a layer are stacked into `[E, out, in]` tensors. The numerics follow the same reference: RMSNorm
+in fp32, MLA with interleaved (or half-split) RoPE and YaRN, a sigmoid router in fp32 with group-limited top-k,
+SwiGLU experts, and an fp32 softmax, which is also where the per-head max logits that QK-Clip needs are read.
+
+The wiring (which part feeds which) is not here: the generated package's `model.py` emits it from the IR, one line
+per op, and calls these parts. `CausalLM` holds what every spec shares: embedding, the stack of layers, final norm,
+head, the RoPE tables and the statistics MuonClip reads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from k2c.runtime import ops
+from k2c.runtime.plan import AttentionPlan, LayerPlan, MLPPlan, ModelPlan, MoEPlan, NormPlan, RopePlan, RouterPlan
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor  # [batch, seq, vocab]
+    loss: torch.Tensor | None = None  # mean next-token cross-entropy over labels != -100
+
+
+@dataclass
+class RopeTables:
+    """cos and sin [seq, dr/2] for the positions of one forward."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, plan: NormPlan, device=None, dtype=None):
+        super().__init__()
+        self.eps, self.kernel = plan.eps, plan.kernel
+        self.weight = nn.Parameter(torch.ones(plan.dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rmsnorm(x, self.weight, self.eps, self.kernel)
+
+
+def linear(n_in: int, n_out: int, device=None, dtype=None) -> nn.Linear:
+    return nn.Linear(n_in, n_out, bias=False, device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- rotary embedding
+
+
+def rope_frequencies(plan: RopePlan) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [dr/2] (fp32, on the CPU whatever the default device) and YaRN's cos/sin factor.
+
+    Without scaling these are the plain RoPE frequencies. With YaRN, each frequency is a blend of the original
+    one (extrapolation, kept for fast-rotating dims) and the one divided by `factor` (interpolation, for dims
+    that rotate less than `beta_slow` times over the original context), with a linear ramp in between.
+    """
+    dim = plan.dim
+    theta_powers = plan.theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
+    yarn = plan.yarn
+    if yarn is None:
+        return 1.0 / theta_powers, 1.0
+
+    factor = yarn.factor
+
+    def dim_with_rotations(rotations: float) -> float:
+        # the rotary dim whose frequency turns `rotations` times over the original context
+        wavelength = yarn.original_max_position_embeddings / (rotations * 2 * math.pi)
+        return dim * math.log(wavelength) / (2 * math.log(plan.theta))
+
+    low = max(math.floor(dim_with_rotations(yarn.beta_fast)), 0)
+    high = min(math.ceil(dim_with_rotations(yarn.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # a zero-width ramp would divide by zero
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    keep_original = 1 - ramp
+    inv_freq = (1.0 / (factor * theta_powers)) * (1 - keep_original) + (1.0 / theta_powers) * keep_original
+
+    def mscale(scale: float) -> float:
+        return 0.1 * scale * math.log(factor) + 1.0
+
+    # transformers' rule: the mscale ratio when both are set, otherwise the plain YaRN attention factor
+    if yarn.mscale and yarn.mscale_all_dim:
+        attention_factor = mscale(yarn.mscale) / mscale(yarn.mscale_all_dim)
+    else:
+        attention_factor = mscale(1.0)
+    return inv_freq, attention_factor
+
+
+# --------------------------------------------------------------------------- attention
+
+
+class Attention(nn.Module):
+    """Multi-head latent attention (MLA): its projections, and the two steps between them (`rope`, `core`)."""
+
+    def __init__(self, plan: AttentionPlan, device=None, dtype=None):
+        super().__init__()
+        self.plan = plan
+        dims = dict(device=device, dtype=dtype)
+        self.heads = plan.heads
+        self.dn, self.dr, self.dv = plan.qk_nope_head_dim, plan.qk_rope_head_dim, plan.v_head_dim
+        q_dim = self.heads * (self.dn + self.dr)
+        if plan.q_lora_rank is not None:
+            assert plan.q_norm is not None
+            self.q_a_proj = linear(plan.hidden_size, plan.q_lora_rank, **dims)
+            self.q_a_layernorm = RMSNorm(plan.q_norm, **dims)
+            self.q_b_proj = linear(plan.q_lora_rank, q_dim, **dims)
+        else:
+            self.q_proj = linear(plan.hidden_size, q_dim, **dims)
+        self.kv_a_proj_with_mqa = linear(plan.hidden_size, plan.kv_lora_rank + self.dr, **dims)
+        self.kv_a_layernorm = RMSNorm(plan.kv_norm, **dims)
+        self.kv_b_proj = linear(plan.kv_lora_rank, self.heads * (self.dn + self.dv), **dims)
+        self.o_proj = linear(self.heads * self.dv, plan.hidden_size, **dims)
+        # QK-Clip's per-head logit factor when the q/k weights are frozen; folded into the q rows on export
+        ones = torch.ones(self.heads, device=device, dtype=torch.float32)
+        self.register_buffer("qk_scale", ones if plan.clip.mode == "scale" else None)
+        no_logit = torch.full((self.heads,), -math.inf, device=device, dtype=torch.float32)
+        self.register_buffer("last_max_logit", no_logit, persistent=False)
+        self.register_buffer("step_max_logit", no_logit.clone(), persistent=False)
+
+    def rope(self, q: torch.Tensor, kv_a: torch.Tensor, rope: RopeTables) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary parts: q [b, t, h*(dn+dr)] -> [b, h, t, dr]; kv_a's last dr dims -> one key [b, 1, t, dr]."""
+        b, t, _ = q.shape
+        q_rot = q.view(b, t, self.heads, self.dn + self.dr).transpose(1, 2)[..., self.dn :]
+        k_rot = kv_a[..., self.plan.kv_lora_rank :].unsqueeze(1)
+        interleaved, kernel = self.plan.rope.interleaved, self.plan.rope.kernel
+        return (ops.apply_rope(q_rot, rope.cos, rope.sin, interleaved, kernel),
+                ops.apply_rope(k_rot, rope.cos, rope.sin, interleaved, kernel))
+
+    def core(self, q: torch.Tensor, kv: torch.Tensor, rotated: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Causal attention of q [b, t, h*(dn+dr)] over kv [b, t, h*(dn+dv)] -> [b, t, h*dv]; records max logits."""
+        b, t, _ = q.shape
+        q_rot, k_rot = rotated
+        q_nope = q.view(b, t, self.heads, self.dn + self.dr).transpose(1, 2)[..., : self.dn]
+        kv = kv.view(b, t, self.heads, self.dn + self.dv).transpose(1, 2)  # [b, h, t, dn+dv]
+        k_nope, v = kv.split([self.dn, self.dv], dim=-1)
+        q = torch.cat([q_nope, q_rot], dim=-1)
+        k = torch.cat([k_nope, k_rot.expand(-1, self.heads, -1, -1)], dim=-1)  # one rotary key for all heads
+        out, max_logit = ops.causal_attention(q, k, v, self.plan.softmax_scale, self.qk_scale, self.plan.kernel)
+        self.record_max_logit(max_logit)
+        return out.transpose(1, 2).reshape(b, t, self.heads * self.dv)
+
+    @torch.no_grad()
+    def record_max_logit(self, max_logit: torch.Tensor) -> None:
+        self.last_max_logit.copy_(max_logit)
+        torch.maximum(self.step_max_logit, self.last_max_logit, out=self.step_max_logit)
+
+
+# --------------------------------------------------------------------------- feed-forward
+
+
+class MLP(nn.Module):
+    """SwiGLU's three projections: down(silu(gate(x)) * up(x)); the dense layers and the shared experts."""
+
+    def __init__(self, plan: MLPPlan, device=None, dtype=None):
+        super().__init__()
+        self.gate_proj = linear(plan.hidden_size, plan.intermediate_size, device, dtype)
+        self.up_proj = linear(plan.hidden_size, plan.intermediate_size, device, dtype)
+        self.down_proj = linear(plan.intermediate_size, plan.hidden_size, device, dtype)
+
+
+class Router(nn.Module):
+    """Sigmoid scores; the bias steers which experts are chosen but not how their outputs are weighted."""
+
+    def __init__(self, plan: RouterPlan, device=None):
+        super().__init__()
+        self.plan = plan
+        # kept in fp32 whatever the model dtype, like the reference: routing decisions are sensitive to rounding
+        fp32 = dict(device=device, dtype=torch.float32)
+        self.weight = nn.Parameter(torch.empty(plan.experts, plan.hidden_size, **fp32))
+        self.register_buffer("e_score_correction_bias", torch.zeros(plan.experts, **fp32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, H] -> expert indices [N, k], combine weights [N, k] (fp32)."""
+        plan = self.plan
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        choice = scores + self.e_score_correction_bias
+        if plan.groups > 1:
+            n, e = choice.shape
+            by_group = choice.view(n, plan.groups, e // plan.groups)
+            group_scores = by_group.topk(2, dim=-1).values.sum(dim=-1)
+            best = group_scores.topk(plan.groups_per_token, dim=-1, sorted=False).indices
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+            choice = by_group.masked_fill(~keep.unsqueeze(-1), -math.inf).view(n, e)
+        experts = choice.topk(plan.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, experts)
+        if plan.normalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return experts, weights * plan.routed_scaling
+
+
+@dataclass
+class Routing:
+    """Where the tokens of one MoE layer go: their (token, slot) pairs grouped by expert."""
+
+    tokens: torch.Tensor  # [N*k, H]: the input rows, in expert order
+    order: torch.Tensor  # [N*k]: position in (token, slot) order of each row
+    counts: list[int]  # rows per expert
+    weights: torch.Tensor  # [N*k, 1] fp32: each row's combine weight
+    shape: torch.Size  # of the layer's input
+
+
+class Experts(nn.Module):
+    """The routed experts of one layer, stacked: expert e is a SwiGLU with weights [e] of each tensor."""
+
+    def __init__(self, plan: MoEPlan, device=None, dtype=None):
+        super().__init__()
+        e, i, h = plan.experts, plan.intermediate_size, plan.hidden_size
+        self.gate_proj = nn.Parameter(torch.empty(e, i, h, device=device, dtype=dtype))
+        self.up_proj = nn.Parameter(torch.empty(e, i, h, device=device, dtype=dtype))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i, device=device, dtype=dtype))
+
+    def project(self, name: str, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """x [N*k, in], rows grouped by expert -> [N*k, out] through each row's expert's projection `name`."""
+        # unbind once: its backward writes the whole stack's gradient in one piece
+        weights = getattr(self, name).unbind(0)
+        return torch.cat([F.linear(rows, weights[e]) for e, rows in enumerate(x.split(routing.counts))])
+
+
+class MoE(nn.Module):
+    def __init__(self, plan: MoEPlan, device=None, dtype=None):
+        super().__init__()
+        self.plan = plan
+        self.gate = Router(plan.router, device)
+        self.experts = Experts(plan, device, dtype)
+        self.shared_experts = MLP(plan.shared, device, dtype) if plan.shared is not None else None
+        # tokens routed to each expert since the last reset, for the aux-loss-free bias update
+        load = torch.zeros(plan.experts, device=device, dtype=torch.float32)
+        self.register_buffer("expert_load", load, persistent=False)
+
+    def route(self, x: torch.Tensor) -> Routing:
+        """Choose each token's experts and group the (token, slot) rows by expert."""
+        flat = x.view(-1, x.shape[-1])
+        experts, weights = self.gate(flat)
+        n, k = experts.shape
+        chosen = experts.flatten()
+        counts = torch.bincount(chosen, minlength=self.plan.experts)
+        if self.training:
+            with torch.no_grad():
+                self.expert_load += counts
+        order = chosen.argsort(stable=True)
+        tokens = flat.unsqueeze(1).expand(n, k, flat.shape[1]).reshape(n * k, -1).index_select(0, order)
+        return Routing(tokens, order, counts.tolist(), weights.flatten()[order].unsqueeze(1), x.shape)
+
+    def combine(self, y: torch.Tensor, routing: Routing, shared: torch.Tensor | None = None) -> torch.Tensor:
+        """Weight each expert row, sum a token's k rows, add the shared experts' output."""
+        # Only permutations move rows, never a scatter-add: gradients and outputs come out the same, bit for bit,
+        # on every run and device (an index_add_ of k rows per token sums in whatever order its atomics land).
+        y = y * routing.weights
+        slots = torch.empty_like(y).index_copy_(0, routing.order, y)  # back to (token, slot) order
+        n = slots.shape[0] // self.plan.router.top_k
+        out = slots.view(n, self.plan.router.top_k, -1).sum(dim=1).view(routing.shape).to(routing.tokens.dtype)
+        return out if shared is None else out + shared
+
+    @torch.no_grad()
+    def balance(self, load: torch.Tensor) -> None:
+        """Aux-loss-free balancing (DeepSeek-V3): raise the bias of under-loaded experts, lower the over-loaded."""
+        if self.plan.router.bias_rate:
+            self.gate.e_score_correction_bias.add_(torch.sign(load.mean() - load), alpha=self.plan.router.bias_rate)
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class DecoderLayer(nn.Module):
+    """A decoder layer's parts under their checkpoint names; its forward is emitted per spec."""
+
+    def __init__(self, plan: LayerPlan, device=None, dtype=None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(plan.attn_norm, device, dtype)
+        self.self_attn = Attention(plan.attention, device, dtype)
+        self.post_attention_layernorm = RMSNorm(plan.mlp_norm, device, dtype)
+        self.mlp: MLP | MoE = MoE(plan.mlp, device, dtype) if isinstance(plan.mlp, MoEPlan) else MLP(
+            plan.mlp, device, dtype)
+
+
+class Decoder(nn.Module):
+    def __init__(self, plan: ModelPlan, layer_types: Sequence[type[DecoderLayer]], device=None, dtype=None):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(plan.vocab_size, plan.hidden_size, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(
+            layer_type(layer, device, dtype) for layer_type, layer in zip(layer_types, plan.layers, strict=True)
+        )
+        self.norm = RMSNorm(plan.norm, device, dtype)
+
+
+class CausalLM(nn.Module):
+    """The causal LM. `device="meta"` builds any size without allocating; the router stays fp32 in any dtype.
+
+    `layer_types[i]` is the class (emitted per spec) whose forward wires layer i.
+    """
+
+    def __init__(self, plan: ModelPlan, layer_types: Sequence[type[DecoderLayer]], device=None, dtype=None):
+        super().__init__()
+        self.plan = plan
+        self.model = Decoder(plan, layer_types, device, dtype)
+        self.lm_head = linear(plan.hidden_size, plan.vocab_size, device, dtype)
+        if plan.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # a constant of the plan, kept off the module's buffers so that meta construction and `to_empty`
+        # cannot leave it uninitialised
+        self.inv_freq, self.attention_factor = rope_frequencies(plan.layers[0].attention.rope)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """normal(0, init_std) for every matrix, ones for norm gains and QK-Clip scales, zero router bias."""
+        std = self.plan.init_std
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+            elif isinstance(module, Router):
+                module.weight.normal_(0.0, std)
+                module.e_score_correction_bias.zero_()
+            elif isinstance(module, Experts):
+                for weight in (module.gate_proj, module.up_proj, module.down_proj):
+                    weight.normal_(0.0, std)
+            elif isinstance(module, Attention) and module.qk_scale is not None:
+                module.qk_scale.fill_(1.0)
+        self.reset_step_stats()
+
+    def rope(self, input_ids: torch.Tensor) -> RopeTables:
+        """cos and sin for positions 0..seq-1, computed in fp32 then cast to the model's dtype, as the reference."""
+        device, dtype = input_ids.device, self.lm_head.weight.dtype
+        positions = torch.arange(input_ids.shape[1], device=device, dtype=torch.float32)
+        angles = positions[:, None] * self.inv_freq.to(device)[None, :]
+        cos = angles.cos() * self.attention_factor
+        sin = angles.sin() * self.attention_factor
+        return RopeTables(cos.to(dtype), sin.to(dtype))
+
+    def attentions(self) -> list[Attention]:
+        return [layer.self_attn for layer in self.model.layers]
+
+    def moe_layers(self) -> dict[int, MoE]:
+        return {i: layer.mlp for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, MoE)}
+
+    def max_logits(self) -> torch.Tensor:
+        """[layers, heads]: the largest pre-softmax logit of each head in the last forward."""
+        return torch.stack([attn.last_max_logit for attn in self.attentions()])
+
+    def step_max_logits(self) -> torch.Tensor:
+        """[layers, heads]: the running maximum since the last `reset_step_stats()`."""
+        return torch.stack([attn.step_max_logit for attn in self.attentions()])
+
+    def expert_loads(self) -> dict[int, torch.Tensor]:
+        """{layer index: tokens routed to each expert [E]} counted in training mode since the last reset."""
+        return {i: moe.expert_load.clone() for i, moe in self.moe_layers().items()}
+
+    @torch.no_grad()
+    def reset_step_stats(self) -> None:
+        for attn in self.attentions():
+            attn.step_max_logit.fill_(-math.inf)
+        for moe in self.moe_layers().values():
+            moe.expert_load.zero_()

@@ -1,0 +1,96 @@
+"""The op-level functions the generated wiring calls, each with the implementation its op's `kernel` names.
+
+`select_kernels` writes a kernel choice on every op; lowering carries it into the plan records. A Triton choice
+runs only on CUDA tensors; on the CPU the torch reference runs instead. `K2C_KERNELS=torch` forces the reference
+everywhere; `K2C_KERNELS=triton` forces the Triton kernels on any device (the tests run them on the CPU under
+`TRITON_INTERPRET=1`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from k2c.runtime.plan import TORCH, TRITON
+
+FORCE = "K2C_KERNELS"
+
+
+def use_triton(kernel: str, x: torch.Tensor) -> bool:
+    if kernel != TRITON:
+        return False
+    forced = os.environ.get(FORCE, "")
+    if forced == TORCH:
+        return False
+    return x.is_cuda or forced == TRITON
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernel: str = TORCH) -> torch.Tensor:
+    """RMSNorm in fp32, cast back, then the gain: the reference implementation's rounding."""
+    if use_triton(kernel, x):
+        from k2c.runtime.kernels.rmsnorm import rmsnorm as fused
+
+        return fused(x, weight, eps)
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, kernel: str = TORCH) -> torch.Tensor:
+    if use_triton(kernel, gate):
+        from k2c.runtime.kernels.swiglu import swiglu as fused
+
+        return fused(gate, up)
+    return F.silu(gate) * up
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
+               kernel: str = TORCH) -> torch.Tensor:
+    """Rotate the pairs of x [..., seq, dr] by cos/sin [seq, dr/2].
+
+    Interleaved checkpoints pair dims (0, 1), (2, 3), ...; the others pair dim i with i + dr/2. Either way the
+    result is returned as [first of each pair, second of each pair]: q and k get the same permutation, so their
+    dot products do not change.
+    """
+    if use_triton(kernel, x):
+        from k2c.runtime.kernels.rope import rope as fused
+
+        return fused(x, cos, sin, interleaved)
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
+                     head_scale: torch.Tensor | None, kernel: str = TORCH) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k [b, h, t, dqk], v [b, h, t, dv] -> (out [b, h, t, dv], max pre-softmax logit per head [h], fp32).
+
+    `head_scale` [h] multiplies head h's logits (QK-Clip's scale for frozen weights). The max is over batch,
+    queries and unmasked keys, after every scale.
+    """
+    if use_triton(kernel, q):
+        from k2c.runtime.kernels.attention import attention as fused
+
+        return fused(q, k, v, softmax_scale, head_scale)
+    t = q.shape[-2]
+    scores = (q @ k.transpose(-2, -1)) * softmax_scale  # [b, h, t, t]
+    if head_scale is not None:
+        scores = scores * head_scale.to(scores.dtype).view(-1, 1, 1)
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~causal, -torch.inf)
+    with torch.no_grad():
+        max_logit = scores.amax(dim=(0, 2, 3)).float()  # masked entries are -inf and never win
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return probs @ v, max_logit
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
+    """Mean next-token cross-entropy over labels != -100: position t predicts token t+1."""
+    if labels is None:
+        return None
+    targets = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)

@@ -1,0 +1,188 @@
+"""The fused RMSNorm, RoPE and SwiGLU kernels against their torch references, under the Triton CPU interpreter.
+
+The interpreter is switched on by TRITON_INTERPRET=1, read when a kernel module is imported, and an xdist worker
+may already have imported triton or the kernels for another test. So every check runs in a fresh Python, this file
+run as a script (`python tests/test_kernel_norm_rope_swiglu.py check_rope`), and the pytest process never
+imports the kernel modules. Each check compares the kernel's forward and every gradient with the reference's, and
+the reference's with an independent fp64 formula, at small shapes: odd row counts, dims that are not powers of
+two, and the strided views the model passes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from functools import partial
+
+import pytest
+import torch
+
+from conftest import subprocess_env
+
+# (atol, rtol) per dtype, for max |got - want| <= atol + rtol * max |want|: benchmarks/harness.py's table
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-4),
+    torch.float16: (1e-3, 1e-2),
+}
+DTYPES = tuple(TOLERANCES)
+EPS = 1e-6
+
+
+def assert_close(what: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    """got within the tolerance of `dtype` (got's by default) of want."""
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+    atol, rtol = TOLERANCES[dtype or got.dtype]
+    err = (got.double() - want.double()).abs().max().item()
+    scale = want.double().abs().max().item()
+    assert err <= atol + rtol * scale, f"{what}: max abs error {err:.3g} over a max of {scale:.3g}"
+
+
+def value_and_grads(fn, inputs: tuple[torch.Tensor, ...], dy: torch.Tensor) -> list[torch.Tensor]:
+    """[fn(*inputs), d(fn . dy)/d input for each input]."""
+    y = fn(*inputs)
+    return [y, *torch.autograd.grad(y, inputs, dy)]
+
+
+def compare(what: str, kernel, reference, truth, inputs: tuple[torch.Tensor, ...], names: tuple[str, ...]) -> None:
+    """Kernel against reference in the inputs' dtype; reference against the fp64 formula, output and gradients."""
+    dy = torch.randn_like(reference(*inputs))
+    got = value_and_grads(kernel, inputs, dy)
+    want = value_and_grads(reference, inputs, dy)
+    exact = value_and_grads(truth, tuple(t.detach().double().requires_grad_() for t in inputs), dy.double())
+    for name, g, w, e in zip(("y", *names), got, want, exact, strict=True):
+        assert g.dtype == w.dtype, f"{what} {name}: dtype {g.dtype}, the reference's {w.dtype}"
+        assert_close(f"{what} {name}", g, w)
+        assert_close(f"{what} {name} (reference against the fp64 formula)", w, e, dtype=w.dtype)
+
+
+def strided(shape: tuple[int, ...], layout: str, dtype: torch.dtype) -> torch.Tensor:
+    """A random tensor of `shape` that requires grad, laid out as `layout` says."""
+    if layout == "contiguous":
+        return torch.randn(shape, dtype=dtype, requires_grad=True)
+    if layout == "slice":  # a slice of the last dim: rows evenly spaced, further apart than they are long
+        base = torch.randn(*shape[:-1], shape[-1] + 40, dtype=dtype, requires_grad=True)
+        return base[..., 24:24 + shape[-1]]
+    assert layout == "transposed"  # unit stride along the first dim, not along the last
+    return torch.randn(tuple(reversed(shape)), dtype=dtype, requires_grad=True).permute(*reversed(range(len(shape))))
+
+
+# --------------------------------------------------------------------------- checks, each run in a fresh Python
+# The kernel modules are imported inside the checks: imported in the pytest process, they would stay compiled for
+# the GPU for every later test there.
+
+
+def check_rmsnorm() -> None:
+    from k2c.runtime.kernels.rmsnorm import rmsnorm, rmsnorm_reference
+
+    def truth(x, weight):
+        return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS)
+
+    torch.manual_seed(0)
+    # 130 rows of 160 are 9 tiles of 16 rows, more than the interpreter's 4 backward programs: some take two
+    shapes = [((7, 96), "contiguous"), ((2, 5, 13, 160), "contiguous"), ((37, 160), "slice"),
+              ((3, 11, 24), "transposed"), ((1, 1000), "contiguous")]
+    for dtype, (shape, layout) in itertools.product(DTYPES, shapes):
+        x = strided(shape, layout, dtype)
+        weight = (1 + 0.2 * torch.randn(shape[-1])).to(dtype).requires_grad_()
+        compare(f"rmsnorm {shape} {layout} {dtype}", partial(rmsnorm, eps=EPS), partial(rmsnorm_reference, eps=EPS),
+                truth, (x, weight), ("dx", "dweight"))
+
+
+def rope_truth(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Each pair as a complex number, times (cos + i sin); the real parts, then the imaginary ones."""
+    pairs = x.unflatten(-1, (-1, 2)) if interleaved else torch.stack(x.chunk(2, dim=-1), dim=-1)
+    z = torch.view_as_complex(pairs.contiguous()) * torch.complex(cos, sin)
+    return torch.cat([z.real, z.imag], dim=-1)
+
+
+def check_rope() -> None:
+    from k2c.runtime.kernels.rope import rope, rope_reference
+
+    torch.manual_seed(1)
+    b, h, t = 2, 3, 9
+    for dtype in DTYPES:
+        q = torch.randn(b, t, h, 32 + 64, dtype=dtype, requires_grad=True)  # [b, t, h, dn + dr]
+        kv = torch.randn(b, t, 40 + 64, dtype=dtype, requires_grad=True)  # [b, t, latent + dr]
+        cases = [
+            ("q's rotary slice", q.transpose(1, 2)[..., 32:], dtype),  # [b, h, t, 64], strided
+            ("k's rotary slice", kv[..., 40:].unsqueeze(1), dtype),  # [b, 1, t, 64], strided
+            ("dr/2 not a power of two", torch.randn(t, 24, dtype=dtype, requires_grad=True), dtype),
+            ("five dims", torch.randn(2, 2, 3, 5, 8, dtype=dtype, requires_grad=True), dtype),
+            ("fp32 cos and sin", torch.randn(b, h, 5, 16, dtype=dtype, requires_grad=True), torch.float32),
+        ]
+        for (what, x, angle_dtype), interleaved in itertools.product(cases, (False, True)):
+            seq, dr = x.shape[-2:]
+            angles = torch.rand(seq, dr // 2) * 2 * torch.pi
+            # scaled, as YaRN's attention factor scales them
+            cos, sin = (1.3 * angles.cos()).to(angle_dtype), (1.3 * angles.sin()).to(angle_dtype)
+            compare(f"rope {what} {tuple(x.shape)} interleaved={interleaved} {dtype}",
+                    partial(rope, cos=cos, sin=sin, interleaved=interleaved),
+                    partial(rope_reference, cos=cos, sin=sin, interleaved=interleaved),
+                    partial(rope_truth, cos=cos.double(), sin=sin.double(), interleaved=interleaved), (x,), ("dx",))
+
+
+def check_swiglu() -> None:
+    from k2c.runtime.kernels.swiglu import swiglu, swiglu_reference
+
+    def truth(gate, up):
+        return gate * torch.sigmoid(gate) * up
+
+    def leaf(dtype: torch.dtype, *shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (scale * torch.randn(shape)).to(dtype).requires_grad_()
+
+    torch.manual_seed(2)
+    for dtype in DTYPES:
+        cases = [
+            ("contiguous", leaf(dtype, 7, 96, scale=4.0), leaf(dtype, 7, 96)),  # out to where the sigmoid saturates
+            ("contiguous", leaf(dtype, 3, 5, 333, scale=4.0), leaf(dtype, 3, 5, 333)),
+            ("halves of a fused gate-up output", *leaf(dtype, 11, 2 * 160, scale=2.0).chunk(2, dim=-1)),
+        ]
+        for what, gate, up in cases:
+            compare(f"swiglu {tuple(gate.shape)} {what} {dtype}", swiglu, swiglu_reference, truth, (gate, up),
+                    ("dgate", "dup"))
+
+
+def check_errors() -> None:
+    from k2c.runtime.kernels.rmsnorm import rmsnorm
+    from k2c.runtime.kernels.rope import rope
+    from k2c.runtime.kernels.swiglu import swiglu
+
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"weight must have shape \(8,\) for x of shape \(4, 8\), found \(4,\)"):
+        rmsnorm(x, torch.ones(4), EPS)
+    with pytest.raises(ValueError, match="weight must have x's dtype torch.float32, found torch.float16"):
+        rmsnorm(x, torch.ones(8, dtype=torch.float16), EPS)
+    with pytest.raises(ValueError, match="x must be fp32, bf16 or fp16, found torch.float64"):
+        rmsnorm(x.double(), torch.ones(8, dtype=torch.float64), EPS)
+    with pytest.raises(ValueError, match=r"cos must have shape \(4, 4\) for x of shape \(2, 4, 8\), found \(4, 8\)"):
+        rope(torch.randn(2, 4, 8), torch.ones(4, 8), torch.ones(4, 4), False)
+    with pytest.raises(ValueError, match="dr even"):
+        rope(torch.randn(4, 7), torch.ones(4, 3), torch.ones(4, 3), False)
+    with pytest.raises(ValueError, match="sin is taken as a constant"):
+        rope(torch.randn(4, 8), torch.ones(4, 4), torch.ones(4, 4, requires_grad=True), False)
+    with pytest.raises(ValueError, match=r"up must match gate's shape, dtype and device \(4, 8\)"):
+        swiglu(x, torch.randn(8))
+
+
+# --------------------------------------------------------------------------- the tests: one fresh Python each
+
+
+def run_check(check: str) -> None:
+    child = subprocess.run([sys.executable, __file__, check], capture_output=True, text=True, timeout=300,
+                           env=subprocess_env(TRITON_INTERPRET="1"))
+    assert child.returncode == 0, f"{check} failed:\n{child.stdout}{child.stderr[-5000:]}"
+
+
+@pytest.mark.parametrize("kernel", ["rmsnorm", "rope", "swiglu"])
+def test_kernel_matches_reference(kernel: str) -> None:
+    run_check(f"check_{kernel}")
+
+
+def test_wrappers_reject_bad_inputs() -> None:
+    run_check("check_errors")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)  # one core per test process, as conftest sets for the workers
+    globals()[sys.argv[1]]()
