@@ -1,4 +1,5 @@
 # The two entry points of the README. Each sets up .venv on first use (torch 2.13 CPU build, k2c, test extras).
+# `make test` lints (ruff), type-checks (mypy) and runs the suite.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,6 +10,8 @@ train: $(STAMP)
 	$(BIN)/k2c train specs/k2-tiny.yaml
 
 test: $(STAMP)
+	$(BIN)/ruff check k2c tests scripts benchmarks
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -n auto
 
 $(STAMP): pyproject.toml

@@ -80,7 +80,8 @@ class Harness:
         lines = [f"# k2c kernels on {gpu}, {meta['date']}", "",
                  f"torch {meta['torch']}, triton {meta['triton']}; {meta['timing']}. Each speed is the anchor's time "
                  "on the same shapes in the same run over the variant's.", "",
-                 "| family | work | variant | ms | TFLOP/s | speed vs anchor | check |", "|---|---|---|---|---|---|---|"]
+                 "| family | work | variant | ms | TFLOP/s | speed vs anchor | check |",
+                 "|---|---|---|---|---|---|---|"]
         lines += [f"| {r.family} | {r.work} | {r.variant} | {r.ms:.3f} | "
                   f"{'' if r.tflops is None else f'{r.tflops:.0f}'} | {r.speedup:.2f}x | {r.check} |"
                   for r in self.rows]

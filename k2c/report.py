@@ -30,7 +30,8 @@ def _table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> 
 def layer_rows(spec: Spec) -> list[dict[str, Any]]:
     m = spec.model
     a = m.attention
-    attn = f"MLA {a.heads}h q_lora={a.q_lora_rank} kv_lora={a.kv_lora_rank} qk={a.qk_nope_head_dim}+{a.qk_rope_head_dim} v={a.v_head_dim}"
+    attn = (f"MLA {a.heads}h q_lora={a.q_lora_rank} kv_lora={a.kv_lora_rank} "
+            f"qk={a.qk_nope_head_dim}+{a.qk_rope_head_dim} v={a.v_head_dim}")
     rows = []
     for i in range(m.layers):
         if i < m.dense_layers:
@@ -45,7 +46,7 @@ def layer_rows(spec: Spec) -> list[dict[str, Any]]:
     return rows
 
 
-def by_layer_spans(rows: list[tuple[int, ...]]) -> list[tuple[str, ...]]:
+def by_layer_spans(rows: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     """Rows (layer, *columns) -> (layers, *columns): the layers that share the same columns, as spans like 1-3,5."""
     layers: dict[tuple, list[int]] = {}
     for layer, *columns in rows:
@@ -54,11 +55,13 @@ def by_layer_spans(rows: list[tuple[int, ...]]) -> list[tuple[str, ...]]:
 
 
 def _spans(layers: list[int]) -> str:
+    """[1, 2, 3, 5] -> "1-3,5"."""
     spans, start = [], layers[0]
-    for prev, cur in zip(layers, layers[1:] + [None]):
-        if cur != prev + 1 if cur is not None else True:
+    for prev, cur in zip(layers, [*layers[1:], None]):
+        if cur is None or cur != prev + 1:
             spans.append(str(start) if start == prev else f"{start}-{prev}")
-            start = cur
+            if cur is not None:
+                start = cur
     return ",".join(spans)
 
 
@@ -134,7 +137,8 @@ def inspect_text(spec: Spec, graph: Graph) -> str:
         ("without embedding and head", f"{p['total_without_embedding_and_head']:,}",
          f"{p['activated_without_embedding_and_head']:,}"),
     ])
-    out += f"FLOPs per token at seq_len {f['seq_len']}: forward {_human(f['forward'])}, training {_human(f['train'])}\n\n"
+    out += (f"FLOPs per token at seq_len {f['seq_len']}: forward {_human(f['forward'])}, "
+            f"training {_human(f['train'])}\n\n")
     out += _table("Layers", ("layers", "attention", "mlp"),
                   by_layer_spans([(r["layer"], r["attention"], r["mlp"]) for r in layer_rows(spec)]))
     sites = adapter_rows(graph)

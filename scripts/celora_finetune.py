@@ -11,7 +11,8 @@
    relative error of CE-LoRA's input gradient against the exact `dY W` for keep ratios 0.1 .. 1.0.
    Writes docs/celora_finetune.{json,png,md}.
 
-    python scripts/celora_finetune.py [--pretrain-steps 300] [--finetune-steps 200] [--svd-rank K] [--refresh-every N] [--out DIR]
+    python scripts/celora_finetune.py [--pretrain-steps 300] [--finetune-steps 200] [--svd-rank K]
+                                      [--refresh-every N] [--out DIR]
 """
 
 from __future__ import annotations

@@ -203,7 +203,7 @@ def test_round_trip_through_transformers(setup, tmp_path):
     torch.manual_seed(3)
     model = package.build_model()
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.normal_(1.0, 0.2)
             else:

@@ -119,7 +119,8 @@ def test_muon_weight_decay_uses_the_unscaled_lr(g):
     cfg = g.PLAN.optimizer
     w = model.get_parameter(WIDE)
     ref_w = w.detach().clone().requires_grad_()
-    ref = torch.optim.Muon([ref_w], lr=lr_at(0, g.PLAN.optimizer), weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
+    ref = torch.optim.Muon([ref_w], lr=lr_at(0, g.PLAN.optimizer), weight_decay=cfg.weight_decay,
+                           adjust_lr_fn="match_rms_adamw")
     expected = w.detach() * (1 - lr_at(0, g.PLAN.optimizer) * cfg.weight_decay)
     w.grad, ref_w.grad = torch.zeros_like(w), torch.zeros_like(w)
     opt.step()

@@ -16,9 +16,9 @@ def test_adapter_table_groups_sites_by_layer_span():
     text = inspect_text(spec, compile_spec(spec))
     lines = [line.split() for line in text.splitlines()]
     assert ["2", "experts.up", "32x64", "ce_lora", "4", "0.25", "3", "8"] == lines[
-        next(i for i, l in enumerate(lines) if l[:2] == ["2", "experts.up"])][:8]
-    assert ["1", "experts.up", "32x64", "frozen"] in [l[:4] for l in lines]
-    assert ["0-2", "scale", "100.0"] in [l[:3] for l in lines]  # QK-Clip on frozen q/k: one row for all layers
+        next(i for i, row in enumerate(lines) if row[:2] == ["2", "experts.up"])][:8]
+    assert ["1", "experts.up", "32x64", "frozen"] in [row[:4] for row in lines]
+    assert ["0-2", "scale", "100.0"] in [row[:3] for row in lines]  # QK-Clip on frozen q/k: one row for all layers
 
 
 def test_json_lists_every_site():

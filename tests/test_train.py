@@ -206,7 +206,8 @@ def test_fine_tuning_starts_from_init_from(build_generated, tmp_path):
     published = {k: v.contiguous() for k, v in base.hf_state_dict(base.build_model()).items()}
     save_file(published, tmp_path / "base.safetensors")
     package, train = trainer(build_generated, **{
-        "training.steps": 2, "training.init_from": str(tmp_path / "base.safetensors"), "adapter": adapter("ce_lora", 0.5),
+        "training.steps": 2, "training.init_from": str(tmp_path / "base.safetensors"),
+        "adapter": adapter("ce_lora", 0.5),
     })
     train.run(tmp_path / "run")
     tuned = package.build_model()

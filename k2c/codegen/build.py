@@ -2,9 +2,10 @@
 
 spec -> IR graph -> passes -> `lower` -> Plan -> `emit`: `plan.py` (the plan as data), `model.py` (the wiring,
 emitted from the graph) and `__init__.py` (the package's contract, from `templates/__init__.py.jinja`). Every
-Python file is checked with `ast.parse` and written atomically (a temporary file, then `os.replace`). `manifest.json` records the sha256 of every
-file written; a rebuild refuses to overwrite a file whose content no longer matches (a user edited it) unless
-forced.
+Python file is checked with `ast.parse` and written atomically (a temporary file, then `os.replace`).
+`manifest.json` records the sha256 of every file written; a rebuild refuses to overwrite a file whose content no
+longer matches (a user edited it) unless forced, and removes the files of an older build that this one no longer
+writes.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def _runs(values: tuple[Any, ...]) -> Iterator[tuple[Any, int]]:
 def layer_groups(plan: Plan) -> list[tuple[int, int]]:
     """[(first, last)] spans of consecutive layers with one LayerPlan."""
     spans, start = [], 0
-    for layer, count in _runs(plan.model.layers):
+    for _, count in _runs(plan.model.layers):
         spans.append((start, start + count - 1))
         start += count
     return spans
@@ -158,7 +158,9 @@ def _rmsnorm(op: Op, ins: list[str], graph: Graph) -> str:
 
 def _expert_linear(op: Op, ins: list[str], graph: Graph) -> str:
     feed, router = graph.inputs(op)
-    tokens_in = graph.out_type(feed).shape[:2] == ("B", "S")  # the layer's tokens, not rows grouped by expert
+    feed_type = graph.out_type(feed)
+    assert feed_type is not None, "emit runs on a graph that infer_shapes typed"
+    tokens_in = feed_type.shape[:2] == ("B", "S")  # the layer's tokens, not rows grouped by expert
     rows = f"{ins[1]}.tokens" if tokens_in else ins[0]
     return f"{_module(op)}.project({op['param']!r}, {rows}, {ins[1]})"
 

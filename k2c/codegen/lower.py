@@ -212,9 +212,9 @@ def _optimizer(graph: Graph) -> OptimizerPlan:
         momentum=o.muon.momentum,
         nesterov=o.muon.nesterov,
         ns_steps=o.muon.ns_steps,
-        ns_coefficients=tuple(o.muon.ns_coefficients),
+        ns_coefficients=o.muon.ns_coefficients,
         rms_scale=o.muon.rms_scale,
-        adamw_betas=tuple(o.adamw.betas),
+        adamw_betas=o.adamw.betas,
         adamw_eps=o.adamw.eps,
         param_rules=_param_rules(graph),
     )

@@ -84,8 +84,8 @@ def _infer(op: Op, ins: list[TensorType]) -> tuple[TensorType, tuple[Param, ...]
         return TensorType((*TOKENS, ins[0].shape[-1])), ()
     if k is OpKind.LM_HEAD:
         _expect_last(op, ins[0], op["in_features"], "in_features")
-        params = () if op["tied"] else (Param(f"{op['module']}.weight", (op["out_features"], op["in_features"])),)
-        return TensorType((*TOKENS, op["out_features"])), params
+        head = Param(f"{op['module']}.weight", (op["out_features"], op["in_features"]))
+        return TensorType((*TOKENS, op["out_features"])), () if op["tied"] else (head,)
     if k is OpKind.LOSS:
         return TensorType(()), ()
     raise NotImplementedError(f"infer_shapes: no rule for op kind {k.value!r} ({op.name})")

@@ -73,7 +73,8 @@ class DoubleLoRA(nn.Module):
         self.register_buffer("kept_rows", None, persistent=False)  # R[S, :] [..., |S|, n]
         self.weight_version = -1  # version of W that svd_B and svd_A were computed from
         self.backwards = 0  # backward passes since the SVD
-        self.restored = None  # (backwards, kept) from a checkpoint, applied once W is factorised again
+        # (backwards, kept) from a checkpoint, applied once W is factorised again
+        self.restored: tuple[int, torch.Tensor | None] | None = None
 
     def extra_repr(self) -> str:
         return f"svd_rank={self.svd_rank}, keep_ratio={self.keep_ratio}, refresh_every={self.refresh_every}"
@@ -270,9 +271,9 @@ class LoRALinear(nn.Module):
         self.site = site
         self.out_features, self.in_features = base.weight.shape
         self.weight = base.weight.requires_grad_(False)
-        like = dict(device=self.weight.device, dtype=self.weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty(site.rank, self.in_features, **like))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, site.rank, **like))
+        device, dtype = self.weight.device, self.weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(site.rank, self.in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, site.rank, device=device, dtype=dtype))
         init_lora_A(self.lora_A)
         self.scale = lora_scale(site, plan)
         self.lora_dropout = adapter_dropout(plan)
@@ -321,21 +322,21 @@ class LoRAExperts(Experts):
             experts.double_lora = nn.ModuleDict()
         return experts
 
-    def add_adapter(self, site: AdapterSite, plan: AdapterPlan) -> None:
-        weight = getattr(self, site.param).requires_grad_(False)
+    def add_adapter(self, name: str, site: AdapterSite, plan: AdapterPlan) -> None:
+        """An adapter on projection `name` (`gate_proj`, `up_proj` or `down_proj`) of every expert."""
+        weight = getattr(self, name).requires_grad_(False)
         experts, out_features, in_features = weight.shape
-        like = dict(device=weight.device, dtype=weight.dtype)
-        lora_A = nn.Parameter(torch.empty(experts, site.rank, in_features, **like))
+        device, dtype = weight.device, weight.dtype
+        lora_A = nn.Parameter(torch.empty(experts, site.rank, in_features, device=device, dtype=dtype))
         init_lora_A(lora_A)
-        self.register_parameter(f"{site.param}_lora_A", lora_A)
-        self.register_parameter(
-            f"{site.param}_lora_B", nn.Parameter(torch.zeros(experts, out_features, site.rank, **like))
-        )
-        self.sites[site.param] = site
-        self.scales[site.param] = lora_scale(site, plan)
-        self.lora_dropout[site.param] = adapter_dropout(plan)
+        self.register_parameter(f"{name}_lora_A", lora_A)
+        lora_B = torch.zeros(experts, out_features, site.rank, device=device, dtype=dtype)
+        self.register_parameter(f"{name}_lora_B", nn.Parameter(lora_B))
+        self.sites[name] = site
+        self.scales[name] = lora_scale(site, plan)
+        self.lora_dropout[name] = adapter_dropout(plan)
         if site.kind == "ce_lora":
-            self.double_lora[site.param] = DoubleLoRA(site.svd_rank, site.keep_ratio, plan.refresh_every)
+            self.double_lora[name] = DoubleLoRA(site.svd_rank, site.keep_ratio, plan.refresh_every)
 
     def adapter(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A [E, r, in] and B [E, out, r] of projection `name`."""
@@ -357,7 +358,7 @@ class LoRAExperts(Experts):
             delattr(self, f"{name}_lora_A")
             delattr(self, f"{name}_lora_B")
         del self.sites, self.scales, self.lora_dropout, self.double_lora
-        self.__class__ = Experts
+        self.__class__ = Experts  # type: ignore[assignment]  # the reverse of `adapt`
         return self
 
 
@@ -378,9 +379,11 @@ def apply_adapters(model: nn.Module, plan: AdapterPlan) -> nn.Module:
             if not isinstance(getattr(parent, child), LoRALinear):
                 setattr(parent, child, LoRALinear(getattr(parent, child), site, plan))
         else:
-            experts = LoRAExperts.adapt(model.get_submodule(site.module))
+            stack = model.get_submodule(site.module)
+            assert isinstance(stack, Experts)
+            experts = LoRAExperts.adapt(stack)
             if site.param not in experts.sites:
-                experts.add_adapter(site, plan)
+                experts.add_adapter(site.param, site, plan)
     return model
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from torch import nn
 
 from k2c.runtime.model import CausalLM
 from k2c.runtime.plan import ModelPlan
@@ -133,6 +132,7 @@ def _published_name(target: str, expert: int | None) -> str:
     if expert is None:
         return target
     m = STACKED.fullmatch(target)
+    assert m is not None  # only stacked tensors are loaded expert by expert
     return f"{m[1]}.{expert}.{m[2]}.weight"
 
 
@@ -148,7 +148,9 @@ def load_hf_state_dict(model: CausalLM, sd_or_path: Mapping[str, torch.Tensor] |
     """
     checkpoint = Checkpoint(sd_or_path)
     targets = checkpoint_tensors(model)
-    plan, problems, loaded = [], [], set()
+    plan: list[tuple[str, list[tuple]]] = []
+    problems: list[str] = []
+    loaded: set[tuple[str, int | None]] = set()
     for name, shape in checkpoint.shapes.items():
         if _skipped(name, model.plan):
             continue

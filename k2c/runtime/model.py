@@ -75,8 +75,8 @@ def rope_frequencies(plan: RopePlan) -> tuple[torch.Tensor, float]:
         wavelength = yarn.original_max_position_embeddings / (rotations * 2 * math.pi)
         return dim * math.log(wavelength) / (2 * math.log(plan.theta))
 
-    low = max(math.floor(dim_with_rotations(yarn.beta_fast)), 0)
-    high = min(math.ceil(dim_with_rotations(yarn.beta_slow)), dim - 1)
+    low = float(max(math.floor(dim_with_rotations(yarn.beta_fast)), 0))
+    high = float(min(math.ceil(dim_with_rotations(yarn.beta_slow)), dim - 1))
     if low == high:
         high += 0.001  # a zero-width ramp would divide by zero
     ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
@@ -99,6 +99,10 @@ def rope_frequencies(plan: RopePlan) -> tuple[torch.Tensor, float]:
 
 class Attention(nn.Module):
     """Multi-head latent attention (MLA): its projections, and the two steps between them (`rope`, `core`)."""
+
+    qk_scale: torch.Tensor | None
+    last_max_logit: torch.Tensor
+    step_max_logit: torch.Tensor
 
     def __init__(self, plan: AttentionPlan, device=None, dtype=None):
         super().__init__()
@@ -169,6 +173,8 @@ class MLP(nn.Module):
 class Router(nn.Module):
     """Sigmoid scores; the bias steers which experts are chosen but not how their outputs are weighted."""
 
+    e_score_correction_bias: torch.Tensor
+
     def __init__(self, plan: RouterPlan, device=None):
         super().__init__()
         self.plan = plan
@@ -225,6 +231,11 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
+    gate: Router
+    experts: Experts
+    shared_experts: MLP | None
+    expert_load: torch.Tensor
+
     def __init__(self, plan: MoEPlan, device=None, dtype=None):
         super().__init__()
         self.plan = plan
@@ -272,16 +283,22 @@ class MoE(nn.Module):
 class DecoderLayer(nn.Module):
     """A decoder layer's parts under their checkpoint names; its forward is emitted per spec."""
 
+    input_layernorm: RMSNorm
+    self_attn: Attention
+    post_attention_layernorm: RMSNorm
+    mlp: MLP | MoE
+
     def __init__(self, plan: LayerPlan, device=None, dtype=None):
         super().__init__()
         self.input_layernorm = RMSNorm(plan.attn_norm, device, dtype)
         self.self_attn = Attention(plan.attention, device, dtype)
         self.post_attention_layernorm = RMSNorm(plan.mlp_norm, device, dtype)
-        self.mlp: MLP | MoE = MoE(plan.mlp, device, dtype) if isinstance(plan.mlp, MoEPlan) else MLP(
-            plan.mlp, device, dtype)
+        self.mlp = MoE(plan.mlp, device, dtype) if isinstance(plan.mlp, MoEPlan) else MLP(plan.mlp, device, dtype)
 
 
 class Decoder(nn.Module):
+    layers: nn.ModuleList
+
     def __init__(self, plan: ModelPlan, layer_types: Sequence[type[DecoderLayer]], device=None, dtype=None):
         super().__init__()
         self.embed_tokens = nn.Embedding(plan.vocab_size, plan.hidden_size, device=device, dtype=dtype)
@@ -337,11 +354,14 @@ class CausalLM(nn.Module):
         sin = angles.sin() * self.attention_factor
         return RopeTables(cos.to(dtype), sin.to(dtype))
 
+    def decoder_layers(self) -> list[DecoderLayer]:
+        return [layer for layer in self.model.layers if isinstance(layer, DecoderLayer)]
+
     def attentions(self) -> list[Attention]:
-        return [layer.self_attn for layer in self.model.layers]
+        return [layer.self_attn for layer in self.decoder_layers()]
 
     def moe_layers(self) -> dict[int, MoE]:
-        return {i: layer.mlp for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, MoE)}
+        return {i: layer.mlp for i, layer in enumerate(self.decoder_layers()) if isinstance(layer.mlp, MoE)}
 
     def max_logits(self) -> torch.Tensor:
         """[layers, heads]: the largest pre-softmax logit of each head in the last forward."""

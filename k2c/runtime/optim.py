@@ -66,7 +66,7 @@ def newton_schulz(u, steps, coefficients, dtype=torch.bfloat16):
 
 def param_groups(model, plan: OptimizerPlan):
     """Resolve the plan's rules over the trainable parameters: one group per (optimizer, weight decay) pair in use."""
-    groups = {}
+    groups: dict[tuple[str, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -101,6 +101,7 @@ def clip_heads(attention: Attention, gamma: torch.Tensor) -> None:
     clip = attention.plan.clip
     if clip.mode == "scale":
         # frozen q/k weights: the attention multiplies head h's logits by qk_scale[h]
+        assert attention.qk_scale is not None
         attention.qk_scale.mul_(gamma)
         return
     root = gamma.sqrt()
@@ -123,8 +124,8 @@ class MuonClip(torch.optim.Optimizer):
         super().__init__(groups, {"lr": lr_at(0, plan)})
         self.model = model
         self.plan = plan
-        self.state["step"] = 0
-        self.last_report = {}
+        self.state["step"] = 0  # type: ignore[index]  # the optimizer-wide counter beside per-tensor state
+        self.last_report: dict = {}
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -89,7 +89,8 @@ def eval_starts(tokens, t: TrainingPlan):
 @torch.no_grad()
 def evaluate(model, tokens, starts, t: TrainingPlan):
     model.eval()
-    losses = [model(ids, labels=ids).loss for ids in (windows(tokens, s, t.seq_len) for s in starts.split(t.batch_size))]
+    batches = (windows(tokens, s, t.seq_len) for s in starts.split(t.batch_size))
+    losses = [model(ids, labels=ids).loss for ids in batches]
     model.train()
     model.reset_step_stats()  # held-out logits must not count toward the next step's QK-Clip
     return torch.stack(losses).mean().item()
@@ -332,7 +333,7 @@ def run(package: ModuleType, run_dir, steps=None, resume=False):
             }
             if step % t.eval_every == 0 or step == steps:
                 eval_loss = record["eval_loss"] = evaluate(model, eval_tokens, held_out, t)
-            if not lead:
+            if metrics is None:  # not the lead process
                 continue
             if step % t.log_every == 0 or "eval_loss" in record:
                 metrics.write(json.dumps(record) + "\n")

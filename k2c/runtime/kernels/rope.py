@@ -1,7 +1,8 @@
 """Rotary position embedding, forward and backward, as one fused Triton kernel beside its torch reference.
 
 Eager torch multiplies and adds the halves of the pairs in six kernels and concatenates the results, and the
-backward retraces all of it; here each direction is one pass that reads its input once and writes its output once. The backward of a rotation is the rotation by minus the angle, with the two layouts swapped, so one kernel
+backward retraces all of it; here each direction is one pass that reads its input once and writes its output
+once. The backward of a rotation is the rotation by minus the angle, with the two layouts swapped, so one kernel
 serves both directions.
 
 The rotary part of q and k is a slice of a bigger projection, seen through a transpose: the kernel reads x through

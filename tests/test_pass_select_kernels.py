@@ -1,0 +1,27 @@
+"""select_kernels, Before/Expected: every op with a runtime implementation gets its kernel choice written on it."""
+
+from k2c.codegen import compile_spec
+from k2c.ir import Graph, Op, OpKind
+from k2c.passes import select_kernels
+from k2c.passes.select_kernels import RULES
+from specs_for_tests import tiny_spec
+
+
+def test_each_op_records_its_kernel():
+    g = Graph("t")
+    ids = g.add(Op.make(OpKind.INPUT, "ids"))
+    norm = g.add(Op.make(OpKind.RMSNORM, "norm", dim=8, eps=1e-6), ids)
+    g.add(Op.make(OpKind.LOSS, "loss"), norm, ids)
+    assert select_kernels(g).text() == (
+        "graph t {\n"
+        "  ids = input()  <- ()\n"
+        "  norm = rmsnorm(dim=8, eps=1e-06, kernel='torch')  <- (ids)\n"
+        "  loss = loss(kernel='torch')  <- (norm, ids)\n"
+        "}\n"
+    )
+
+
+def test_every_op_kind_but_the_input_has_a_rule():
+    assert set(RULES) == set(OpKind) - {OpKind.INPUT}
+    decided = compile_spec(tiny_spec())
+    assert all("kernel" in op for op in decided.ops() if op.kind is not OpKind.INPUT)
