@@ -2,7 +2,7 @@
 
 One rule per op kind. Every op has its torch reference (the CPU path and the test oracle); a rule names a fused
 Triton kernel of `k2c.runtime.kernels` where one fits the op's shapes and decisions, and the reference otherwise.
-The runtime still falls back to the reference for tensors that are not on a GPU.
+The runtime still runs the reference for tensors that are not on a GPU.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from k2c.ir import Graph, Op, OpKind
-from k2c.runtime.plan import TORCH
+from k2c.runtime.kernels import RMSNORM_MAX_DIM
+from k2c.runtime.plan import TORCH, TRITON
 
 Rule = Callable[[Op], str]
 
@@ -19,15 +20,23 @@ def _reference(op: Op) -> str:
     return TORCH
 
 
+def _rmsnorm(op: Op) -> str:
+    return TRITON if op["dim"] <= RMSNORM_MAX_DIM else TORCH
+
+
+def _rope(op: Op) -> str:
+    return TRITON if op["dim"] % 2 == 0 else TORCH
+
+
 RULES: dict[OpKind, Rule] = {
     OpKind.EMBEDDING: _reference,
-    OpKind.RMSNORM: _reference,
+    OpKind.RMSNORM: _rmsnorm,
     OpKind.LINEAR: _reference,
-    OpKind.ROPE: _reference,
+    OpKind.ROPE: _rope,
     OpKind.ATTENTION: _reference,
     OpKind.ROUTER: _reference,
     OpKind.EXPERT_LINEAR: _reference,
-    OpKind.SWIGLU: _reference,
+    OpKind.SWIGLU: lambda op: TRITON,
     OpKind.MOE_COMBINE: _reference,
     OpKind.ADD: _reference,
     OpKind.LM_HEAD: _reference,

@@ -13,6 +13,9 @@ import os
 import torch
 import torch.nn.functional as F
 
+from k2c.runtime.kernels import rmsnorm as rmsnorm_kernel
+from k2c.runtime.kernels import rope as rope_kernel
+from k2c.runtime.kernels import swiglu as swiglu_kernel
 from k2c.runtime.plan import TORCH, TRITON
 
 FORCE = "K2C_KERNELS"
@@ -30,39 +33,23 @@ def use_triton(kernel: str, x: torch.Tensor) -> bool:
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernel: str = TORCH) -> torch.Tensor:
     """RMSNorm in fp32, cast back, then the gain: the reference implementation's rounding."""
     if use_triton(kernel, x):
-        from k2c.runtime.kernels.rmsnorm import rmsnorm as fused
-
-        return fused(x, weight, eps)
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
+        return rmsnorm_kernel.rmsnorm(x, weight, eps)
+    return rmsnorm_kernel.rmsnorm_reference(x, weight, eps)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, kernel: str = TORCH) -> torch.Tensor:
     if use_triton(kernel, gate):
-        from k2c.runtime.kernels.swiglu import swiglu as fused
-
-        return fused(gate, up)
-    return F.silu(gate) * up
+        return swiglu_kernel.swiglu(gate, up)
+    return swiglu_kernel.swiglu_reference(gate, up)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
                kernel: str = TORCH) -> torch.Tensor:
-    """Rotate the pairs of x [..., seq, dr] by cos/sin [seq, dr/2].
-
-    Interleaved checkpoints pair dims (0, 1), (2, 3), ...; the others pair dim i with i + dr/2. Either way the
-    result is returned as [first of each pair, second of each pair]: q and k get the same permutation, so their
-    dot products do not change.
-    """
+    """Rotate the pairs of x [..., seq, dr] by cos/sin [seq, dr/2], returned as [firsts of the pairs, seconds]: q
+    and k get the same permutation, so their dot products do not change."""
     if use_triton(kernel, x):
-        from k2c.runtime.kernels.rope import rope as fused
-
-        return fused(x, cos, sin, interleaved)
-    if interleaved:
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-    else:
-        x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        return rope_kernel.rope(x, cos, sin, interleaved)
+    return rope_kernel.rope_reference(x, cos, sin, interleaved)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,

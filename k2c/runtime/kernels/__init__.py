@@ -3,4 +3,8 @@
 A kernel module exposes an autograd-aware entry point (`rmsnorm`, `swiglu`, ...) and its `*_reference` twin. The
 `select_kernels` pass decides which one an op uses; the runtime calls the Triton one only on CUDA tensors, or
 everywhere when `K2C_KERNELS=triton` (the tests run it that way under `TRITON_INTERPRET=1`).
+
+This module imports neither torch nor triton: the compiler reads the kernels' limits from here.
 """
+
+RMSNORM_MAX_DIM = 65536  # the fused RMSNorm holds a whole row in one tile; wider rows do not fit in registers

@@ -14,8 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
+from k2c.runtime.kernels import RMSNORM_MAX_DIM as MAX_DIM  # a whole row is one tile: the mean needs all of it
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MAX_DIM = 65536  # a whole row is one tile (the mean needs all of it); beyond this it no longer fits in registers
 TILE = 4096  # elements a program holds: short rows are stacked until a tile is this full
 
 
