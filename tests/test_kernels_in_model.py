@@ -43,7 +43,7 @@ def run(package, out, kernels: str) -> dict:
 def test_triton_kernels_match_the_torch_path(tmp_path):
     spec = tiny_spec(**{"model.hidden_size": 32, "model.layers": 2, "training.seq_len": 24})
     chosen = {op.kind.value for op in compile_spec(spec).ops() if op.get("kernel") == "triton"}
-    assert {"rmsnorm", "rope", "swiglu"} <= chosen
+    assert {"attention", "rmsnorm", "rope", "swiglu"} <= chosen
     build_package(spec, tmp_path / "pkg")
     reference = run(tmp_path / "pkg", tmp_path / "torch.pt", "torch")
     fused = run(tmp_path / "pkg", tmp_path / "triton.pt", "triton")

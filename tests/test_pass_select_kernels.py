@@ -11,12 +11,14 @@ def test_each_op_records_its_kernel():
     g = Graph("t")
     ids = g.add(Op.make(OpKind.INPUT, "ids"))
     norm = g.add(Op.make(OpKind.RMSNORM, "norm", dim=8, eps=1e-6), ids)
-    g.add(Op.make(OpKind.LOSS, "loss"), norm, ids)
+    wide = g.add(Op.make(OpKind.RMSNORM, "wide", dim=65537, eps=1e-6), norm)
+    g.add(Op.make(OpKind.LOSS, "loss"), wide, ids)
     assert select_kernels(g).text() == (
         "graph t {\n"
         "  ids = input()  <- ()\n"
-        "  norm = rmsnorm(dim=8, eps=1e-06, kernel='torch')  <- (ids)\n"
-        "  loss = loss(kernel='torch')  <- (norm, ids)\n"
+        "  norm = rmsnorm(dim=8, eps=1e-06, kernel='triton')  <- (ids)\n"
+        "  wide = rmsnorm(dim=65537, eps=1e-06, kernel='torch')  <- (norm)\n"  # a row no longer fits one tile
+        "  loss = loss(kernel='torch')  <- (wide, ids)\n"
         "}\n"
     )
 

@@ -2,13 +2,16 @@
 
 import json
 import operator
+import re
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from specs_for_tests import tiny_spec
 
-from k2c.spec import Spec, SpecError, load_spec
+from k2c.spec import Spec, SpecError, import_hf_config, load_spec
+from k2c.spec.schema import KIMI_K2_PARAMS, MAX_PARAMS, name_problem, parameter_count
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted((ROOT / "specs").glob("*.yaml"))
@@ -65,7 +68,7 @@ def test_shipped_spec_loads(path):
 
 
 def test_every_published_model_is_shipped():
-    assert {p.stem for p in SPECS} == set(PUBLISHED) | {"k2-tiny"}
+    assert {p.stem for p in SPECS} == set(PUBLISHED) | {"k2-tiny", "k2-1b"}
 
 
 @pytest.mark.parametrize("stem", sorted(PUBLISHED))
@@ -175,3 +178,123 @@ def test_damaged_specs_never_escape_as_other_exceptions(tmp_path, data):
         load_spec(path)
     except SpecError as exc:
         assert exc.issues and all(str(issue).startswith(f"{path}") for issue in exc.issues)
+
+
+# --------------------------------------------------------------------------- bounds (tests/test_hostile_specs.py runs
+# the hostile corpus through `k2c check`; these are the pieces in process)
+
+# k2c's parameter counts for the shipped specs (README), which the spec's own estimate must reproduce exactly.
+SHIPPED_PARAMETERS = {"k2-tiny": 2_462_208, "kimi-k2": 1_026_408_209_408, "deepseek-v3": 671_026_404_352,
+                      "moonlight-16b-a3b": 15_960_108_544}
+
+
+@pytest.mark.parametrize("stem", sorted(SHIPPED_PARAMETERS))
+def test_parameter_count_of_shipped_specs(stem):
+    spec = load_spec(ROOT / "specs" / f"{stem}.yaml")
+    assert sum(parameter_count(spec.model).values()) == SHIPPED_PARAMETERS[stem]
+    assert sum(parameter_count(spec.model).values()) <= MAX_PARAMS / 9  # the ceiling leaves room above Kimi K2
+
+
+def test_kimi_k2_constant_is_its_count():
+    assert KIMI_K2_PARAMS == SHIPPED_PARAMETERS["kimi-k2"]
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"model.tie_embeddings": True},
+    {"model.attention.q_lora_rank": None},
+    {"model.dense_layers": 3},  # dense only: the moe section is unused
+    {"model.dense_layers": 0},
+    {"model.moe.shared_experts": 0},
+    {"model.moe.shared_experts": 3, "model.moe.routed_experts": 16},
+], ids=str)
+def test_parameter_count_matches_the_compiler(overrides):
+    from k2c.codegen import compile_spec
+
+    spec = tiny_spec(**overrides)
+    assert sum(parameter_count(spec.model).values()) == compile_spec(spec).facts["params"]["total"]
+
+
+@pytest.mark.parametrize("name", ["k2_tiny", "kimi_k2", "deepseek_v3", "moonlight_16b_a3b", "t_tiny", "mine",
+                                  "model", "match", "type", "_private", "json_model", "torch_model"])
+def test_good_package_names(name):
+    assert name_problem(name) is None
+
+
+@pytest.mark.parametrize("name", ["torch", "json", "k2c", "class", "__init__", "os", "generated", "sympy"])
+def test_shadowing_package_names(name):
+    assert name_problem(name) is not None
+    assert f"(try '{name.strip('_')}_model')" in name_problem(name)
+
+
+def test_a_model_too_large_to_build(tmp_path):
+    path = tmp_path / "s.yaml"
+    big = {"hidden_size": "131072", "layers": "512", "routed_experts": "65536", "expert_intermediate_size": "1048576"}
+    text = TINY
+    for key, value in big.items():
+        text = re.sub(rf"(?m)^(\s*{key}: )\S+", lambda m, v=value: m[1] + v, text, count=1)
+    path.write_text(text)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(info.value) == (
+        f"{path}:35:31: error: model.moe.expert_intermediate_size: expected a model of at most 1e+13 parameters "
+        "(10x Kimi K2's 1.03e+12), found 1048576, which makes 1.38e+19 parameters (5.52e+19 bytes of weights in "
+        "float32; 100% of them in the routed experts)")
+
+
+def test_twenty_levels_of_nesting_are_read(tmp_path):
+    # The depth limit is YAML's, not the schema's: 20 levels parse (and fail as a spec), 21 do not parse.
+    for keys, deepest, message in ((18, 20, "found key 'a'"), (19, 21, "expected at most 20 levels")):
+        path = tmp_path / "s.yaml"
+        path.write_text("name: x\nmodel:\n" + "".join("  " * (i + 1) + "a:\n" for i in range(keys))
+                        + "  " * (keys + 1) + "1\n")  # the root, then `keys` mappings, then the scalar 1
+        assert deepest == 1 + keys + 1
+        with pytest.raises(SpecError) as info:
+            load_spec(path)
+        assert message in str(info.value), keys
+
+
+def test_aliases_within_the_budget_are_expanded(tmp_path):
+    # 9 x 9 x 9 = 729 strings from a few lines: aliases are fine while their expansion stays small.
+    path = tmp_path / "s.yaml"
+    path.write_text(TINY.replace("description:", "x: &a [s, s, s, s, s, s, s, s, s]\n"
+                                                  "y: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+                                                  "z: [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n"
+                                                  "description:"))
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert [issue.field for issue in info.value.issues] == ["x", "y", "z"]  # unknown keys, not a bomb
+
+
+def test_many_issues_are_counted_not_all_shown(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(TINY + "".join(f"unknown_{i}: {i}\n" for i in range(120)))
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    lines = str(info.value).splitlines()
+    assert len(info.value.issues) == 120 and len(lines) == 51
+    assert lines[-1] == f"{path}: error: 70 more errors not shown"
+
+
+def test_import_hf_refuses_hostile_json(tmp_path):
+    path = tmp_path / "config.json"
+    cases = {
+        '{"hidden_size": ' + "9" * 5000 + "}":
+            f"{path}:1:17: error: expected an integer of at most 30 digits, found an integer of 5000 digits",
+        "[" * 100_000 + "]" * 100_000: f"{path}: error: invalid JSON: nested too deeply",
+        " " * (5 * 2**20): f"{path}: error: expected a config of at most 4.0 MiB, found 5.0 MiB",
+    }
+    for text, message in cases.items():
+        path.write_text(text)
+        with pytest.raises(SpecError) as info:
+            import_hf_config(path)
+        assert str(info.value) == message
+
+
+def test_import_hf_default_name_is_a_good_package_name(tmp_path):
+    from published_configs import KIMI_K2
+
+    path = tmp_path / "json" / "config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(KIMI_K2))
+    assert "\nname: json_model\n" in "\n" + import_hf_config(path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from k2c.ir import Graph, Op, OpKind
-from k2c.runtime.kernels import RMSNORM_MAX_DIM
+from k2c.runtime.kernels import ATTENTION_MAX_HEAD_DIM, RMSNORM_MAX_DIM
 from k2c.runtime.plan import TORCH, TRITON
 
 Rule = Callable[[Op], str]
@@ -24,6 +24,12 @@ def _rmsnorm(op: Op) -> str:
     return TRITON if op["dim"] <= RMSNORM_MAX_DIM else TORCH
 
 
+def _attention(op: Op) -> str:
+    """The fused causal attention, which also returns each head's max logit, fits head dims up to 256."""
+    qk, v = op["qk_nope_head_dim"] + op["qk_rope_head_dim"], op["v_head_dim"]
+    return TRITON if max(qk, v) <= ATTENTION_MAX_HEAD_DIM else TORCH
+
+
 def _rope(op: Op) -> str:
     return TRITON if op["dim"] % 2 == 0 else TORCH
 
@@ -33,7 +39,7 @@ RULES: dict[OpKind, Rule] = {
     OpKind.RMSNORM: _rmsnorm,
     OpKind.LINEAR: _reference,
     OpKind.ROPE: _rope,
-    OpKind.ATTENTION: _reference,
+    OpKind.ATTENTION: _attention,
     OpKind.ROUTER: _reference,
     OpKind.EXPERT_LINEAR: _reference,
     OpKind.SWIGLU: lambda op: TRITON,

@@ -13,6 +13,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from k2c.runtime.kernels import attention as attention_kernel
 from k2c.runtime.kernels import rmsnorm as rmsnorm_kernel
 from k2c.runtime.kernels import rope as rope_kernel
 from k2c.runtime.kernels import swiglu as swiglu_kernel
@@ -60,19 +61,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_
     queries and unmasked keys, after every scale.
     """
     if use_triton(kernel, q):
-        from k2c.runtime.kernels.attention import attention as fused
-
-        return fused(q, k, v, softmax_scale, head_scale)
-    t = q.shape[-2]
-    scores = (q @ k.transpose(-2, -1)) * softmax_scale  # [b, h, t, t]
-    if head_scale is not None:
-        scores = scores * head_scale.to(scores.dtype).view(-1, 1, 1)
-    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~causal, -torch.inf)
-    with torch.no_grad():
-        max_logit = scores.amax(dim=(0, 2, 3)).float()  # masked entries are -inf and never win
-    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return probs @ v, max_logit
+        return attention_kernel.attention(q, k, v, softmax_scale, head_scale)
+    return attention_kernel.attention_reference(q, k, v, softmax_scale, head_scale)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:

@@ -8,3 +8,4 @@ This module imports neither torch nor triton: the compiler reads the kernels' li
 """
 
 RMSNORM_MAX_DIM = 65536  # the fused RMSNorm holds a whole row in one tile; wider rows do not fit in registers
+ATTENTION_MAX_HEAD_DIM = 256  # beyond this the accumulators of one attention block no longer fit in registers
