@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from k2c.runtime.packages import import_package
-from k2c.codegen import build_package
+from k2c.codegen import build_package, compile_spec
+from k2c.codegen.lower import lower
+from k2c.runtime.hf_config import hf_config as hf_config_dict
 from k2c.spec.schema import Spec
 
 _package_ids = itertools.count()
@@ -49,51 +51,11 @@ def build_generated(tmp_path: Path):
 
 
 def hf_config(spec: Spec, attn_implementation: str = "eager"):
-    """The transformers DeepseekV3Config that describes the same model as the spec."""
+    """The transformers DeepseekV3Config that describes the same model as the spec (k2c's config.json export)."""
     from transformers import DeepseekV3Config
 
-    m, a, moe = spec.model, spec.model.attention, spec.model.moe
-    rope = {"rope_type": "default", "rope_theta": a.rope.theta}
-    if (yarn := a.rope.scaling) is not None:
-        rope = {
-            "rope_type": "yarn",
-            "rope_theta": a.rope.theta,
-            "factor": yarn.factor,
-            "original_max_position_embeddings": yarn.original_max_position_embeddings,
-            "beta_fast": yarn.beta_fast,
-            "beta_slow": yarn.beta_slow,
-            "mscale": yarn.mscale,
-            "mscale_all_dim": yarn.mscale_all_dim,
-        }
-    return DeepseekV3Config(
-        vocab_size=m.vocab_size,
-        hidden_size=m.hidden_size,
-        num_hidden_layers=m.layers,
-        first_k_dense_replace=m.dense_layers,
-        intermediate_size=m.dense_mlp.intermediate_size if m.dense_mlp else 1,
-        rms_norm_eps=m.norm_eps,
-        max_position_embeddings=m.max_position_embeddings,
-        tie_word_embeddings=m.tie_embeddings,
-        initializer_range=m.init_std,
-        num_attention_heads=a.heads,
-        num_key_value_heads=a.heads,
-        q_lora_rank=a.q_lora_rank,
-        kv_lora_rank=a.kv_lora_rank,
-        qk_nope_head_dim=a.qk_nope_head_dim,
-        qk_rope_head_dim=a.qk_rope_head_dim,
-        v_head_dim=a.v_head_dim,
-        rope_interleave=a.rope.interleaved,
-        rope_parameters=rope,
-        n_routed_experts=moe.routed_experts,
-        n_shared_experts=moe.shared_experts,
-        num_experts_per_tok=moe.experts_per_token,
-        moe_intermediate_size=moe.expert_intermediate_size,
-        n_group=moe.router.groups,
-        topk_group=moe.router.groups_per_token,
-        norm_topk_prob=moe.router.normalize,
-        routed_scaling_factor=moe.router.routed_scaling,
-        attn_implementation=attn_implementation,
-    )
+    config = hf_config_dict(lower(compile_spec(spec)))
+    return DeepseekV3Config(**config, attn_implementation=attn_implementation)
 
 
 @pytest.fixture

@@ -1,0 +1,297 @@
+"""One training step of a spec's model, k2c against transformers, on one GPU, in one run; and k2c's kernels against
+its own torch path over a short training run.
+
+    python benchmarks/bench_step.py [--spec specs/k2-1b.yaml] [--batch 8] [--seq 2048] [--only k2c,hf,...]
+
+Steps (bf16, random token ids, labels = inputs; wall time over `--steps` steps after `--warmup`):
+- k2c: the full MuonClip step (forward, backward, Muon + AdamW, QK-Clip), with the spec's kernels and with
+  K2C_KERNELS=torch; LoRA r=16 and CE-LoRA keep 0.25 on every linear and the routed experts.
+- anchors: transformers' DeepseekV3ForCausalLM (SDPA) built from k2c's config.json export, with torch.optim.Muon
+  on its 2D hidden weights and AdamW on the rest; and with PEFT LoRA r=16 on the attention and dense/shared-expert
+  linears (PEFT cannot target the fused 3D experts by module name).
+Loss check: the spec's model trained `--loss-steps` steps on the bundled corpus with the kernels and with the torch
+path, from the same weights and batches, against the gap between the torch path in bf16 and in fp32 (bf16 noise).
+
+Writes benchmarks/results/<date>-<gpu>-step.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from k2c.codegen import build_package  # noqa: E402
+from k2c.runtime import train as runtime_train  # noqa: E402
+from k2c.runtime.hf_config import hf_config  # noqa: E402
+from k2c.runtime.packages import import_package  # noqa: E402
+from k2c.spec import Spec, load_spec  # noqa: E402
+
+DEV = torch.device("cuda")
+BF16 = torch.bfloat16
+LORA_TARGETS = ["attn.*", "mlp.*", "shared.*", "experts.*"]
+
+
+@dataclasses.dataclass
+class Row:
+    variant: str
+    ms_per_step: float
+    tokens_per_s: float
+    peak_gib: float
+    note: str = ""
+
+
+def with_adapter(spec: Spec, kind: str, keep: float | None, name: str) -> Spec:
+    doc = spec.model_dump(mode="json")
+    doc["name"] = name
+    targets = [{"match": m} if keep is None else {"match": m, "keep_ratio": keep} for m in LORA_TARGETS]
+    doc["adapter"] = {"kind": kind, "rank": 16, "alpha": 32.0, "targets": targets}
+    return Spec.model_validate(doc)
+
+
+def package_of(spec: Spec, workdir: Path):
+    build_package(spec, workdir / spec.name)
+    return import_package(workdir / spec.name, f"bench_{spec.name}")
+
+
+def timed(step: Callable[[], torch.Tensor], steps: int, warmup: int) -> tuple[float, float]:
+    """(ms per step, peak GiB) over `steps` steps after `warmup`."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    loss.item()
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - start) / steps * 1e3
+    return ms, torch.cuda.max_memory_allocated() / 2**30
+
+
+def release() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def k2c_row(variant: str, package, ids: torch.Tensor, args, kernels: str | None = None) -> Row:
+    if kernels is not None:
+        os.environ["K2C_KERNELS"] = kernels
+    try:
+        torch.manual_seed(0)
+        model = package.build_model(DEV, BF16)
+        model.train()
+        opt = package.build_optimizer(model)
+
+        def step() -> torch.Tensor:
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        ms, peak = timed(step, args.steps, args.warmup)
+    finally:
+        os.environ.pop("K2C_KERNELS", None)
+    del model, opt
+    release()
+    return Row(variant, ms, ids.numel() / ms * 1e3, peak)
+
+
+def hf_model(plan):
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    config = DeepseekV3Config(**hf_config(plan), attn_implementation="sdpa")
+    with torch.device(DEV):
+        return DeepseekV3ForCausalLM(config).to(BF16)
+
+
+def hf_full_row(plan, ids: torch.Tensor, args) -> Row:
+    model = hf_model(plan)
+    model.train()
+    hidden = [p for n, p in model.named_parameters()
+              if p.ndim == 2 and "embed_tokens" not in n and "lm_head" not in n and ".gate.weight" not in n]
+    hidden_ids = {id(p) for p in hidden}
+    rest = [p for p in model.parameters() if id(p) not in hidden_ids]
+    o = plan.optimizer
+    muon = torch.optim.Muon(hidden, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum, nesterov=o.nesterov,
+                            adjust_lr_fn="match_rms_adamw")
+    adamw = torch.optim.AdamW(rest, lr=o.lr, betas=o.adamw_betas, eps=o.adamw_eps, weight_decay=o.weight_decay,
+                              fused=True)
+
+    def step() -> torch.Tensor:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        muon.step()
+        adamw.step()
+        muon.zero_grad(set_to_none=True)
+        adamw.zero_grad(set_to_none=True)
+        return loss
+
+    ms, peak = timed(step, args.steps, args.warmup)
+    del model, muon, adamw
+    release()
+    return Row("transformers + torch.optim.Muon (2D) + AdamW (anchor)", ms, ids.numel() / ms * 1e3, peak,
+               "3D fused experts on AdamW: torch.optim.Muon takes 2D matrices only")
+
+
+def hf_lora_row(plan, ids: torch.Tensor, args) -> Row:
+    from peft import LoraConfig, get_peft_model
+
+    model = hf_model(plan)
+    target = r".*\.(self_attn\.(q_a_proj|q_b_proj|q_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj)|shared_experts\.(gate_proj|up_proj|down_proj))"  # noqa: E501
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=target))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=plan.optimizer.lr, fused=True)
+
+    def step() -> torch.Tensor:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    ms, peak = timed(step, args.steps, args.warmup)
+    del model, opt
+    release()
+    return Row("transformers + PEFT LoRA r16 (anchor)", ms, ids.numel() / ms * 1e3, peak,
+               "attention and dense/shared linears; routed experts untouched")
+
+
+def loss_curves(package, args) -> dict:
+    """Losses of `--loss-steps` steps on the bundled corpus: kernels in bf16, torch in bf16, torch in fp32."""
+    t = dataclasses.replace(package.PLAN.training, batch_size=args.loss_batch)
+    train_tokens, _ = runtime_train.split(runtime_train.read_corpus(t), t, package.CONFIG.vocab_size)
+    curves = {}
+    for label, kernels, dtype in (("kernels bf16", None, BF16), ("torch bf16", "torch", BF16),
+                                  ("torch fp32", "torch", torch.float32)):
+        if kernels is not None:
+            os.environ["K2C_KERNELS"] = kernels
+        try:
+            torch.manual_seed(0)
+            model = package.build_model(DEV, dtype)
+            model.train()
+            opt = package.build_optimizer(model)
+            batches = torch.Generator().manual_seed(0)
+            losses = []
+            for _ in range(args.loss_steps):
+                starts = torch.randint(len(train_tokens) - args.seq + 1, (args.loss_batch,), generator=batches)
+                ids = runtime_train.windows(train_tokens.to(DEV), starts.to(DEV), args.seq)
+                loss = model(ids, labels=ids).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+            curves[label] = losses
+        finally:
+            os.environ.pop("K2C_KERNELS", None)
+        del model, opt
+        release()
+
+    def gap(a: str, b: str) -> float:
+        return max(abs(x - y) / abs(y) for x, y in zip(curves[a], curves[b]))
+
+    return {"curves": curves, "kernels_vs_torch_bf16": gap("kernels bf16", "torch bf16"),
+            "torch_bf16_vs_fp32": gap("torch bf16", "torch fp32")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--spec", default=str(REPO / "specs" / "k2-1b.yaml"))
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--loss-steps", type=int, default=50)
+    ap.add_argument("--loss-batch", type=int, default=4)
+    ap.add_argument("--only", default="k2c,k2c_torch,hf,lora,celora,hf_lora,loss")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_step.py needs a CUDA GPU")
+    only = set(args.only.split(","))
+    spec = load_spec(Path(args.spec))
+    ids = torch.randint(0, spec.model.vocab_size, (args.batch, args.seq), device=DEV,
+                        generator=torch.Generator(DEV).manual_seed(0))
+    rows: list[Row] = []
+    result: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        base = package_of(spec, work)
+        plan = base.PLAN
+        jobs: list[tuple[str, Callable[[], Row]]] = [
+            ("hf", lambda: hf_full_row(plan, ids, args)),
+            ("k2c", lambda: k2c_row("k2c MuonClip step, fused kernels", base, ids, args)),
+            ("k2c_torch", lambda: k2c_row("k2c MuonClip step, torch path", base, ids, args, "torch")),
+            ("hf_lora", lambda: hf_lora_row(plan, ids, args)),
+            ("lora", lambda: k2c_row("k2c LoRA r16 (routed experts too)",
+                                     package_of(with_adapter(spec, "lora", None, "bench_lora"), work), ids, args)),
+            ("celora", lambda: k2c_row("k2c CE-LoRA keep 0.25 (same sites)",
+                                       package_of(with_adapter(spec, "ce_lora", 0.25, "bench_celora"), work),
+                                       ids, args)),
+        ]
+        for key, job in jobs:
+            if key in only:
+                try:
+                    rows.append(job())
+                except Exception as err:  # one variant's failure must not hide the others' figures
+                    rows.append(Row(key, math.nan, math.nan, math.nan, f"FAILED: {type(err).__name__}: {err}"))
+                    release()
+                print(rows[-1], flush=True)
+        if "loss" in only:
+            result["loss_check"] = loss_curves(base, args)
+            print({k: v for k, v in result["loss_check"].items() if k != "curves"}, flush=True)
+
+    import transformers
+    import triton
+
+    gpu = torch.cuda.get_device_name()
+    meta = {"date": datetime.date.today().isoformat(), "gpu": gpu, "torch": torch.__version__,
+            "triton": triton.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "spec": Path(args.spec).name, "batch": args.batch, "seq": args.seq,
+            "timing": f"wall time over {args.steps} steps after {args.warmup} warm-up steps, bf16"}
+    stem = f"{meta['date']}-{gpu.replace(' ', '-').lower()}-step"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows],
+                                                  **result}, indent=1) + "\n")
+    anchors = {"full": next((r for r in rows if r.variant.startswith("transformers + torch")), None),
+               "lora": next((r for r in rows if r.variant.startswith("transformers + PEFT")), None)}
+    lines = [f"# One training step, {meta['spec']}, {args.batch} x {args.seq} tokens, {gpu}, {meta['date']}", "",
+             f"torch {meta['torch']}, triton {meta['triton']}, transformers {meta['transformers']}; "
+             f"{meta['timing']}. Speed is tokens/s over the anchor's in the same run (full steps against "
+             "transformers + Muon, adapter steps against transformers + PEFT).", "",
+             "| variant | ms/step | tokens/s | peak GiB | vs anchor | note |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        anchor = anchors["lora" if "LoRA" in r.variant else "full"]
+        ratio = f"{r.tokens_per_s / anchor.tokens_per_s:.2f}x" if anchor and math.isfinite(r.tokens_per_s) else ""
+        lines.append(f"| {r.variant} | {r.ms_per_step:.1f} | {r.tokens_per_s:,.0f} | {r.peak_gib:.1f} | {ratio} | "
+                     f"{r.note} |")
+    if "loss_check" in result:
+        lc = result["loss_check"]
+        lines += ["", f"Loss over {args.loss_steps} steps ({args.loss_batch} x {args.seq} tokens of the bundled "
+                  f"corpus): largest relative gap kernels vs torch path (bf16) {lc['kernels_vs_torch_bf16']:.2e}; "
+                  f"torch path bf16 vs fp32 (bf16 noise) {lc['torch_bf16_vs_fp32']:.2e}; final losses "
+                  + ", ".join(f"{k} {v[-1]:.4f}" for k, v in lc["curves"].items()) + "."]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
