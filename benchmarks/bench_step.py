@@ -108,8 +108,6 @@ def k2c_row(variant: str, package, ids: torch.Tensor, args, kernels: str | None 
         ms, peak = timed(step, args.steps, args.warmup)
     finally:
         os.environ.pop("K2C_KERNELS", None)
-    del model, opt
-    release()
     return Row(variant, ms, ids.numel() / ms * 1e3, peak)
 
 
@@ -145,8 +143,6 @@ def hf_full_row(plan, ids: torch.Tensor, args) -> Row:
         return loss
 
     ms, peak = timed(step, args.steps, args.warmup)
-    del model, muon, adamw
-    release()
     return Row("transformers + torch.optim.Muon (2D) + AdamW (anchor)", ms, ids.numel() / ms * 1e3, peak,
                "3D fused experts on AdamW: torch.optim.Muon takes 2D matrices only")
 
@@ -168,8 +164,6 @@ def hf_lora_row(plan, ids: torch.Tensor, args) -> Row:
         return loss
 
     ms, peak = timed(step, args.steps, args.warmup)
-    del model, opt
-    release()
     return Row("transformers + PEFT LoRA r16 (anchor)", ms, ids.numel() / ms * 1e3, peak,
                "attention and dense/shared linears; routed experts untouched")
 
@@ -201,7 +195,6 @@ def loss_curves(package, args) -> dict:
             curves[label] = losses
         finally:
             os.environ.pop("K2C_KERNELS", None)
-        del model, opt
         release()
 
     def gap(a: str, b: str) -> float:
@@ -252,7 +245,7 @@ def main() -> None:
                     rows.append(job())
                 except Exception as err:  # one variant's failure must not hide the others' figures
                     rows.append(Row(key, math.nan, math.nan, math.nan, f"FAILED: {type(err).__name__}: {err}"))
-                    release()
+                release()  # the variant's model and optimizer died with its function
                 print(rows[-1], flush=True)
         if "loss" in only:
             result["loss_check"] = loss_curves(base, args)
