@@ -1,6 +1,7 @@
 """The `k2c` command: check, inspect, build, train and import-hf.
 
 Every failure a user can cause ends in one clear message on stderr and exit code 2; a traceback means a bug.
+A training run stopped by SIGINT / SIGTERM saves its checkpoint and exits 130 / 143.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from k2c.passes import PassError, PlacementError
 from k2c.report import inspect_json, inspect_text
 from k2c.runtime.files import write_atomic
 from k2c.spec import SpecError, load_spec
-from k2c.spec.loader import field_error
 from k2c.spec.import_hf import import_hf_config
+from k2c.spec.loader import field_error
+from k2c.spec.schema import Spec
+
 
 class UsageError(Exception):
     """A command asked for something it cannot do as given; the message says what to change."""
@@ -48,10 +51,48 @@ def at_spec_fields(path: str) -> Iterator[None]:
         raise field_error(path, err.field, err.message) from None
 
 
+@contextlib.contextmanager
+def writing(what: Path) -> Iterator[None]:
+    """An OSError while writing `what` (read-only, full, not a folder) is a user error that names the file."""
+    try:
+        yield
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise UsageError(f"cannot write {err.filename or what}: {reason}") from None
+
+
+def check_paths(spec_file: str, spec: Spec) -> None:
+    """training.data and training.init_from must exist: found by `check`, not after a build at the first step.
+
+    Relative paths start at the spec's folder, as `k2c train` reads them."""
+    base = Path(spec_file).resolve().parent
+    t = spec.training
+    if t.data != "bundled":
+        path = base / Path(t.data).expanduser()
+        if not path.is_file():
+            found = "a folder" if path.is_dir() else "nothing"
+            raise field_error(spec_file, ("training", "data"), f"expected a UTF-8 text file (a relative path starts "
+                              f"at the spec's folder), found {found} at {path}")
+    if t.init_from is not None:
+        path = base / Path(t.init_from).expanduser()
+        if not path.exists():
+            raise field_error(spec_file, ("training", "init_from"), "expected a .safetensors file or a checkpoint "
+                              f"folder (a relative path starts at the spec's folder), found nothing at {path}")
+
+
+def warn_about(spec: Spec) -> None:
+    if spec.adapter.kind != "none" and spec.training.init_from is None:
+        print(f"warning: adapter kind {spec.adapter.kind!r} without training.init_from: the adapters would train on "
+              "a randomly initialised base model; set training.init_from to the base checkpoint to fine-tune it",
+              file=sys.stderr)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     spec = _load(args.spec)
     with at_spec_fields(args.spec):
         compile_spec(spec)
+    check_paths(args.spec, spec)
+    warn_about(spec)
     print(f"{args.spec}: ok ({spec.name})")
     return 0
 
@@ -72,7 +113,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out_dir(spec.name)
     start = time.perf_counter()
     with at_spec_fields(args.spec):
-        result = build_package(spec, out, force=args.force, dump_ir=Path(args.dump_ir) if args.dump_ir else None)
+        if args.dump_ir:  # the IR after each pass, written before the package so that a failing pass still has it
+            with writing(Path(args.dump_ir)):
+                compile_spec(spec, Path(args.dump_ir))
+        with writing(out):
+            result = build_package(spec, out, force=args.force)
     took = time.perf_counter() - start
     changed = ", ".join(result.written) if result.written else "nothing changed"
     print(f"built {out}/ in {took:.2f}s ({changed})")
@@ -80,9 +125,27 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be at least 1, not {args.steps}")
+    if args.checkpoint_minutes is not None and not args.checkpoint_minutes >= 0:
+        raise UsageError(f"--checkpoint-minutes must be 0 (off) or more, not {args.checkpoint_minutes}")
+    if args.nproc_per_node < 1:
+        raise UsageError(f"--nproc-per-node must be at least 1, not {args.nproc_per_node}")
+    if args.nproc_per_node > 1 and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise UsageError("--nproc-per-node starts its own processes; under torchrun, leave it out")
     spec = _load(args.spec)
     out = Path(args.out) if args.out else default_out_dir(spec.name)
     with at_spec_fields(args.spec):
+        compile_spec(spec)
+    check_paths(args.spec, spec)
+    if args.run_dir is None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise UsageError("under a multi-process launcher (torchrun), pass --run-dir so that every process "
+                         "uses the same run folder")
+    if args.resume:
+        run_dir = Path(args.run_dir) if args.run_dir else latest_run_dir(spec.name)
+        if not (run_dir / "checkpoint.pt").exists():
+            raise UsageError(f"nothing to resume: {run_dir / 'checkpoint.pt'} does not exist")
+    with at_spec_fields(args.spec), writing(out):
         result = build_package(spec, out)
     if result.written:
         print(f"built {out}/ ({', '.join(result.written)})")
@@ -90,25 +153,96 @@ def cmd_train(args: argparse.Namespace) -> int:
     from k2c.runtime.packages import import_package
 
     package = import_package(out, spec.name)
-    if args.run_dir is None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise UsageError("under a multi-process launcher (torchrun), pass --run-dir so that every process "
-                           "uses the same run folder")
-    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(spec.name, args.resume)
+    claimed = None
+    if not args.resume:
+        if args.run_dir is not None:
+            run_dir = Path(args.run_dir)
+        else:
+            with writing(Path("runs") / spec.name):
+                run_dir = claimed = claim_run_dir(spec.name)
+    if args.nproc_per_node > 1:
+        try:
+            return launch(args, out, run_dir)
+        finally:
+            if claimed is not None:
+                with contextlib.suppress(OSError):
+                    claimed.rmdir()
     try:
-        train.run(package, run_dir, steps=args.steps, resume=args.resume)
+        train.run(package, run_dir, steps=args.steps, resume=args.resume, checkpoint_minutes=args.checkpoint_minutes,
+                  spec_dir=Path(args.spec).resolve().parent)
     except train.TrainError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise UsageError(str(err)) from None
+    except train.Interrupted as err:
+        if int(os.environ.get("RANK", 0)) == 0:
+            again = ["k2c", "train", args.spec, "--resume"]
+            again += ["--run-dir", args.run_dir] if args.run_dir else []
+            again += ["-o", args.out] if args.out else []
+            print(f"{err}; resume with: {' '.join(again)}", file=sys.stderr)
+        return 128 + err.signum
+    finally:
+        if claimed is not None:
+            with contextlib.suppress(OSError):
+                claimed.rmdir()  # only when empty: a run that stopped before it wrote anything leaves no folder
     return 0
 
 
-def default_run_dir(spec_name: str, resume: bool) -> Path:
-    """runs/<name>/<n>: a new numbered folder per run, so training again never overwrites an earlier run;
-    with --resume, the latest one."""
+def launch(args: argparse.Namespace, out: Path, run_dir: Path) -> int:
+    """`k2c train --nproc-per-node N`: torchrun's launcher, started in this process on the package built here, so
+    that a failure ends as every k2c failure does (the processes' one message, exit 2) instead of in torchrun's
+    traceback, and the processes never race to build the package."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    argv = ["--standalone", "--nproc-per-node", str(args.nproc_per_node), "-m", "k2c.cli", "train", args.spec,
+            "-o", str(out), "--run-dir", str(run_dir)]
+    argv += ["--steps", str(args.steps)] if args.steps is not None else []
+    argv += ["--resume"] if args.resume else []
+    argv += ["--checkpoint-minutes", str(args.checkpoint_minutes)] if args.checkpoint_minutes is not None else []
+    for name in ("torch.distributed.run", "torch.distributed.elastic"):  # k2c reports the outcome itself
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    os.environ[LAUNCHED] = "1"  # the processes leave their error to this one: one message, whichever fails first
+    try:
+        run(parse_args(argv))
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        if failure.exitcode == 2:  # a k2c error: the processes left its message in their error files, not on stderr
+            print(failure.message, file=sys.stderr)
+            return 2
+        if failure.exitcode in (130, 143):  # interrupted: rank 0 said so, and where it saved
+            return failure.exitcode
+        raise UsageError(f"training process {rank} of {args.nproc_per_node} failed (exit code {failure.exitcode}): "
+                         f"{failure.message}") from None
+    except SignalException as err:  # the processes finished their step and saved; rank 0 said so
+        return 128 + int(err.sigval)
+    finally:
+        del os.environ[LAUNCHED]  # this process speaks for itself
+    return 0
+
+
+def latest_run_dir(spec_name: str) -> Path:
+    """runs/<name>/<n> with the largest n: what --resume continues when no --run-dir is given."""
     base = Path("runs") / spec_name
-    numbers = [int(p.name) for p in base.glob("*") if p.name.isdigit()] if base.exists() else []
-    latest = max(numbers, default=0)
-    return base / str(latest if resume and latest else latest + 1)
+    numbers = [int(p.name) for p in base.glob("*") if p.name.isdigit()] if base.is_dir() else []
+    if not numbers:
+        raise UsageError(f"nothing to resume: {base}/ holds no runs (train without --resume to start one)")
+    return base / str(max(numbers))
+
+
+def claim_run_dir(spec_name: str) -> Path:
+    """A new runs/<name>/<n>, created here so that two runs started at once never pick the same folder."""
+    base = Path("runs") / spec_name
+    base.mkdir(parents=True, exist_ok=True)
+    number = max((int(p.name) for p in base.glob("*") if p.name.isdigit()), default=0)
+    while True:
+        number += 1
+        try:
+            (base / str(number)).mkdir()
+            return base / str(number)
+        except FileExistsError:
+            continue
 
 
 def cmd_import_hf(args: argparse.Namespace) -> int:
@@ -117,7 +251,8 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
         out = Path(args.output)
         if out.exists() and not args.force:
             raise UsageError(f"{out} exists; refusing to overwrite it (pass --force to replace it)")
-        write_atomic(out, text)
+        with writing(out):
+            write_atomic(out, text)
         print(f"wrote {out}")
     else:
         print(text, end="")
@@ -145,12 +280,21 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--dump-ir", metavar="DIR", help="write the IR after each pass into DIR")
     c.set_defaults(run=cmd_build)
 
-    c = sub.add_parser("train", help="build if needed, then train on the spec's data")
+    c = sub.add_parser("train", help="build if needed, then train on the spec's data",
+                       description=TRAIN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("spec")
     c.add_argument("-o", "--out", help="package folder (default: generated/<name>)")
-    c.add_argument("--run-dir", help="metrics, plots and checkpoints (default: runs/<name>)")
-    c.add_argument("--steps", type=int, help="override training.steps")
+    c.add_argument("--run-dir", help="metrics, plots and checkpoints (default: a new runs/<name>/<n>; with "
+                   "--resume, the latest)")
+    c.add_argument("--steps", type=int, help="train to this many steps instead of training.steps (a fresh run's "
+                   "schedule is stretched to them; see below)")
     c.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    c.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                   help="train data-parallel in N processes started here (torchrun's launcher; one GPU each, or CPU "
+                   "processes)")
+    c.add_argument("--checkpoint-minutes", type=float, metavar="M",
+                   help="also checkpoint every M minutes of wall time (default: 10 when training.checkpoint_every is "
+                   "0, else off; 0: off)")
     c.set_defaults(run=cmd_train)
 
     c = sub.add_parser("import-hf", help="a spec from a Hugging Face DeepSeek-V3 / Kimi K2 config.json")
@@ -162,19 +306,55 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+TRAIN_HELP = """Build the spec's package if needed, then train it; metrics.jsonl, loss.png and checkpoint.pt go to
+the run folder, which one run at a time may use (a second one stops with a message saying who holds it).
+
+Checkpoints: every training.checkpoint_every steps, or, when that is 0, every 10 minutes of wall time
+(--checkpoint-minutes); after the last step; and on SIGINT (Ctrl-C) or SIGTERM, which finish the step in
+progress, save checkpoint, metrics and plot, and exit 130 / 143. A second Ctrl-C stops at once without saving.
+
+Schedule: a fresh run of N steps (--steps N, else training.steps) stretches the spec's learning-rate schedule to
+N steps: warm-up round(warmup_steps x N / training.steps) (at least 1 when the spec has one), decay ending at
+step N; with N = training.steps it is the spec's schedule. --resume keeps the schedule the run started with and
+goes on to the run's own N; --resume --steps M goes to M instead, and steps past the schedule's end run at its
+final learning rate (lr x final_lr_ratio). So an interrupted run, resumed, takes the uninterrupted run's steps,
+bit for bit.
+
+Paths in training.data and training.init_from are relative to the spec's folder."""
+
+
+LAUNCHED = "K2C_LAUNCHED"  # set for the processes that `k2c train --nproc-per-node` starts
+
+
+def tell_the_launcher(message: str) -> None:
+    """Under torchrun, leave the message where its failure report looks (TORCHELASTIC_ERROR_FILE), so that the
+    report names k2c's error rather than "To enable traceback see ..."."""
+    file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if file:
+        with contextlib.suppress(OSError):
+            Path(file).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    code = 2
     try:
         return args.run(args)
     except SpecError as err:
-        print(err, file=sys.stderr)  # already one `file:line:column: error: ...` line per issue
-        return 2
+        message = str(err)  # already one `file:line:column: error: ...` line per issue
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        message = f"error: {err}"
+    except OSError as err:  # a file system failure that no command anticipated: still one line, with the path
+        where = f"{err.filename}: " if err.filename else ""
+        message = f"error: {where}{err.strerror or err}"
+    except KeyboardInterrupt:  # in `train`: before its first step, or a second Ctrl-C that would not wait
+        message, code = "interrupted" + ("; nothing saved since the last checkpoint" if args.command == "train"
+                                         else ""), 130
+    tell_the_launcher(message)
+    # Under a launcher every process fails alike: rank 0 says so; under `k2c train --nproc-per-node`, k2c does.
+    if int(os.environ.get("RANK", 0)) == 0 and not os.environ.get(LAUNCHED):
+        print(message, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

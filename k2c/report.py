@@ -116,10 +116,30 @@ def kernel_rows(graph: Graph) -> list[dict[str, Any]]:
     return [{"op_kind": kind, "kernel": kernel, "ops": n} for (kind, kernel), n in sorted(counts.items())]
 
 
+def adapter_params(graph: Graph) -> dict[str, int]:
+    """The adapters' own parameters (LoRA A and B, not in the model's counts), total and activated per token (a
+    token meets top_k experts of a stack), and the trainable parameters: all that the optimizer updates."""
+    total = activated = 0
+    for op in graph.ops():
+        if op.kind in MATRIX_KINDS and op["adapter"].rank:
+            per_matrix = op["adapter"].rank * (op["in_features"] + op["out_features"])
+            total += op.get("experts", 1) * per_matrix
+            activated += (op.get("top_k", 1) if "experts" in op else 1) * per_matrix
+    trainable = sum(r["numel"] for r in group_rows(graph))
+    return {"adapters": total, "adapters_activated": activated, "trainable": trainable}
+
+
+# What k2c leaves out of a model that a Hugging Face config may describe (import-hf says so in the spec too).
+MTP_NOTE = ("not built: k2c has no MTP layers (a config's num_nextn_predict_layers is left out), and "
+            "load_hf_state_dict skips their weights")
+
+
 def inspect_json(spec: Spec, graph: Graph) -> dict[str, Any]:
     return {
         "name": spec.name,
         "params": graph.facts["params"],
+        "adapter_params": adapter_params(graph),
+        "mtp_layers": 0,
         "flops_per_token": graph.facts["flops_per_token"],
         "layers": layer_rows(spec),
         "adapter_sites": adapter_rows(graph),
@@ -136,7 +156,9 @@ def inspect_text(spec: Spec, graph: Graph) -> str:
         ("all", f"{p['total']:,} ({_human(p['total'])})", f"{p['activated']:,} ({_human(p['activated'])})"),
         ("without embedding and head", f"{p['total_without_embedding_and_head']:,}",
          f"{p['activated_without_embedding_and_head']:,}"),
+        *_adapter_rows(adapter_params(graph)),
     ])
+    out += f"Multi-token prediction: {MTP_NOTE}\n\n"
     out += (f"FLOPs per token at seq_len {f['seq_len']}: forward {_human(f['forward'])}, "
             f"training {_human(f['train'])}\n\n")
     out += _table("Layers", ("layers", "attention", "mlp"),
@@ -161,6 +183,14 @@ def inspect_text(spec: Spec, graph: Graph) -> str:
     out += _table("Kernels (select_kernels)", ("op kind", "kernel", "ops"),
                   [(r["op_kind"], r["kernel"], r["ops"]) for r in kernel_rows(graph)])
     return out
+
+
+def _adapter_rows(a: dict[str, int]) -> list[tuple[str, str, str]]:
+    if not a["adapters"]:
+        return []
+    return [("adapters (LoRA A, B; not in 'all')", f"{a['adapters']:,} ({_human(a['adapters'])})",
+             f"{a['adapters_activated']:,} ({_human(a['adapters_activated'])})"),
+            ("trainable (what the optimizer updates)", f"{a['trainable']:,} ({_human(a['trainable'])})", "")]
 
 
 def _rows(rule: tuple[int, int, int]) -> str:

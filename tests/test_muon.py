@@ -206,6 +206,16 @@ def test_batching_does_not_change_the_update(g, monkeypatch):
         assert torch.equal(value, results[1][name]), name
 
 
+def test_ns_batches_cover_every_matrix_once_in_even_batches(monkeypatch):
+    """24 matrices of 2 x 3 (stacked, single, tall) at most 10 to a batch: three batches of 8, cut across params."""
+    monkeypatch.setattr(optim, "NS_BATCH_ELEMENTS", 10 * 6)
+    params = [torch.zeros(7, 2, 3), torch.zeros(3, 2), torch.zeros(16, 3, 2)]
+    batches = list(optim.ns_batches(params, 6))
+    assert [sum(end - first for _, first, end in batch) for batch in batches] == [8, 8, 8]
+    covered = [(id(p), i) for batch in batches for p, first, end in batch for i in range(first, end)]
+    assert covered == [(id(p), i) for p in params for i in range(p.numel() // 6)]
+
+
 def test_newton_schulz_orthogonalises_each_matrix(g):
     """Run to convergence (the classic cubic iteration), every matrix of a stack becomes semi-orthogonal.
 
@@ -220,23 +230,52 @@ def test_newton_schulz_orthogonalises_each_matrix(g):
 
 
 def test_adamw_group_matches_torch_adamw(g):
+    """The AdamW group runs torch's fused AdamW (one kernel for all its tensors): the same bits as
+    torch.optim.AdamW(fused=True). The fused kernel orders its arithmetic differently from the single-tensor loop
+    (foreach=False), whose results it matches within fp32 rounding only."""
     model, opt = fresh(g)
     cfg = g.PLAN.optimizer
     adamw = [p for group in opt.param_groups if group["kind"] == "adamw" for p in group["params"]]
     assert any(p is model.model.embed_tokens.weight for p in adamw)
     assert any(p is model.model.norm.weight for p in adamw)
-    ref_params = [p.detach().clone().requires_grad_() for p in adamw]
-    ref = torch.optim.AdamW(ref_params, lr=cfg.lr, betas=cfg.adamw_betas, eps=cfg.adamw_eps,
-                            weight_decay=cfg.weight_decay, foreach=False)
+    fused, single = ([p.detach().clone().requires_grad_() for p in adamw] for _ in range(2))
+    settings = {"lr": cfg.lr, "betas": cfg.adamw_betas, "eps": cfg.adamw_eps, "weight_decay": cfg.weight_decay}
+    refs = [torch.optim.AdamW(fused, fused=True, **settings), torch.optim.AdamW(single, foreach=False, **settings)]
     for step in range(5):
-        for p, r in zip(adamw, ref_params):
+        for p, f, s in zip(adamw, fused, single):
             p.grad = torch.randn_like(p)
-            r.grad = p.grad.clone()
-        ref.param_groups[0]["lr"] = lr_at(step, g.PLAN.optimizer)
+            f.grad, s.grad = p.grad.clone(), p.grad.clone()
+        for ref in refs:
+            ref.param_groups[0]["lr"] = lr_at(step, g.PLAN.optimizer)
+            ref.step()
         opt.step()
+        for p, f, s in zip(adamw, fused, single):
+            assert torch.equal(p.detach(), f.detach())
+            torch.testing.assert_close(p.detach(), s.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_adamw_keeps_fp32_moments_for_bf16_parameters(g):
+    """A bf16 parameter steps as its fp32 value would under fused AdamW with fp32 moments, rounded once. (The
+    router's weight stays fp32 in a bf16 model.)"""
+    model, opt = fresh(g, dtype=torch.bfloat16)
+    cfg = g.PLAN.optimizer
+    adamw = [p for group in opt.param_groups if group["kind"] == "adamw" for p in group["params"]]
+    assert any(p.dtype == torch.bfloat16 for p in adamw)
+    masters = [p.detach().float().requires_grad_() for p in adamw]
+    ref = torch.optim.AdamW(masters, lr=cfg.lr, betas=cfg.adamw_betas, eps=cfg.adamw_eps,
+                            weight_decay=cfg.weight_decay, fused=True)
+    for step in range(3):
+        for p, master in zip(adamw, masters):
+            p.grad = torch.randn_like(p)
+            master.grad = p.grad.float()
+        ref.param_groups[0]["lr"] = lr_at(step, g.PLAN.optimizer)
         ref.step()
-        for p, r in zip(adamw, ref_params):
-            assert torch.equal(p.detach(), r.detach())
+        opt.step()
+        for p, master in zip(adamw, masters):
+            assert torch.equal(p.detach(), master.detach().to(p.dtype))
+            assert opt.state[p]["exp_avg"].dtype == opt.state[p]["exp_avg_sq"].dtype == torch.float32
+            with torch.no_grad():
+                master.copy_(p)  # the optimizer keeps no fp32 copy: each step starts from the rounded weight
 
 
 @pytest.mark.parametrize("decay", ["constant", "cosine", "linear"])

@@ -141,8 +141,10 @@ def test_a_checkpoint_write_cut_short_keeps_the_previous_one(build_generated, tm
     run_dir = tmp_path / "run"
     with monkeypatch.context() as m:
         m.setattr(torch, "save", disk_full_on_second_save)
-        with pytest.raises(OSError, match="No space left"):
+        with pytest.raises(train.TrainError) as failure:
             train.run(run_dir)
+    assert str(failure.value) == (f"cannot write {run_dir / 'checkpoint.pt'}: No space left on device; "
+                                  "the checkpoint of step 2 is intact")
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]  # no temporary left
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"] == 2
     with pytest.raises(train.TrainError, match="resume"):

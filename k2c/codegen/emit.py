@@ -158,6 +158,8 @@ def _rmsnorm(op: Op, ins: list[str], graph: Graph) -> str:
 
 def _expert_linear(op: Op, ins: list[str], graph: Graph) -> str:
     feed, router = graph.inputs(op)
+    if "fuses" in op:  # the layer's gate, up, SwiGLU and this down projection as one call (fuse_experts)
+        return f"{_module(op)}({_var(router)})"
     feed_type = graph.out_type(feed)
     assert feed_type is not None, "emit runs on a graph that infer_shapes typed"
     tokens_in = feed_type.shape[:2] == ("B", "S")  # the layer's tokens, not rows grouped by expert
@@ -192,7 +194,7 @@ def _layer_lines(graph: Graph, layer: int) -> list[str]:
     def var(op: Op) -> str:
         return _var(op) if op.layer == layer else "x"  # the previous layer's output (or the embedding)
 
-    ops = [op for op in graph.ops() if op.layer == layer]
+    ops = [op for op in graph.ops() if op.layer == layer and "fused_into" not in op]
     lines = [_line(op, graph, var) for op in ops]
     lines[-1] = "return " + lines[-1].split(" = ", 1)[1]
     return lines

@@ -121,7 +121,7 @@ def _moe(layer: _Layer) -> MoEPlan:
         hidden_size=up["in_features"],
         intermediate_size=up["out_features"],
         shared=_mlp(layer, "shared") if layer.get("shared.up") is not None else None,
-        kernel=layer["experts.act"]["kernel"],
+        kernel=up["kernel"],
     )
 
 

@@ -60,6 +60,11 @@ def _default_keep_ratio(role: str) -> float:
 def _decide(adapter: Adapter, target: AdapterTarget, index: int, op: Op) -> AdapterDecision:
     where = ("adapter", "targets", index)
     rank = target.rank or adapter.rank
+    m, n = op["out_features"], op["in_features"]
+    if rank > min(m, n):  # B A would have more parameters than W and no more rank: surely a mistake
+        field = (*where, "rank") if target.rank else ("adapter", "rank")
+        raise PlacementError(field, f"expected at most min(out, in) = {min(m, n)} for {op.name} ({m}x{n}), "
+                             f"found {rank}")
     if adapter.kind == "lora":
         if target.keep_ratio not in (None, 1.0):
             raise PlacementError((*where, "keep_ratio"), "expected 1.0 or nothing for adapter kind 'lora' "
@@ -68,7 +73,6 @@ def _decide(adapter: Adapter, target: AdapterTarget, index: int, op: Op) -> Adap
     keep = target.keep_ratio if target.keep_ratio is not None else _default_keep_ratio(site_role(op))
     if keep >= 1.0:
         return AdapterDecision("lora", rank, adapter.alpha)
-    m, n = op["out_features"], op["in_features"]
     svd_rank = target.svd_rank or adapter.svd_rank or max(1, 7 * rank // 8)
     if svd_rank >= min(m, n):
         raise PlacementError((*where, "svd_rank"), f"expected less than min(out, in) = {min(m, n)} of {op.name}, "

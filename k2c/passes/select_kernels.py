@@ -40,8 +40,10 @@ RULES: dict[OpKind, Rule] = {
     OpKind.LINEAR: _reference,
     OpKind.ROPE: _rope,
     OpKind.ATTENTION: _attention,
-    OpKind.ROUTER: _reference,
-    OpKind.EXPERT_LINEAR: _reference,
+    # routing and the expert GEMMs share the layer's Routing, so they are chosen together: grouped, dropless kernels
+    # that never read routing back to the host
+    OpKind.ROUTER: lambda op: TRITON,
+    OpKind.EXPERT_LINEAR: lambda op: TRITON,
     OpKind.SWIGLU: lambda op: TRITON,
     OpKind.MOE_COMBINE: _reference,
     OpKind.ADD: _reference,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from k2c.runtime.files import write_atomic
+from k2c.runtime.kernels import moe as moe_kernel
 from k2c.runtime.model import Experts, Routing
 from k2c.runtime.plan import AdapterPlan, AdapterSite
 
@@ -345,11 +347,37 @@ class LoRAExperts(Experts):
     def project(self, name: str, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         if name not in self.sites:
             return super().project(name, x, routing)
+        if routing.fused:
+            return moe_kernel.grouped_linear(x, getattr(self, name), routing.offsets, self.kernel_adapter(name),
+                                             self.lora_dropout[name](x))
         double_lora = self.double_lora[name] if name in self.double_lora else None
         return ExpertLoRAFunction.apply(
             x, self.lora_dropout[name](x), getattr(self, name), *self.adapter(name), self.scales[name],
-            routing.counts, double_lora,
+            routing.host_counts, double_lora,
         )
+
+    def kernel_adapter(self, name: str) -> moe_kernel.ExpertAdapter:
+        """Projection `name`'s adapter as the grouped kernels take it; CE-LoRA's residual chooses the kept channels
+        from the per-expert channel norms, which the kernels compute only on a step that asks for them."""
+        lora_A, lora_B = self.adapter(name)
+        if name not in self.double_lora:
+            return moe_kernel.ExpertAdapter(lora_A, lora_B, self.scales[name])
+        double_lora, weight = self.double_lora[name], getattr(self, name)
+        assert isinstance(double_lora, DoubleLoRA)
+
+        def residual(channel_norm):
+            if double_lora.refresh_due(weight):
+                double_lora.select(weight, channel_norm())
+            return double_lora.residual()
+
+        return moe_kernel.ExpertAdapter(lora_A, lora_B, self.scales[name], residual)
+
+    def fused_adapters(self) -> dict[str, moe_kernel.ExpertAdapter] | None:
+        """Exact LoRA without dropout runs inside the fused experts; CE-LoRA's input gradient and dropout's separate
+        adapter input run per projection (`project`), still on the grouped kernels."""
+        if self.double_lora or any(not isinstance(d, nn.Identity) for d in self.lora_dropout.values()):
+            return None
+        return {name: self.kernel_adapter(name) for name in self.sites}
 
     def merge(self) -> Experts:
         for name in self.sites:
@@ -445,56 +473,79 @@ def fused_expert_adapters(experts: LoRAExperts) -> dict[str, tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def export_peft_adapter(model: nn.Module, directory: str | Path, plan: AdapterPlan) -> None:
+def export_peft_adapter(model: nn.Module, directory: str | Path, plan: AdapterPlan,
+                        base_model_name_or_path: str | None = None) -> None:
     """Write `adapter_config.json` and `adapter_model.safetensors` for transformers' DeepseekV3ForCausalLM.
 
     `peft.PeftModel.from_pretrained(hf_model, directory)` then computes what this model computes. Linears are
     `target_modules`, except the MLP projections (see HF_EXPERT_LINEAR_NAMES); those and the routed experts,
     fused in transformers (see `fused_expert_adapters`), are `target_parameters`. PEFT's parameter adapters refuse
     dropout, so an adapter with any of them is written with lora_dropout 0 (dropout only matters in training).
-    Per-site ranks and alphas go to rank_pattern / alpha_pattern.
+
+    Per-module ranks and alphas go to rank_pattern / alpha_pattern (fully-qualified, escaped keys). PEFT also reads
+    those patterns for parameter targets but checks them only against module names, so it would warn that a key
+    for the fused experts "matched nothing" while applying it. Parameter targets therefore share the config's `r`
+    and `lora_alpha`: each is zero-padded to the largest rank among them and its B carries the ratio of its scale
+    to the shared one. Both are exact (padded rows of A meet zero columns of B).
+
+    `base_model_name_or_path` defaults to the checkpoint that `load_hf_state_dict` last loaded into the model (the
+    fine-tuning base, `training.init_from`), else stays null.
     """
-    tensors, target_modules, target_parameters = {}, [], []
-    rank_pattern, alpha_pattern = {}, {}
-
-    def add(target: str, prefix: str, lora_A: torch.Tensor, lora_B: torch.Tensor, rank: int, alpha: float) -> None:
-        tensors[f"base_model.model.{prefix}.lora_A.weight"] = lora_A.detach().cpu().contiguous()
-        tensors[f"base_model.model.{prefix}.lora_B.weight"] = lora_B.detach().cpu().contiguous()
-        if rank != plan.rank:
-            rank_pattern[target] = rank
-        if alpha != plan.alpha:
-            alpha_pattern[target] = alpha
-
+    # (target, state-dict prefix, A, B, rank, alpha, scale, is a parameter target); experts: A [E, r, in], B [E, out, r]
+    pieces: list[tuple[str, str, torch.Tensor, torch.Tensor, int, float, float, bool]] = []
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
-            if name.rpartition(".")[2] in HF_EXPERT_LINEAR_NAMES:
-                target = f"{name}.weight"
-                target_parameters.append(target)
-            else:
-                target = name
-                target_modules.append(target)
-            add(target, name, module.lora_A, module.lora_B, module.site.rank, module.site.alpha)
+            is_param = name.rpartition(".")[2] in HF_EXPERT_LINEAR_NAMES
+            site = module.site
+            pieces.append((f"{name}.weight" if is_param else name, name, module.lora_A, module.lora_B, site.rank,
+                           site.alpha, lora_scale(site, plan), is_param))
         elif isinstance(module, LoRAExperts):
             fused = fused_expert_adapters(module)
             for depth, param in enumerate(p for p in reversed(HF_EXPERT_PARAMS) if p in fused):
                 lora_A, lora_B, scale = fused[param]
-                experts, out_features, rank = lora_B.shape
-                target = f"{name}.{param}"
-                target_parameters.append(target)
-                # PEFT's expert adapter: A [E*r, in] with expert e's rows at e*r + j, B [out, r*E] with expert e's
-                # column j at j*E + e
-                add(target, name + ".base_layer" * depth, lora_A.reshape(experts * rank, -1),
-                    lora_B.permute(1, 2, 0).reshape(out_features, rank * experts), rank, peft_alpha(rank, scale, plan))
-    if not tensors:
+                rank = lora_B.shape[-1]
+                pieces.append((f"{name}.{param}", name + ".base_layer" * depth, lora_A, lora_B, rank,
+                               peft_alpha(rank, scale, plan), scale, True))
+    if not pieces:
         raise ValueError("the model has no adapters to export")
 
+    # the config's r and lora_alpha: those every parameter target shares (the largest rank, its scale), else the plan's
+    params = sorted(((rank, alpha, scale) for *_, rank, alpha, scale, is_param in pieces if is_param), reverse=True)
+    r, lora_alpha, shared_scale = params[0] if params else (plan.rank, plan.alpha, 0.0)
+
+    tensors, target_modules, target_parameters = {}, [], []
+    rank_pattern, alpha_pattern = {}, {}
+    for target, prefix, lora_A, lora_B, rank, alpha, scale, is_param in pieces:
+        if is_param:
+            target_parameters.append(target)
+            if rank != r or scale != shared_scale:
+                pad = r - rank
+                lora_A = torch.cat([lora_A, lora_A.new_zeros(*lora_A.shape[:-2], pad, lora_A.shape[-1])], dim=-2)
+                lora_B = torch.cat([lora_B * (scale / shared_scale), lora_B.new_zeros(*lora_B.shape[:-1], pad)], -1)
+                rank = r
+        else:
+            target_modules.append(target)
+            if rank != r:
+                rank_pattern[re.escape(target)] = rank
+            if alpha != lora_alpha:
+                alpha_pattern[re.escape(target)] = alpha
+        if lora_A.dim() == 3:
+            # PEFT's expert adapter: A [E*r, in] with expert e's rows at e*r + j, B [out, r*E] with expert e's
+            # column j at j*E + e
+            experts, out_features, _ = lora_B.shape
+            lora_A, lora_B = lora_A.reshape(experts * rank, -1), lora_B.permute(1, 2, 0).reshape(out_features, -1)
+        tensors[f"base_model.model.{prefix}.lora_A.weight"] = lora_A.detach().cpu().contiguous()
+        tensors[f"base_model.model.{prefix}.lora_B.weight"] = lora_B.detach().cpu().contiguous()
+
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(model, "loaded_from", None)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": None,
+        "base_model_name_or_path": base_model_name_or_path,
         "inference_mode": True,
-        "r": plan.rank,
-        "lora_alpha": plan.alpha,
+        "r": r,
+        "lora_alpha": lora_alpha,
         "use_rslora": plan.rslora,
         "lora_dropout": 0.0 if target_parameters else plan.dropout,
         "bias": "none",

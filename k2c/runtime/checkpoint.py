@@ -11,12 +11,13 @@ folds QK-Clip's per-head logit scales into the query weights.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from k2c.runtime.model import CausalLM
 from k2c.runtime.plan import ModelPlan
@@ -31,6 +32,31 @@ QUERY = re.compile(r"(.+\.self_attn)\.(q_proj|q_b_proj)\.weight")
 
 class CheckpointError(ValueError):
     """A checkpoint that does not fit the model: missing, unexpected or mis-shaped tensors."""
+
+
+def _open(file: Path):
+    """A safetensors file opened for reading; a file that is not one (cut short, empty, garbage) is a
+    CheckpointError that names it."""
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except SafetensorError as err:
+        reason = str(err).removeprefix("Error while deserializing header: ")
+        raise CheckpointError(f"{file}: not a readable safetensors file ({reason})") from None
+    except OSError as err:
+        raise CheckpointError(f"{file}: cannot be read ({err.strerror or err})") from None
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """{tensor name: shard file} of a sharded checkpoint's index."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except OSError as err:
+        raise CheckpointError(f"{index}: cannot be read ({err.strerror or err})") from None
+    except (ValueError, KeyError, TypeError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"{index}: not a safetensors index (no weight_map: {err})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: not a safetensors index (weight_map is not a table of file names)")
+    return weight_map
 
 
 class Checkpoint:
@@ -48,18 +74,27 @@ class Checkpoint:
         path = Path(sd_or_path)
         index = path / "model.safetensors.index.json"
         if path.is_dir() and index.exists():
-            files = {name: path / file for name, file in json.loads(index.read_text())["weight_map"].items()}
-            handles = {file: safe_open(file, framework="pt", device="cpu") for file in set(files.values())}
+            files = {name: path / file for name, file in _weight_map(index).items()}
+            handles = {file: _open(file) for file in sorted(set(files.values()))}
         else:
             file = path / "model.safetensors" if path.is_dir() else path
             if not file.is_file():
-                raise CheckpointError(f"{path}: no model.safetensors.index.json or model.safetensors found")
-            handles = {file: safe_open(file, framework="pt", device="cpu")}
+                if path.is_dir() or not path.exists():
+                    raise CheckpointError(f"{path}: no model.safetensors.index.json or model.safetensors found")
+                raise CheckpointError(f"{path}: not a regular file")
+            handles = {file: _open(file)}
             files = dict.fromkeys(handles[file].keys(), file)
         slices = {name: handles[file].get_slice(name) for name, file in files.items()}
         self.shapes = {name: tuple(s.get_shape()) for name, s in slices.items()}
         self.fp8 = {name for name, s in slices.items() if s.get_dtype() == "F8_E4M3"}
-        self._read = lambda name: handles[files[name]].get_tensor(name)
+
+        def read(name: str) -> torch.Tensor:
+            try:
+                return handles[files[name]].get_tensor(name)
+            except SafetensorError as err:
+                raise CheckpointError(f"{files[name]}: tensor {name} cannot be read ({err})") from None
+
+        self._read = read
 
     def get(self, name: str) -> torch.Tensor:
         """The tensor, dequantised to fp32 when it comes with block scales."""
@@ -144,7 +179,8 @@ def _describe(problems: list[str], limit: int = 20) -> str:
 def load_hf_state_dict(model: CausalLM, sd_or_path: Mapping[str, torch.Tensor] | str | Path) -> None:
     """Copy a checkpoint into the model's tensors (any model dtype; values are converted on copy).
 
-    Everything is checked before anything is copied: on a CheckpointError the model is unchanged.
+    Everything is checked before anything is copied: on a CheckpointError the model is unchanged. A file that is
+    not a readable safetensors file (cut short, empty, garbage) is a CheckpointError that names it.
     """
     checkpoint = Checkpoint(sd_or_path)
     targets = checkpoint_tensors(model)
@@ -193,6 +229,8 @@ def load_hf_state_dict(model: CausalLM, sd_or_path: Mapping[str, torch.Tensor] |
             if name.endswith(".qk_scale"):
                 buffer.fill_(1.0)
     model.reset_step_stats()  # statistics of other weights (or of uninitialised memory after `to_empty`)
+    # where the base weights came from: an exported PEFT adapter names it as its base_model_name_or_path
+    object.__setattr__(model, "loaded_from", None if isinstance(sd_or_path, Mapping) else os.fspath(sd_or_path))
 
 
 def hf_state_dict(model: CausalLM) -> dict[str, torch.Tensor]:

@@ -15,12 +15,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from k2c.runtime import ops
+from k2c.runtime.kernels import moe as moe_kernel
 from k2c.runtime.plan import AttentionPlan, LayerPlan, MLPPlan, ModelPlan, MoEPlan, NormPlan, RopePlan, RouterPlan
 
 
@@ -183,10 +185,18 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(plan.experts, plan.hidden_size, **fp32))
         self.register_buffer("e_score_correction_bias", torch.zeros(plan.experts, **fp32))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, H] -> expert indices [N, k], combine weights [N, k] (fp32)."""
+    def forward(self, x: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, H] -> expert indices [N, k], combine weights [N, k] (fp32), tokens per expert [E].
+
+        The GEMM is a torch matmul in fp32 either way; `fused` runs everything after it (sigmoid, bias, group-limited
+        top-k, weights, counts) as one Triton kernel, k2c.runtime.kernels.moe.route.
+        """
         plan = self.plan
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        logits = F.linear(x.float(), self.weight.float())
+        if fused:
+            return moe_kernel.route(logits, self.e_score_correction_bias, plan.top_k, plan.groups,
+                                    plan.groups_per_token, plan.normalize, plan.routed_scaling)
+        scores = logits.sigmoid()
         choice = scores + self.e_score_correction_bias
         if plan.groups > 1:
             n, e = choice.shape
@@ -199,18 +209,42 @@ class Router(nn.Module):
         weights = scores.gather(1, experts)
         if plan.normalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return experts, weights * plan.routed_scaling
+        return experts, weights * plan.routed_scaling, torch.bincount(experts.flatten(), minlength=plan.experts)
 
 
 @dataclass
 class Routing:
-    """Where the tokens of one MoE layer go: their (token, slot) pairs grouped by expert."""
+    """Where the tokens of one MoE layer go: their (token, slot) pairs, k per token, grouped by expert.
 
-    tokens: torch.Tensor  # [N*k, H]: the input rows, in expert order
-    order: torch.Tensor  # [N*k]: position in (token, slot) order of each row
-    counts: list[int]  # rows per expert
+    All of it stays on the device. Only the torch path's per-expert split reads the counts back (`host_counts`, one
+    synchronisation per layer); the Triton path (`fused`) sizes its grids from N*k and E and never waits.
+    """
+
+    input: torch.Tensor  # [N, H]: the layer's input, a row per token
+    order: torch.Tensor  # [N*k] int64: the (token, slot) position t*k + s of each row, rows in expert order
+    offsets: torch.Tensor  # [E+1] int64: expert e owns rows offsets[e] to offsets[e+1]
     weights: torch.Tensor  # [N*k, 1] fp32: each row's combine weight
     shape: torch.Size  # of the layer's input
+    top_k: int
+    fused: bool  # the experts run on the Triton kernels of k2c.runtime.kernels.moe
+
+    @cached_property
+    def tokens(self) -> torch.Tensor:
+        """[N*k, H]: the input rows in expert order (the fused experts read `input` in place instead)."""
+        n, h = self.input.shape
+        return self.input.unsqueeze(1).expand(n, self.top_k, h).reshape(n * self.top_k, h).index_select(0, self.order)
+
+    @cached_property
+    def host_counts(self) -> list[int]:
+        """Rows per expert, on the host: what the torch path splits by."""
+        return self.offsets.diff().tolist()
+
+    def to_slots(self, y: torch.Tensor) -> torch.Tensor:
+        """Expert rows y [N*k, H] -> [N, k, H] (fp32): each row times its weight, at its (token, slot) position."""
+        # Only permutations move rows, never a scatter-add: gradients and outputs come out the same, bit for bit,
+        # on every run and device (an index_add_ of k rows per token sums in whatever order its atomics land).
+        y = y * self.weights
+        return torch.empty_like(y).index_copy_(0, self.order, y).view(-1, self.top_k, y.shape[1])
 
 
 class Experts(nn.Module):
@@ -218,6 +252,7 @@ class Experts(nn.Module):
 
     def __init__(self, plan: MoEPlan, device=None, dtype=None):
         super().__init__()
+        self.plan = plan
         e, i, h = plan.experts, plan.intermediate_size, plan.hidden_size
         self.gate_proj = nn.Parameter(torch.empty(e, i, h, device=device, dtype=dtype))
         self.up_proj = nn.Parameter(torch.empty(e, i, h, device=device, dtype=dtype))
@@ -225,9 +260,33 @@ class Experts(nn.Module):
 
     def project(self, name: str, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """x [N*k, in], rows grouped by expert -> [N*k, out] through each row's expert's projection `name`."""
+        if routing.fused:
+            return moe_kernel.grouped_linear(x, getattr(self, name), routing.offsets)
         # unbind once: its backward writes the whole stack's gradient in one piece
         weights = getattr(self, name).unbind(0)
-        return torch.cat([F.linear(rows, weights[e]) for e, rows in enumerate(x.split(routing.counts))])
+        return torch.cat([F.linear(rows, weights[e]) for e, rows in enumerate(x.split(routing.host_counts))])
+
+    def forward(self, routing: Routing) -> torch.Tensor:
+        """All the routed experts at once: [N, k, H], slot (t, s) the output of token t's s-th expert times its
+        combine weight, for `MoE.combine` to sum.
+
+        On the Triton path this is one fused Function (gate/up GEMM with SwiGLU in its epilogue, reading each row's
+        token from the input in place; down GEMM weighting and scattering its rows; see kernels/moe.py). Otherwise,
+        and when an adapter needs the per-projection path (`fused_adapters`), it is the per-op wiring's project,
+        swiglu, project, with the same numerics.
+        """
+        adapters = self.fused_adapters()
+        if routing.fused and adapters is not None:
+            return moe_kernel.swiglu_experts(routing.input, routing.weights.view(-1), routing.order, routing.offsets,
+                                             routing.top_k, self.gate_proj, self.up_proj, self.down_proj, adapters)
+        gate = self.project("gate_proj", routing.tokens, routing)
+        up = self.project("up_proj", routing.tokens, routing)
+        down = self.project("down_proj", ops.swiglu(gate, up, self.plan.kernel), routing)
+        return routing.to_slots(down)
+
+    def fused_adapters(self) -> dict[str, moe_kernel.ExpertAdapter] | None:
+        """The adapters in the fused experts' terms, by projection; None if one must run per projection."""
+        return {}
 
 
 class MoE(nn.Module):
@@ -247,27 +306,29 @@ class MoE(nn.Module):
         self.register_buffer("expert_load", load, persistent=False)
 
     def route(self, x: torch.Tensor) -> Routing:
-        """Choose each token's experts and group the (token, slot) rows by expert."""
+        """Choose each token's experts and group the (token, slot) rows by expert, without leaving the device.
+
+        The layer runs on the Triton kernels when the plan chose them and the input is on a GPU (or K2C_KERNELS
+        forces them), as every op of k2c.runtime.ops decides.
+        """
         flat = x.view(-1, x.shape[-1])
-        experts, weights = self.gate(flat)
-        n, k = experts.shape
-        chosen = experts.flatten()
-        counts = torch.bincount(chosen, minlength=self.plan.experts)
+        fused = ops.use_triton(self.plan.kernel, flat)
+        experts, weights, counts = self.gate(flat, fused)
         if self.training:
             with torch.no_grad():
                 self.expert_load += counts
-        order = chosen.argsort(stable=True)
-        tokens = flat.unsqueeze(1).expand(n, k, flat.shape[1]).reshape(n * k, -1).index_select(0, order)
-        return Routing(tokens, order, counts.tolist(), weights.flatten()[order].unsqueeze(1), x.shape)
+        order = experts.flatten().argsort(stable=True)
+        offsets = F.pad(counts.cumsum(0), (1, 0))
+        return Routing(flat, order, offsets, weights.flatten()[order].unsqueeze(1), x.shape, experts.shape[1], fused)
 
     def combine(self, y: torch.Tensor, routing: Routing, shared: torch.Tensor | None = None) -> torch.Tensor:
-        """Weight each expert row, sum a token's k rows, add the shared experts' output."""
-        # Only permutations move rows, never a scatter-add: gradients and outputs come out the same, bit for bit,
-        # on every run and device (an index_add_ of k rows per token sums in whatever order its atomics land).
-        y = y * routing.weights
-        slots = torch.empty_like(y).index_copy_(0, routing.order, y)  # back to (token, slot) order
-        n = slots.shape[0] // self.plan.router.top_k
-        out = slots.view(n, self.plan.router.top_k, -1).sum(dim=1).view(routing.shape).to(routing.tokens.dtype)
+        """Sum each token's k weighted expert rows, add the shared experts' output.
+
+        y is either the expert rows [N*k, H] in expert order (the per-op wiring: weighted and put in (token, slot)
+        order here) or `Experts.forward`'s [N, k, H], weighted and in place already.
+        """
+        slots = y if y.ndim == 3 else routing.to_slots(y)
+        out = slots.sum(dim=1).view(routing.shape).to(routing.input.dtype)
         return out if shared is None else out + shared
 
     @torch.no_grad()

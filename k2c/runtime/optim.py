@@ -13,12 +13,17 @@ from fnmatch import fnmatchcase
 
 import torch
 import torch.distributed as dist
+from torch.optim.adamw import adamw as fused_adamw
 
+from k2c.runtime.kernels import newton_schulz as ns_kernels
 from k2c.runtime.model import Attention, CausalLM
-from k2c.runtime.plan import OptimizerPlan
+from k2c.runtime.ops import use_triton
+from k2c.runtime.plan import TRITON, OptimizerPlan
 
-# at most this many elements in one batched Newton-Schulz, so that its stacked copies stay small beside the model
-NS_BATCH_ELEMENTS = 2**26
+# At most this many elements in one batched Newton-Schulz, so that its working copies stay small beside the model:
+# in bf16 the batch, a scratch of its size and two Gram-sized buffers, 2 GiB at most. Large enough for launches of
+# thousands of tiles (a Moonlight layer's 192 expert matrices go in three batches of 64).
+NS_BATCH_ELEMENTS = 2**28
 
 
 def distributed():
@@ -48,6 +53,7 @@ def newton_schulz(u, steps, coefficients, dtype=torch.bfloat16):
     """Orthogonalise every matrix of `u` [..., n, m] with Muon's quintic Newton-Schulz iteration, in `dtype`.
 
     Leading dims are a batch: each matrix is normalised by its own Frobenius norm, so stacked experts never mix.
+    The torch reference of the kernels in k2c/runtime/kernels/newton_schulz.py, and the path off CUDA.
     """
     a, b, c = coefficients
     n, m = u.shape[-2:]
@@ -62,6 +68,29 @@ def newton_schulz(u, steps, coefficients, dtype=torch.bfloat16):
     if n > m:
         x = x.mT
     return x.reshape(u.shape)
+
+
+def ns_batches(params, matrix_elements: int):
+    """The matrices of `params` (all of one shape up to transposition) in batches of at most NS_BATCH_ELEMENTS
+    elements, sized evenly: each batch a list of pieces (param, first, end), the range [first, end) of the param's
+    stacked matrices."""
+    counts = [p.numel() // matrix_elements for p in params]
+    total = sum(counts)
+    per_batch = max(1, NS_BATCH_ELEMENTS // matrix_elements)
+    size = math.ceil(total / math.ceil(total / per_batch))
+    batch, room = [], size
+    for p, count in zip(params, counts):
+        first = 0
+        while first < count:
+            end = first + min(count - first, room)
+            batch.append((p, first, end))
+            room -= end - first
+            first = end
+            if room == 0:
+                yield batch
+                batch, room = [], size
+    if batch:
+        yield batch
 
 
 def param_groups(model, plan: OptimizerPlan):
@@ -83,6 +112,13 @@ def param_groups(model, plan: OptimizerPlan):
         )
         group["params"].append((name, param))
     return list(groups.values())
+
+
+def write_back(params, masters) -> None:
+    """Copy the fp32 masters onto those of `params` that are in a lower precision (fp32 ones are their masters)."""
+    lower = [i for i, (p, master) in enumerate(zip(params, masters)) if master is not p]
+    if lower:
+        torch._foreach_copy_([params[i] for i in lower], [masters[i] for i in lower])
 
 
 def scale_rows(weight: torch.Tensor, rows: tuple[int, int, int], factor: torch.Tensor) -> None:
@@ -148,51 +184,89 @@ class MuonClip(torch.optim.Optimizer):
         return loss
 
     def _muon(self, group):
+        """Muon over the group, batch by batch: on the Triton kernels where `use_triton` says (CUDA tensors, or
+        K2C_KERNELS=triton), else in torch (the CPU, or K2C_KERNELS=torch)."""
         lr, decay = group["lr"], group["weight_decay"]
-        by_shape = defaultdict(list)  # matrices of one shape share a batched Newton-Schulz
+        by_shape = defaultdict(list)  # matrices of one shape share a batched Newton-Schulz, tall ones transposed
         for p in group["params"]:
             if p.grad is not None:
-                by_shape[p.shape].append(p)
-        for shape, params in by_shape.items():
+                by_shape[tuple(sorted(p.shape[-2:]))].append(p)
+        for (n, m), params in by_shape.items():
             # an orthogonal n x m update has RMS 1/sqrt(max(n, m)); this brings it to AdamW's rms_scale
-            scale = self.plan.rms_scale * math.sqrt(max(shape[-2:]))
-            per_batch = max(1, NS_BATCH_ELEMENTS // math.prod(shape))
-            for start in range(0, len(params), per_batch):
-                batch = params[start : start + per_batch]
-                inputs = torch.stack([self._muon_input(p) for p in batch])
-                updates = newton_schulz(inputs, self.plan.ns_steps, self.plan.ns_coefficients,
-                                        ns_dtype(inputs.device))
-                for p, update in zip(batch, updates):
-                    # W - lr * (O + wd * W): decoupled weight decay with the unscaled learning rate
-                    p.copy_(p.float().mul(1 - lr * decay).add_(update.float(), alpha=-lr * scale))
+            step = -lr * (self.plan.rms_scale * math.sqrt(m))
+            for batch in ns_batches(params, n * m):
+                matrices = [self._matrices(p, first, end) for p, first, end in batch]
+                if use_triton(TRITON, batch[0][0]):
+                    self._muon_fused(matrices, n, m, 1 - lr * decay, step)
+                else:
+                    self._muon_reference(matrices, 1 - lr * decay, step)
 
-    def _muon_input(self, p):
-        """Advance p's momentum M = mu M + G (a plain sum); return what Newton-Schulz orthogonalises."""
+    def _matrices(self, p, first, end):
+        """Matrices [first, end) of p [..., r, c] as [end - first, r, c]: views of the weight and the momentum (written
+        in place), the gradient."""
         state = self.state[p]
         if not state:
             state["momentum"] = torch.zeros_like(p, dtype=torch.float32)
-        mu, grad = self.plan.momentum, p.grad.float()
-        momentum = state["momentum"].mul_(mu).add_(grad)
-        return grad.add(momentum, alpha=mu) if self.plan.nesterov else momentum
+        r, c = p.shape[-2:]
+        return (p.view(-1, r, c)[first:end], state["momentum"].view(-1, r, c)[first:end],
+                p.grad.reshape(-1, r, c)[first:end])
+
+    def _muon_fused(self, matrices, n, m, decay, step):
+        """The batch on the Triton kernels: a fused pass in, Newton-Schulz on the whole batch, a fused pass out.
+
+        The passes launch once per piece (all or part of one stacked parameter), Newton-Schulz once for the batch.
+        """
+        counts = [w.shape[0] for w, _, _ in matrices]
+        device = matrices[0][0].device
+        x = torch.empty((sum(counts), n, m), device=device, dtype=ns_dtype(device))
+        scale = torch.cat([
+            ns_kernels.muon_input(momentum, grad.contiguous(), self.plan.momentum, self.plan.nesterov, rows)
+            for (_, momentum, grad), rows in zip(matrices, x.split(counts))
+        ])
+        x = ns_kernels.newton_schulz_(x, self.plan.ns_steps, self.plan.ns_coefficients, scale)
+        for (weight, _, _), update in zip(matrices, x.split(counts)):
+            ns_kernels.muon_update(weight, update, decay, step)
+
+    def _muon_reference(self, matrices, decay, step):
+        """The batch in torch: the momentum M = mu M + G (a plain sum) and W - lr (O + wd W) as foreach ops."""
+        weights, momenta = [w for w, _, _ in matrices], [mom for _, mom, _ in matrices]
+        grads = [g.float() for _, _, g in matrices]
+        mu = self.plan.momentum
+        torch._foreach_mul_(momenta, mu)
+        torch._foreach_add_(momenta, grads)
+        inputs = torch._foreach_add(grads, momenta, alpha=mu) if self.plan.nesterov else momenta
+        wide = torch.cat([u.mT if u.shape[-2] > u.shape[-1] else u for u in inputs])
+        updates = newton_schulz(wide, self.plan.ns_steps, self.plan.ns_coefficients, ns_dtype(wide.device)).float()
+        updates = [o.mT if w.shape[-2] > w.shape[-1] else o for w, o in
+                   zip(weights, updates.split([w.shape[0] for w in weights]))]
+        # W - lr * (O + wd * W): decoupled weight decay with the unscaled learning rate, in fp32
+        masters = [w.float() for w in weights]  # the weights themselves when fp32
+        torch._foreach_mul_(masters, decay)
+        torch._foreach_add_(masters, updates, alpha=step)
+        write_back(weights, masters)
 
     def _adamw(self, group):
-        lr, decay = group["lr"], group["weight_decay"]
-        beta1, beta2 = self.plan.adamw_betas
-        for p in group["params"]:
-            if p.grad is None:
-                continue
+        """torch's fused AdamW: one kernel for all of the group's tensors, with fp32 moments (and fp32 arithmetic on
+        an fp32 copy of any lower-precision parameter, written back rounded once)."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        for p in params:
             state = self.state[p]
             if not state:
-                state["step"] = 0
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-            state["step"] += 1
-            grad = p.grad.float()
-            state["exp_avg"].lerp_(grad, 1 - beta1)
-            state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            step_size = lr / (1 - beta1 ** state["step"])
-            denom = (state["exp_avg_sq"].sqrt() / (1 - beta2 ** state["step"]) ** 0.5).add_(self.plan.adamw_eps)
-            p.copy_(p.float().mul(1 - lr * decay).addcdiv_(state["exp_avg"], denom, value=-step_size))
+        states = [self.state[p] for p in params]
+        masters = [p.float() for p in params]  # the parameters themselves when fp32
+        beta1, beta2 = self.plan.adamw_betas
+        fused_adamw(
+            masters, [p.grad.float() for p in params], [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states], fused=True, amsgrad=False,
+            beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=self.plan.adamw_eps,
+            maximize=False,
+        )
+        write_back(params, masters)
 
     def _update_router_bias(self):
         """Aux-loss-free balancing: each MoE layer moves its router bias as its plan says (maybe not at all)."""
@@ -227,9 +301,10 @@ class MuonClip(torch.optim.Optimizer):
         params = (p for g in self.param_groups for p in g["params"])
         for index, p in zip(indices, params):
             if index in saved:
-                self.state[p] = {
-                    k: v.to(p.device, copy=True) if torch.is_tensor(v) else v for k, v in saved[index].items()
-                }
+                state = {k: v.to(p.device, copy=True) if torch.is_tensor(v) else v for k, v in saved[index].items()}
+                if "step" in state:  # AdamW's count, an fp32 tensor for the fused kernel (an int in older checkpoints)
+                    state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device=p.device)
+                self.state[p] = state
 
 
 def build_optimizer(model: CausalLM, plan: OptimizerPlan) -> MuonClip:

@@ -20,6 +20,9 @@ def import_package(folder: str | Path, name: str | None = None) -> ModuleType:
     if spec is None or spec.loader is None or not (folder / "__init__.py").is_file():
         raise ImportError(f"{folder} is not a generated k2c package (no __init__.py)")
     module = importlib.util.module_from_spec(spec)
+    # an earlier import under this name (another build, or this one before a rebuild) must not lend its submodules
+    for stale in [m for m in sys.modules if m == name or m.startswith(f"{name}.")]:
+        del sys.modules[stale]
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)

@@ -114,7 +114,7 @@ class MoEPlan:
     hidden_size: int
     intermediate_size: int
     shared: MLPPlan | None
-    kernel: str = TORCH  # of the experts' SwiGLU activation
+    kernel: str = TORCH  # of the routing and the routed experts (select_kernels' choice for the expert linears)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,25 @@ exactly.
 of them is held out. Every training batch comes from one torch.Generator seeded with the plan's seed, and its state
 travels in the checkpoint with the model, the optimizer and torch's RNG states, so a resumed run takes the very
 steps that an uninterrupted one would, bit for bit.
+
+What a run does so that nothing is lost:
+
+- Checkpoints: every `training.checkpoint_every` steps when that is set, else every DEFAULT_CHECKPOINT_MINUTES
+  minutes of wall time (`checkpoint_minutes` overrides either way; 0 turns the timer off), always after the last
+  step, and when SIGINT or SIGTERM asks the run to stop: the step in progress finishes, then the checkpoint, the
+  metrics and the plot are written and `Interrupted` is raised. A second SIGINT during the step stops at once
+  without saving (the last checkpoint stays); signals during the save wait for it.
+- Every file is written beside its target and renamed over it; the checkpoint ends with a sha256 of its bytes that
+  is verified before it is read, so a checkpoint cut short, overwritten or changed on disk is refused by name.
+- The run folder is locked (an `flock` that the OS releases if the process dies): a second run on it stops at once,
+  saying who holds it. Temporaries that a killed run left behind are removed when the next one takes the lock.
+
+The learning-rate schedule of a run spans the run: a run of N steps (`steps`, `training.steps` by default) stretches
+the spec's schedule to N steps (warm-up scaled by N / training.steps, decay ending at step N); with N =
+training.steps it is the spec's schedule exactly. The schedule is fixed when the run starts and travels in the
+checkpoint: a resume follows it whatever `steps` it asks for, so an interrupted run resumed gives the uninterrupted
+run's steps. A resume without `steps` goes on to the run's own end; with more steps than the schedule spans, the
+steps past its end run at the schedule's final learning rate (lr x final_lr_ratio; the peak lr when constant).
 """
 
 from __future__ import annotations
@@ -15,7 +34,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from importlib import resources
 from pathlib import Path
@@ -26,8 +47,19 @@ import torch.distributed as dist
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from k2c.runtime.files import write_atomic
-from k2c.runtime.plan import Plan, TrainingPlan
+from k2c.runtime.checkpoint import CheckpointError
+from k2c.runtime.files import (
+    CorruptFile,
+    FolderBusy,
+    folder_lock,
+    os_error_reason,
+    remove_stale_temporaries,
+    verify_checksum,
+    write_atomic,
+    write_checksummed,
+)
+from k2c.runtime.optim import lr_at
+from k2c.runtime.plan import OptimizerPlan, Plan, TrainingPlan
 
 CORPUS = "corpus.txt"  # k2c/data/corpus.txt: Python's reference documentation, PSF licensed
 CHECKPOINT = "checkpoint.pt"
@@ -36,10 +68,24 @@ PLOT = "loss.png"
 EVAL_BATCHES = 4  # each evaluation reads the same EVAL_BATCHES x batch_size held-out windows
 # training settings that may change between a run and its resume: they do not touch the trajectory
 RUN_FIELDS = ("steps", "eval_every", "log_every", "checkpoint_every")
+DEFAULT_CHECKPOINT_MINUTES = 10.0  # the checkpoint period when training.checkpoint_every is 0
+CHECKPOINT_FORMAT = 1  # what `state["format"]` says; a checkpoint of another format is refused, not misread
+CHECKPOINT_KEYS = ("format", "step", "run", "model", "optimizer", "batches", "torch_rng", "cuda_rng", "plan")
+SIGNAL_NAMES: dict[int, str] = {int(signal.SIGINT): "SIGINT", int(signal.SIGTERM): "SIGTERM"}
+_clock = time.monotonic  # wall time for the checkpoint period (tests move it)
 
 
 class TrainError(Exception):
     """A run that cannot start or go on as asked: the message says why and what to do."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after `step`; the checkpoint, metrics and plot of that step are written."""
+
+    def __init__(self, signum: int, step: int, steps: int, run_dir: Path, saved: bool):
+        self.signum, self.step, self.steps, self.run_dir, self.saved = signum, step, steps, run_dir, saved
+        what = f"checkpoint and plot saved in {run_dir}/" if saved else "this process saved nothing (rank 0 saves)"
+        super().__init__(f"interrupted by {SIGNAL_NAMES.get(signum, signum)} at step {step} of {steps}; {what}")
 
 
 # --------------------------------------------------------------------------- data
@@ -50,15 +96,27 @@ def bundled_corpus() -> bytes:
     return (resources.files("k2c") / "data" / CORPUS).read_bytes()
 
 
-def read_corpus(t: TrainingPlan) -> bytes:
-    """The training text as bytes: the corpus bundled with k2c, or a UTF-8 text file (relative to the cwd)."""
+def spec_path(value: str, base: Path | None) -> Path:
+    """A path written in a spec: relative ones are relative to `base` (the spec's folder; the cwd when None)."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() or base is None else Path(base) / path
+
+
+def read_corpus(t: TrainingPlan, base: Path | None = None) -> bytes:
+    """The training text as bytes: the corpus bundled with k2c, or a UTF-8 text file (relative to `base`, the
+    spec's folder under `k2c train`; the cwd when None)."""
     if t.data == "bundled":
         return bundled_corpus()
+    path = spec_path(t.data, base)
+    shown = f"training.data {t.data!r}" + (f" ({path})" if str(path) != t.data else "")
     try:
-        raw = Path(t.data).read_bytes()
+        raw = path.read_bytes()
+    except OSError as err:
+        raise TrainError(f"{shown} cannot be read: {os_error_reason(err)}") from None
+    try:
         raw.decode("utf-8")  # a byte model trains on any file, but a text that is not UTF-8 is a mistake
-    except (OSError, UnicodeDecodeError) as err:
-        raise TrainError(f"training.data {t.data!r} is not a readable UTF-8 text file: {err}") from None
+    except UnicodeDecodeError as err:
+        raise TrainError(f"{shown} is not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start})") from None
     return raw
 
 
@@ -100,17 +158,32 @@ def evaluate(model, tokens, starts, t: TrainingPlan):
 
 
 def resume_settings(plan: Plan) -> dict:
-    """What a checkpoint must agree on to resume: the whole plan but the settings in RUN_FIELDS."""
+    """What a checkpoint must agree on to resume: the whole plan but the settings in RUN_FIELDS (and the schedule's
+    length, which training.steps sets: the checkpoint carries its run's own schedule)."""
     settings = dataclasses.asdict(plan)
     for field in RUN_FIELDS:
         settings["training"].pop(field)
+    settings["optimizer"].pop("decay_steps")
     return settings
 
 
-def save_checkpoint(path, model, opt, batches, step, plan: Plan):
-    """Write the whole training state to `path` so that a crash at any moment leaves the previous one intact."""
+def run_schedule(steps: int, o: OptimizerPlan) -> dict:
+    """The schedule of a fresh run of `steps` steps: the spec's, stretched to `steps` (see the module docstring)."""
+    if steps == o.decay_steps:
+        return {"warmup_steps": o.warmup_steps, "decay_steps": o.decay_steps}
+    warmup = 0 if o.warmup_steps == 0 else min(steps, max(1, round(o.warmup_steps * steps / max(1, o.decay_steps))))
+    return {"warmup_steps": warmup, "decay_steps": steps}
+
+
+def save_checkpoint(path, model, opt, batches, step, plan: Plan, run: dict | None = None):
+    """Write the whole training state to `path` so that a crash at any moment leaves the previous one intact; the
+    file ends with the sha256 of its bytes (k2c.runtime.files.write_checksummed). `run` is the run's target step
+    count and schedule."""
     state = {
+        "format": CHECKPOINT_FORMAT,
         "step": step,
+        "run": run if run is not None else {"steps": plan.training.steps, **run_schedule(plan.training.steps,
+                                                                                            plan.optimizer)},
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
         "batches": batches.get_state(),
@@ -118,11 +191,38 @@ def save_checkpoint(path, model, opt, batches, step, plan: Plan):
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
         "plan": resume_settings(plan),
     }
+
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             torch.save(state, f)
 
-    write_atomic(path, write, durable=True)
+    write_checksummed(Path(path), write, durable=True)
+
+
+def read_checkpoint(path) -> dict:
+    """A checkpoint's state, once its checksum holds; TrainError naming the file for anything else: missing, a
+    folder, unreadable, empty, cut short, changed on disk, or not written by this k2c."""
+    path = Path(path)
+    try:
+        verify_checksum(path)
+    except CorruptFile as err:
+        raise TrainError(str(err)) from None
+    except FileNotFoundError:
+        raise TrainError(f"nothing to resume: {path} does not exist") from None
+    except OSError as err:
+        raise TrainError(f"{path}: cannot be read ({os_error_reason(err)})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # the checksum held, so this is a file that k2c did not write
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TrainError(f"{path}: not a k2c checkpoint (torch.load: {reason})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise TrainError(f"{path}: not a k2c checkpoint of format {CHECKPOINT_FORMAT} (found format {found!r})")
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise TrainError(f"{path}: not a k2c checkpoint (no {', '.join(missing)})")
+    return state
 
 
 def _differences(a, b, prefix=""):
@@ -132,12 +232,11 @@ def _differences(a, b, prefix=""):
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def load_checkpoint(path, model, opt, batches, plan: Plan):
-    """Restore what save_checkpoint wrote; returns the step it was taken after."""
-    if not path.exists():
-        raise TrainError(f"nothing to resume: {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    changed = _differences(resume_settings(plan), state.get("plan"))
+def load_checkpoint(path, model, opt, batches, plan: Plan) -> tuple[int, dict]:
+    """Restore what save_checkpoint wrote; returns the step it was taken after and its run (target, schedule)."""
+    path = Path(path)
+    state = read_checkpoint(path)
+    changed = _differences(resume_settings(plan), state["plan"])
     if changed:
         raise TrainError(f"{path} was written under other settings ({', '.join(changed)}); it cannot resume here")
     model.load_state_dict(state["model"])
@@ -146,14 +245,34 @@ def load_checkpoint(path, model, opt, batches, plan: Plan):
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state["step"]
+    return state["step"], state["run"]
+
+
+def _metric_lines(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) of a metrics file; a line cut short by a crash (no newline) is left out."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if path.exists() else []
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.endswith("\n"):
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise TrainError(f"{path}:{number}: not a metrics record; move the file away to resume")
+        records.append((line, record))
+    return records
+
+
+def read_metrics(path) -> list[dict]:
+    """The records of a metrics file, in order; a line cut short by a crash is left out."""
+    return [record for _, record in _metric_lines(Path(path))]
 
 
 def keep_metrics(path, step):
     """Drop the metrics of steps after `step` (and a line cut short): those steps are about to run again."""
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if path.exists() else []
-    kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
-    write_atomic(path, "".join(kept))
+    write_atomic(Path(path), "".join(line for line, record in _metric_lines(Path(path)) if record["step"] <= step))
 
 
 # --------------------------------------------------------------------------- reporting
@@ -203,7 +322,7 @@ def plot(records, path, plan: Plan):
     clipped.set_ylim(0, 1.1 * max(1, *counts))
     clipped.yaxis.set_major_locator(MaxNLocator(integer=True))
     clipped.set_ylabel("clipped heads (gray)")
-    fig.savefig(path, dpi=120)
+    write_atomic(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
 # --------------------------------------------------------------------------- the loop
@@ -250,54 +369,198 @@ def average_gradients(params, size):
             g.copy_(part.view_as(g))
 
 
-def run(package: ModuleType, run_dir, steps=None, resume=False):
-    """Train a generated package's model to `steps` optimizer steps (training.steps by default), writing checkpoint,
-    metrics and plot to run_dir.
+class StopSignals:
+    """SIGINT and SIGTERM, while the loop runs: the first asks it to stop after the step in progress (and save);
+    a second SIGINT during a step stops at once (KeyboardInterrupt: nothing saved since the last checkpoint).
+    While a checkpoint is being written, and for SIGTERM (which a launcher such as torchrun sends after the user's
+    SIGINT), signals only confirm the stop. Handlers are installed only in the main thread (Python's rule)."""
 
-    With `resume`, continue from run_dir's checkpoint. Returns a summary of the run (None on ranks other than 0).
-    Raises TrainError for a run that cannot go as asked.
+    def __init__(self, abort_on_second: bool = True) -> None:
+        self.signum: int | None = None
+        self.saving = False
+        self.abort_on_second = abort_on_second
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in SIGNAL_NAMES:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]
+
+    def _handle(self, signum, frame) -> None:
+        name = SIGNAL_NAMES.get(signum, str(signum))
+        if self.signum is None:
+            self.signum = signum
+            again = signum == signal.SIGINT and self.abort_on_second
+            print(f"\n{name}: stopping after this step, then saving a checkpoint"
+                  + (" (Ctrl-C again to stop at once, without saving)" if again else ""),
+                  file=sys.stderr, flush=True)
+        elif self.saving or signum != signal.SIGINT or not self.abort_on_second:
+            print(f"{name}: still finishing; the checkpoint is on its way", file=sys.stderr, flush=True)
+        else:
+            raise KeyboardInterrupt
+
+
+def _close_quietly(f) -> None:
+    with contextlib.suppress(OSError):
+        f.close()
+
+
+def _write_error(path: Path, err: OSError, last_checkpoint: int) -> TrainError:
+    kept = f"; the checkpoint of step {last_checkpoint} is intact" if last_checkpoint else ""
+    return TrainError(f"cannot write {path}: {os_error_reason(err)}{kept}")
+
+
+def run(package: ModuleType, run_dir, steps=None, resume=False, *, checkpoint_minutes: float | None = None,
+        spec_dir: Path | None = None):
+    """Train a generated package's model to `steps` optimizer steps, writing checkpoint, metrics and plot to run_dir.
+
+    `steps` defaults to training.steps for a fresh run and to the run's own target on a resume; the learning-rate
+    schedule follows the rule in the module docstring. With `resume`, continue from run_dir's checkpoint.
+    `checkpoint_minutes`: the wall-time checkpoint period (default DEFAULT_CHECKPOINT_MINUTES when
+    training.checkpoint_every is 0, else none; 0: none). `spec_dir`: where relative paths in training.data and
+    training.init_from start (the cwd when None).
+
+    Returns a summary of the run (None on ranks other than 0). Raises TrainError for a run that cannot go as asked
+    (nothing in run_dir is overwritten then), and Interrupted after a SIGINT / SIGTERM stopped it and it saved.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     plan: Plan = package.PLAN
     t = plan.training
-    steps = t.steps if steps is None else steps
-    if steps < 1:
+    if steps is not None and steps < 1:
         raise TrainError(f"steps must be at least 1, not {steps}")
-    checkpoint_path, metrics_path, plot_path = run_dir / CHECKPOINT, run_dir / METRICS, run_dir / PLOT
-    if not resume and checkpoint_path.exists():
-        raise TrainError(f"{checkpoint_path} exists: resume from it, or train in another run folder")
+    checkpoint_path = run_dir / CHECKPOINT
+    if resume and not (checkpoint_path.exists() or checkpoint_path.is_symlink()):
+        raise TrainError(f"nothing to resume: {checkpoint_path} does not exist")
+    raw = read_corpus(t, spec_dir)  # before anything is created: a wrong path leaves no empty run folder
 
     dev = device()
     rank, size = data_parallel(dev, t.batch_size)
     lead = rank == 0  # the one process that writes metrics, checkpoints and plots
-    train_tokens, eval_tokens = (part.to(dev) for part in split(read_corpus(t), t, plan.model.vocab_size))
+    created = False
+    try:
+        with contextlib.ExitStack() as stack:
+            if lead:
+                created = not run_dir.exists()
+                try:
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                except OSError as err:
+                    raise TrainError(f"cannot create the run folder {run_dir}: {os_error_reason(err)}") from None
+                try:
+                    stack.enter_context(folder_lock(run_dir))
+                except FolderBusy as err:
+                    raise TrainError(str(err)) from None
+                except OSError as err:
+                    raise TrainError(f"cannot lock the run folder {run_dir}: {os_error_reason(err)}") from None
+                if not resume and (checkpoint_path.exists() or checkpoint_path.is_symlink()):
+                    raise TrainError(f"{checkpoint_path} exists: resume from it, or train in another run folder")
+                remove_stale_temporaries(run_dir, (CHECKPOINT, METRICS, PLOT))
+            return _train(package, run_dir, raw, steps, resume, checkpoint_minutes, spec_dir, dev, rank, size)
+    finally:
+        if created:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # only when empty: a run that stopped before it wrote anything leaves no folder
+
+
+def _train(package, run_dir: Path, raw: bytes, steps, resume, checkpoint_minutes, spec_dir, dev, rank, size):
+    plan: Plan = package.PLAN
+    t = plan.training
+    lead = rank == 0
+    checkpoint_path, metrics_path, plot_path = run_dir / CHECKPOINT, run_dir / METRICS, run_dir / PLOT
+    train_tokens, eval_tokens = (part.to(dev) for part in split(raw, t, plan.model.vocab_size))
     held_out = eval_starts(eval_tokens, t).to(dev)
     torch.manual_seed(t.seed)
     model = package.build_model(dev, getattr(torch, t.dtype))
     if t.init_from is not None:
         try:
-            package.load_hf_state_dict(model, t.init_from)
-        except (OSError, ValueError) as err:
-            raise TrainError(f"training.init_from {t.init_from!r} cannot be loaded: {err}") from None
+            package.load_hf_state_dict(model, spec_path(t.init_from, spec_dir))
+        except (OSError, ValueError) as err:  # CheckpointError is a ValueError
+            reason = str(err) if isinstance(err, CheckpointError) else f"{err.__class__.__name__}: {err}"
+            raise TrainError(f"training.init_from {t.init_from!r} cannot be loaded: {reason}") from None
+    elif plan.adapter.kind != "none" and lead and not resume:
+        print(f"warning: adapter kind {plan.adapter.kind!r} without training.init_from: the adapters train on a "
+              "randomly initialised base model; set training.init_from to the base checkpoint to fine-tune it",
+              file=sys.stderr, flush=True)
     model.train()
     opt = package.build_optimizer(model)
     params = [p for p in model.parameters() if p.requires_grad]
     batches = torch.Generator().manual_seed(t.seed)
     start = 0
     if resume:
-        start = load_checkpoint(checkpoint_path, model, opt, batches, plan)
-        if start >= steps:
-            raise TrainError(f"{checkpoint_path} is at step {start} already; ask for more steps to go on")
-        if lead:
-            keep_metrics(metrics_path, start)
-    elif lead:
-        metrics_path.write_text("", encoding="utf-8")
+        start, run = load_checkpoint(checkpoint_path, model, opt, batches, plan)
+        steps = run["steps"] if steps is None else steps
+        run = {**run, "steps": steps}
+    else:
+        steps = t.steps if steps is None else steps
+        run = {"steps": steps, **run_schedule(steps, plan.optimizer)}
+    if start >= steps:
+        raise TrainError(f"{checkpoint_path} is at step {start} already; to train on, ask for more steps "
+                         f"(--steps N; steps past {run['decay_steps']} run at the schedule's final learning rate)")
+    schedule = dataclasses.replace(opt.plan, warmup_steps=run["warmup_steps"], decay_steps=run["decay_steps"])
+    if schedule != opt.plan:
+        opt.plan = schedule  # MuonClip reads its learning rate from its plan at every step
+    last_checkpoint = start
+    if lead:
+        try:
+            if resume:
+                keep_metrics(metrics_path, start)
+            else:
+                write_atomic(metrics_path, "")
+        except OSError as err:
+            raise _write_error(metrics_path, err, last_checkpoint) from None
+    if lead and steps > run["decay_steps"] and plan.optimizer.decay != "constant":
+        print(f"note: this run's schedule ends at step {run['decay_steps']}; steps {max(start, run['decay_steps']) + 1}"
+              f"-{steps} run at its final learning rate {lr_at(run['decay_steps'], schedule):.3g}",
+              file=sys.stderr, flush=True)
 
+    if checkpoint_minutes is None:
+        checkpoint_minutes = 0.0 if t.checkpoint_every else DEFAULT_CHECKPOINT_MINUTES
+    period_s = checkpoint_minutes * 60 if checkpoint_minutes > 0 else math.inf
     tokens_per_step = t.grad_accum * t.batch_size * t.seq_len
     began, train_time, eval_loss = time.perf_counter(), 0.0, None
+    saved_at = _clock()
     share = t.batch_size // size
-    with open(metrics_path, "a", encoding="utf-8") if lead else contextlib.nullcontext() as metrics:
+
+    def save(step: int) -> None:
+        nonlocal last_checkpoint, saved_at
+        stop.saving = True
+        try:
+            save_checkpoint(checkpoint_path, model, opt, batches, step, plan, run)
+        except OSError as err:
+            raise _write_error(checkpoint_path, err, last_checkpoint) from None
+        finally:
+            stop.saving = False
+        last_checkpoint, saved_at = step, _clock()
+
+    def close_metrics(metrics) -> None:
+        try:
+            metrics.close()
+        except OSError as err:
+            raise _write_error(metrics_path, err, last_checkpoint) from None
+
+    def write_plot() -> None:
+        stop.saving = True
+        try:
+            plot(read_metrics(metrics_path), plot_path, plan)
+        except OSError as err:
+            raise _write_error(plot_path, err, last_checkpoint) from None
+        finally:
+            stop.saving = False
+
+    with contextlib.ExitStack() as stack:
+        # under a launcher the terminal's SIGINT and the launcher's copy of it arrive together: never abort then
+        stop = stack.enter_context(StopSignals(abort_on_second=size == 1))
+        metrics = None
+        if lead:
+            try:
+                metrics = open(metrics_path, "a", encoding="utf-8")
+            except OSError as err:
+                raise _write_error(metrics_path, err, last_checkpoint) from None
+            stack.callback(_close_quietly, metrics)  # on the way out of an error: that error is the one to report
         for step in range(start + 1, steps + 1):
             t0 = time.perf_counter()
             step_loss = torch.zeros((), device=dev)
@@ -333,22 +596,38 @@ def run(package: ModuleType, run_dir, steps=None, resume=False):
             }
             if step % t.eval_every == 0 or step == steps:
                 eval_loss = record["eval_loss"] = evaluate(model, eval_tokens, held_out, t)
-            if metrics is None:  # not the lead process
-                continue
-            if step % t.log_every == 0 or "eval_loss" in record:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-            if step == steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
-                save_checkpoint(checkpoint_path, model, opt, batches, step, plan)
-            done = step - start
-            eta = (time.perf_counter() - began) / done * (steps - step)
-            show_progress(step, steps, record, eval_loss, eta, t.log_every)
+            stopping = stop.signum is not None
+            if size > 1:  # every rank stops at the same step, whichever got the signal
+                flag = torch.tensor([float(stopping)], device=dev)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stopping = bool(flag.item())
+            if metrics is not None:  # the lead process
+                if step % t.log_every == 0 or "eval_loss" in record or stopping:
+                    try:
+                        metrics.write(json.dumps(record) + "\n")
+                        metrics.flush()
+                    except OSError as err:
+                        raise _write_error(metrics_path, err, last_checkpoint) from None
+                every = t.checkpoint_every and step % t.checkpoint_every == 0
+                if step == steps or every or stopping or _clock() - saved_at >= period_s:
+                    save(step)
+                if not stopping:
+                    done = step - start
+                    eta = (time.perf_counter() - began) / done * (steps - step)
+                    show_progress(step, steps, record, eval_loss, eta, t.log_every)
+            if stopping:
+                if metrics is not None:
+                    close_metrics(metrics)
+                    write_plot()
+                raise Interrupted(stop.signum or signal.SIGTERM, step, steps, run_dir, saved=lead)
 
-    if not lead:
-        return None
+        if not lead:
+            return None
+        assert metrics is not None
+        close_metrics(metrics)
+        write_plot()
 
-    records = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines()]
-    plot(records, plot_path, plan)
+    records = read_metrics(metrics_path)
     summary = {
         "steps": steps,
         "loss": records[-1]["loss"],

@@ -308,6 +308,10 @@ def import_hf_config(path: str | os.PathLike[str], name: str | None = None) -> s
         "# comment names the config key it came from. Sections and fields left out (optimizer, adapter, training)",
         "# take k2c's defaults, from k2c/spec/schema.py.",
     ]
+    mtp = config.get("num_nextn_predict_layers") if isinstance(config, dict) else None
+    if isinstance(mtp, int) and not isinstance(mtp, bool) and mtp > 0:
+        header += [f"# Left out: num_nextn_predict_layers {mtp} (multi-token prediction). k2c builds no MTP layers;",
+                   "# loading a checkpoint skips their weights."]
     return "\n".join(header + _yaml_lines(_nest(c.values), c.notes)) + "\n"
 
 

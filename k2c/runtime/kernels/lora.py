@@ -1,0 +1,415 @@
+"""The LoRA / CE-LoRA linear as fused Triton kernels, each beside the torch reference it must match.
+
+A site computes Y = X W^T + s (X' A^T) B^T with W [m, n] frozen, A [r, n], B [m, r], X [T, n] and X' = dropout(X)
+(often X itself). W gets no gradient, so besides the forward the one large product is the input gradient dY W;
+CE-LoRA replaces it by dY[:, S] R_S + (dY B0) A0 (shared/reference/celora.md). Two kernels do all of it:
+
+- `thin_matmul`: X [T, K] @ V [K, R] for a small R: X' A^T in the forward, dY B or dY [B0 | B] in the backward. It
+  streams X once and is memory-bound, so CE-LoRA's per-channel sums ||dY[:, i]||^2 (for choosing S) ride along at
+  no extra read.
+- `matmul_plus_low_rank`: C = P Q + s L_a L_b, the large product with a low-rank term added to the same fp32
+  accumulator, so C is written once. It is the forward (X W^T + s XA B^T), the exact input gradient (dY W + s dYB A)
+  and CE-LoRA's (dY[:, S] R_S + [dYB0 | dYB] [A0; sA], the two low-rank terms as one of rank k + r).
+
+CE-LoRA's GEMM runs over a packed copy dY[:, S] (torch's index_select), not over dY with its columns gathered inside
+the GEMM's loads. That gather runs along dY's contiguous dim: each load is a scalar 2-byte access whose 32-byte sector
+is mostly other channels, repeated for every column tile of the output, and Hopper's async copies cannot take it.
+Measured on an H200 (bf16, T=16384, keep 0.25): CE-LoRA's dX with the gathering GEMM took 1.6 ms at 7168 -> 2048
+and 1.9 ms at 2048 -> 7168, more than the dense dY W it replaces (0.72 / 0.67 ms); writing dY[:, S] out packed from
+the thin pass (which reads dY anyway) added 0.07 / 0.43 ms to that pass, its scattered 2-byte stores being the
+bottleneck; index_select takes 0.04 / 0.10 ms. The copy is |S|/m of dY, and the GEMM over S is then a dense one.
+
+The weight gradients dA = s (dY B)^T X' and dB = s dY^T XA stay torch matmuls (cuBLAS): each is a product with one
+side of rank r that streams X' or dY once, which a Triton kernel would only repeat. `LoRALinearKernel` puts the
+pieces together as an autograd.Function.
+
+Numerics: every product accumulates in fp32 and rounds once into its output's dtype. XA and dY B are rounded to the
+input dtype before the large product adds them in, as torch's matmuls round them. fp32 operands multiply in full
+precision (torch's default), not in tf32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Under TRITON_INTERPRET=1 (the CPU tests) one small config runs and nothing is timed. Read at import, as Triton
+# reads it when it decorates the kernels below.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
+# --------------------------------------------------------------------------- torch references
+# Plain formulas in fp32, results in the inputs' dtype.
+
+
+def lora_forward_reference(x, x_adapter, weight, lora_A, lora_B, scale):
+    """(Y [T, m], XA [T, r]): XA = X' A^T and Y = X W^T + s XA B^T."""
+    xa = x_adapter.float() @ lora_A.float().T
+    y = x.float() @ weight.float().T + scale * xa @ lora_B.float().T
+    return y.to(x.dtype), xa.to(x.dtype)
+
+
+def lora_input_grad_reference(dy, weight, lora_A, lora_B, scale):
+    """dX [T, n] = dY W + s (dY B) A."""
+    dy32 = dy.float()
+    return (dy32 @ weight.float() + scale * (dy32 @ lora_B.float()) @ lora_A.float()).to(dy.dtype)
+
+
+def celora_input_grad_reference(dy, kept, kept_rows, svd_B, svd_A, lora_A, lora_B, scale, channel_norms=False):
+    """(dX [T, n], ||dY[:, i]||^2 [m] fp32 or None): dX = dY[:, S] R_S + (dY B0) A0 + s (dY B) A."""
+    dy32 = dy.float()
+    dx = (dy32[:, kept] @ kept_rows.float() + (dy32 @ svd_B.float()) @ svd_A.float()
+          + scale * (dy32 @ lora_B.float()) @ lora_A.float())
+    return dx.to(dy.dtype), (dy32.square().sum(0) if channel_norms else None)
+
+
+def lora_weight_grads_reference(dy, x_adapter, xa, lora_B, scale):
+    """(dA [r, n], dB [m, r]): dA = s (dY B)^T X', dB = s dY^T XA."""
+    dy32 = dy.float()
+    grad_a = scale * (dy32 @ lora_B.float()).T @ x_adapter.float()
+    grad_b = scale * dy32.T @ xa.float()
+    return grad_a.to(lora_B.dtype), grad_b.to(lora_B.dtype)
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+def _matmul_configs() -> list[triton.Config]:
+    if INTERPRETED:  # small tiles, so that the tests' shapes cross tile edges in every dim; two tile rows a group
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2})]
+    # bf16 / fp16 on Hopper: 128 x 256 or 256 x 128 tiles keep two warpgroups of wgmma busy; 128 x 128 for small N
+    return [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
+        triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+        triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    ]
+
+
+@triton.autotune(configs=_matmul_configs(), key=["M", "N", "K"])
+@triton.jit
+def _matmul_plus_low_rank_kernel(
+    p_ptr,  # P [M, K]
+    q_ptr,  # Q [K, N]
+    la_ptr,  # L_a [M, R] (LOW_RANK only)
+    lb_ptr,  # L_b [R, N] (LOW_RANK only)
+    c_ptr,  # C [M, N] = P Q + scale * L_a L_b
+    M, N, K, R,
+    stride_pm, stride_pk, stride_qk, stride_qn, stride_lam, stride_lar, stride_lbr, stride_lbn, stride_cm, stride_cn,
+    scale,
+    LOW_RANK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # R rounded up to a power of two, at least 16 (tl.dot's smallest)
+    GROUP_M: tl.constexpr,  # tile rows per group: the programs of a group share Q's column tiles in L2
+):
+    # program id -> tile (pid_m, pid_n), walking GROUP_M tile rows column by column
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * grid_n
+    first_m = (pid // group_size) * GROUP_M
+    group_m = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_n = (pid % group_size) // group_m
+
+    # rows (tokens) in int64: M * stride_pm can pass 2**31. Indices wrap, so loads need no row or column mask; the
+    # wrapped duplicates are never stored.
+    rows = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
+    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    ks = tl.arange(0, BLOCK_K)
+
+    # main loop: acc += P[rows, k-block] @ Q[k-block, cols]
+    p_tile = p_ptr + rows[:, None] * stride_pm + ks[None, :] * stride_pk
+    q_tile = q_ptr + ks[:, None] * stride_qk + cols[None, :] * stride_qn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(tl.cdiv(K, BLOCK_K)):
+        k_in = ks < K - k * BLOCK_K
+        p = tl.load(p_tile, mask=k_in[None, :], other=0.0)
+        q = tl.load(q_tile, mask=k_in[:, None], other=0.0)
+        acc = tl.dot(p, q, acc, input_precision="ieee")
+        p_tile += BLOCK_K * stride_pk
+        q_tile += BLOCK_K * stride_qk
+
+    # epilogue: the low-rank term into the same accumulator; s scales the [BLOCK_M, R] factor, the cheap side. (Loading
+    # the factors before the loop instead, to hide their latency, made the forward GEMM 4-16% slower on an H200.)
+    if LOW_RANK:
+        rs = tl.arange(0, BLOCK_R)
+        la = tl.load(la_ptr + rows[:, None] * stride_lam + rs[None, :] * stride_lar, mask=rs[None, :] < R, other=0.0)
+        lb = tl.load(lb_ptr + rs[:, None] * stride_lbr + cols[None, :] * stride_lbn, mask=rs[:, None] < R, other=0.0)
+        acc = tl.dot((la.to(tl.float32) * scale).to(lb.dtype), lb, acc, input_precision="ieee")
+
+    out_rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    out_cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = c_ptr + out_rows[:, None] * stride_cm + out_cols[None, :] * stride_cn
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=(out_rows[:, None] < M) & (out_cols[None, :] < N))
+
+
+def _thin_configs() -> list[triton.Config]:
+    if INTERPRETED:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32})]
+    # memory-bound: enough rows per program for a wide grid, deep pipelines to keep loads in flight
+    return [
+        triton.Config({"BLOCK_M": 64, "BLOCK_K": 128}, num_stages=4, num_warps=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_stages=4, num_warps=4),
+        triton.Config({"BLOCK_M": 32, "BLOCK_K": 128}, num_stages=4, num_warps=4),
+    ]
+
+
+# The channel sums are accumulated with atomics, so autotuning's trial runs must start from zeros each time
+@triton.autotune(configs=_thin_configs(), key=["M", "K", "R", "SQUARES"], reset_to_zero=["sq_ptr"])
+@triton.jit
+def _thin_matmul_kernel(
+    x_ptr,  # X [M, K]
+    v_ptr,  # V [K, R]
+    out_ptr,  # X V [M, R]
+    sq_ptr,  # [K] fp32, zeroed by the caller: sum over rows of X[:, k]^2 (SQUARES only)
+    M, K, R,
+    stride_xm, stride_xk, stride_vk, stride_vr, stride_om, stride_or,
+    SQUARES: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # R rounded up to a power of two, at least 16 (tl.dot's smallest)
+):
+    # program id -> a block of BLOCK_M rows, all K columns
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_in = rows < M
+    ks = tl.arange(0, BLOCK_K)
+    rs = tl.arange(0, BLOCK_R)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k in range(tl.cdiv(K, BLOCK_K)):
+        cols = k * BLOCK_K + ks
+        k_in = cols < K
+        # masked rows load zeros, so they add nothing to the channel sums
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=row_in[:, None] & k_in[None, :], other=0.0)
+        v = tl.load(v_ptr + cols[:, None] * stride_vk + rs[None, :] * stride_vr,
+                    mask=k_in[:, None] & (rs[None, :] < R), other=0.0)
+        acc = tl.dot(x, v, acc, input_precision="ieee")
+        if SQUARES:
+            xf = x.to(tl.float32)
+            tl.atomic_add(sq_ptr + cols, tl.sum(xf * xf, axis=0), mask=k_in, sem="relaxed")
+
+    out = out_ptr + rows[:, None] * stride_om + rs[None, :] * stride_or
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_in[:, None] & (rs[None, :] < R))
+
+
+# --------------------------------------------------------------------------- wrappers
+
+
+def _block_r(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _check(what: str, like: torch.Tensor, **tensors: torch.Tensor) -> None:
+    """Every tensor 2D, on like's device, in like's dtype (one of DTYPES)."""
+    if like.dtype not in DTYPES:
+        raise ValueError(f"{what}: expected fp32, bf16 or fp16 tensors, found {like.dtype}")
+    for name, t in tensors.items():
+        if t.ndim != 2:
+            raise ValueError(f"{what}: {name} must be 2D, found shape {tuple(t.shape)}")
+        if t.dtype != like.dtype or t.device != like.device:
+            raise ValueError(f"{what}: {name} must be {like.dtype} on {like.device} like the others, "
+                             f"found {t.dtype} on {t.device}")
+
+
+def _shape(what: str, name: str, t: torch.Tensor, shape: tuple[int, int]) -> None:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{what}: {name} must have shape {shape}, found {tuple(t.shape)}")
+
+
+def thin_matmul(x, v, channel_norms=False):
+    """(X V [M, R], ||X[:, k]||^2 [K] fp32 or None), one pass over X [M, K].
+
+    V [K, R] with R small; any strides (V may be a transposed view, A^T of A [r, n]). The channel sums are added by
+    atomics, so their last bits can differ from run to run; they only rank channels.
+    """
+    _check("thin_matmul", x, x=x, v=v)
+    (M, K), R = x.shape, v.shape[1]
+    _shape("thin_matmul", "v", v, (K, R))
+    out = torch.empty((M, R), device=x.device, dtype=x.dtype)
+    sq = torch.zeros(K, device=x.device, dtype=torch.float32) if channel_norms else None
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]),)
+
+    _thin_matmul_kernel[grid](
+        x, v, out, out if sq is None else sq,  # without SQUARES the sums' pointer is unused: any tensor will do
+        M, K, R,
+        x.stride(0), x.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        SQUARES=channel_norms, BLOCK_R=_block_r(R),
+    )
+    return out, sq
+
+
+def matmul_plus_low_rank(p, q, low_a=None, low_b=None, scale=1.0):
+    """C [M, N] = P Q + scale * L_a L_b, in P's dtype; one kernel, C written once.
+
+    P [M, K], Q [K, N], L_a [M, R], L_b [R, N] (both None: no low-rank term). Any strides: Q may be a transposed view
+    (W^T).
+    """
+    low_rank = low_a is not None
+    if low_rank != (low_b is not None):
+        raise ValueError("matmul_plus_low_rank: give both low-rank factors or neither")
+    factors = {"low_a": low_a, "low_b": low_b} if low_rank else {}
+    _check("matmul_plus_low_rank", p, p=p, q=q, **factors)
+    M, (K, N) = p.shape[0], q.shape
+    _shape("matmul_plus_low_rank", "p", p, (M, K))
+    R = low_a.shape[1] if low_rank else 0
+    if low_rank:
+        _shape("matmul_plus_low_rank", "low_a", low_a, (M, R))
+        _shape("matmul_plus_low_rank", "low_b", low_b, (R, N))
+    else:  # unused pointers: any tensor will do
+        low_a = low_b = p
+    c = torch.empty((M, N), device=p.device, dtype=p.dtype)
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _matmul_plus_low_rank_kernel[grid](
+        p, q, low_a, low_b, c,
+        M, N, K, R,
+        p.stride(0), p.stride(1), q.stride(0), q.stride(1), low_a.stride(0), low_a.stride(1),
+        low_b.stride(0), low_b.stride(1), c.stride(0), c.stride(1),
+        float(scale),
+        LOW_RANK=low_rank, BLOCK_R=_block_r(R),
+    )
+    return c
+
+
+# --------------------------------------------------------------------------- the linear's products
+
+
+def _lora_shapes(what: str, m: int, n: int, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+    r = lora_A.shape[0]
+    _shape(what, "lora_A", lora_A, (r, n))
+    _shape(what, "lora_B", lora_B, (m, r))
+
+
+def _check_celora(what, like, m, n, kept, kept_rows, svd_B, svd_A) -> None:
+    """S, R_S, B0 and A0 fit a W [m, n] in like's dtype and on its device."""
+    _check(what, like, kept_rows=kept_rows, svd_B=svd_B, svd_A=svd_A)
+    k = svd_B.shape[1]
+    _shape(what, "svd_B", svd_B, (m, k))
+    _shape(what, "svd_A", svd_A, (k, n))
+    if kept.dtype != torch.int64 or kept.ndim != 1 or kept.device != like.device:
+        raise ValueError(f"{what}: kept must be a 1D int64 tensor on {like.device}, "
+                         f"found {kept.dtype} of shape {tuple(kept.shape)} on {kept.device}")
+    _shape(what, "kept_rows", kept_rows, (kept.shape[0], n))
+
+
+def lora_forward(x, x_adapter, weight, lora_A, lora_B, scale):
+    """(Y [T, m], XA [T, r]): XA = X' A^T first (thin, r columns), then Y = X W^T + s XA B^T in one GEMM."""
+    _check("lora_forward", x, x=x, x_adapter=x_adapter, weight=weight, lora_A=lora_A, lora_B=lora_B)
+    m, n = weight.shape
+    _lora_shapes("lora_forward", m, n, lora_A, lora_B)
+    _shape("lora_forward", "x", x, (x.shape[0], n))
+    _shape("lora_forward", "x_adapter", x_adapter, tuple(x.shape))
+    xa = thin_matmul(x_adapter, lora_A.T)[0]
+    return matmul_plus_low_rank(x, weight.T, xa, lora_B.T, scale), xa
+
+
+def lora_input_grad(dy, weight, lora_A, lora_B, scale, dy_B=None):
+    """dX [T, n] = dY W + s (dY B) A: one GEMM with the low-rank term in its epilogue.
+
+    dy_B: dY B [T, r] when the caller has it already (dA needs it too); computed here otherwise.
+    """
+    _check("lora_input_grad", dy, dy=dy, weight=weight, lora_A=lora_A, lora_B=lora_B)
+    m, n = weight.shape
+    _lora_shapes("lora_input_grad", m, n, lora_A, lora_B)
+    _shape("lora_input_grad", "dy", dy, (dy.shape[0], m))
+    if dy_B is None:
+        dy_B = thin_matmul(dy, lora_B)[0]
+    return matmul_plus_low_rank(dy, weight, dy_B, lora_A, scale)
+
+
+def celora_input_grad(dy, kept, kept_rows, svd_B, svd_A, lora_A, lora_B, scale, channel_norms=False):
+    """(dX [T, n], ||dY[:, i]||^2 [m] fp32 or None): CE-LoRA's dX = dY[:, S] R_S + (dY B0) A0 + s (dY B) A.
+
+    One thin pass over dY gives [dY B0 | dY B] (and the channel sums, when asked); then one GEMM over the kept
+    channels, on dY[:, S] packed (see the module's docstring), adds the rank-(k + r) term [dYB0 | dYB] [A0; sA] to
+    the same accumulator. kept: S [|S|] int64 (ascending, as the runtime keeps it, makes the copy read dY's rows in
+    order); kept_rows: R[S, :].
+    """
+    _check("celora_input_grad", dy, dy=dy, lora_A=lora_A, lora_B=lora_B)
+    m, n = dy.shape[1], lora_A.shape[1]
+    _lora_shapes("celora_input_grad", m, n, lora_A, lora_B)
+    _check_celora("celora_input_grad", dy, m, n, kept, kept_rows, svd_B, svd_A)
+    dy_lowrank, sq = thin_matmul(dy, torch.cat((svd_B, lora_B), dim=1), channel_norms)
+    dx = matmul_plus_low_rank(dy.index_select(1, kept), kept_rows, dy_lowrank, torch.cat((svd_A, lora_A * scale)))
+    return dx, sq
+
+
+def lora_weight_grads(dy, x_adapter, xa, lora_B, scale, dy_B=None):
+    """(dA [r, n], dB [m, r]) = (s (dY B)^T X', s dY^T XA) as torch matmuls; a None input skips its gradient.
+
+    These stream X' and dY once each with r-wide partners; cuBLAS does that at memory speed, so no kernel here.
+    dy_B: dY B [T, r] when the caller has it already.
+    """
+    grad_a = grad_b = None
+    if x_adapter is not None:
+        if dy_B is None:
+            dy_B = thin_matmul(dy, lora_B)[0]
+        grad_a = (dy_B.T @ x_adapter).mul_(scale)
+    if xa is not None:
+        grad_b = (dy.T @ xa).mul_(scale)
+    return grad_a, grad_b
+
+
+class LoRALinearKernel(torch.autograd.Function):
+    """x, x_adapter [T, n], W [m, n] (frozen), A [r, n], B [m, r] -> Y [T, m], forward and backward on the kernels.
+
+    x_adapter is dropout(x), or x itself: then the adapter's share of dX joins the base GEMM's accumulator.
+    celora = (kept, kept_rows, svd_B, svd_A) gives CE-LoRA's input gradient (see `celora_input_grad`); None the exact
+    one. select, with celora, makes this backward a refresh step: it is called with ||dY[:, i]||^2 [m] (fp32, summed
+    in the pass that computes dY [B0 | B]) and returns the (kept, kept_rows) to use, so S is chosen from this very dY
+    at no extra read of it. select is not called when x needs no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_adapter, weight, lora_A, lora_B, scale, celora=None, select=None):
+        if ctx.needs_input_grad[2]:
+            raise RuntimeError("LoRALinearKernel: the base weight must be frozen (requires_grad=False): "
+                               "it gets no gradient")
+        if select is not None and celora is None:
+            raise ValueError("LoRALinearKernel: select chooses CE-LoRA's kept channels, so it needs celora")
+        if celora is not None:
+            _check_celora("LoRALinearKernel", weight, *weight.shape, *celora)
+        y, xa = lora_forward(x, x_adapter, weight, lora_A, lora_B, scale)
+        # X' only for dA, XA only for dB; W, A and B are parameters and cost nothing to keep
+        ctx.save_for_backward(x_adapter if ctx.needs_input_grad[3] else None,
+                              xa if ctx.needs_input_grad[4] else None, weight, lora_A, lora_B)
+        ctx.scale, ctx.celora, ctx.select, ctx.shared = scale, celora, select, x_adapter is x
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_adapter, xa, weight, lora_A, lora_B = ctx.saved_tensors
+        need_x, need_x_adapter = ctx.needs_input_grad[:2]
+        scale, shared = ctx.scale, ctx.shared
+        dx = dx_adapter = None
+        if need_x and ctx.celora is not None:
+            kept, kept_rows, svd_B, svd_A = ctx.celora
+            k = svd_B.shape[1]
+            dy_lowrank, sq = thin_matmul(dy, torch.cat((svd_B, lora_B), dim=1), ctx.select is not None)
+            if ctx.select is not None:
+                kept, kept_rows = ctx.select(sq)
+            dy_kept = dy.index_select(1, kept)
+            dy_B = dy_lowrank[:, k:]
+            if shared:
+                dx = matmul_plus_low_rank(dy_kept, kept_rows, dy_lowrank, torch.cat((svd_A, lora_A * scale)))
+            else:
+                dx = matmul_plus_low_rank(dy_kept, kept_rows, dy_lowrank[:, :k], svd_A)
+        else:
+            dy_B = thin_matmul(dy, lora_B)[0]
+            if need_x:
+                dx = matmul_plus_low_rank(dy, weight, *((dy_B, lora_A) if shared else ()), scale=scale)
+        if need_x_adapter and not shared:
+            dx_adapter = (dy_B * scale) @ lora_A
+        grad_a, grad_b = lora_weight_grads(dy, x_adapter, xa, lora_B, scale, dy_B=dy_B)
+        return dx, dx_adapter, None, grad_a, grad_b, None, None, None

@@ -1,0 +1,413 @@
+"""Muon's Newton-Schulz iteration, batched, as Triton kernels; and the memory-bound passes of a Muon step around it.
+
+The torch reference is `k2c.runtime.optim.newton_schulz`; `newton_schulz` here keeps its contract. Each of the
+quintic steps on a batch of wide matrices X [B, n, m] (n <= m) is three launches over the whole batch, every
+product accumulating in fp32 and rounding once into the working dtype (bf16 on a GPU), as torch's baddbmm does:
+
+- `gram`: G = X X^T. G is symmetric, so only tiles from the diagonal rightwards are computed, and each entry
+  above the diagonal is stored twice, as itself and mirrored: a little over half of the 2 n^2 m multiply-adds.
+- `gram_polynomial`: P = b G + c G G. G G = G G^T is symmetric too: the same kernel, half of the 2 n^3.
+- `apply_polynomial`: X' = a X + P X, the full 2 n^2 m.
+
+Grids run over (tile, matrix), tiles fastest: the programs resident at one time work on one or two matrices, whose
+X and G stay in L2. Tall matrices are iterated on transposed (the Gram matrix is then the small one); a caller
+batches them with the wide matrices of the transposed shape.
+
+`muon_input` and `muon_update` are a Muon step's elementwise work, one pass over memory each. The input pass
+advances the momentum, forms the Nesterov input U and writes it, unnormalised, into the batch in the working dtype
+(transposed where the matrix is tall), summing U^2 per tile on the way; the Frobenius norms are complete only
+after that pass, so instead of a second pass that divides by them, the first Newton-Schulz step scales by
+1 / (||U||_F + eps) in its fp32 epilogues: it starts from s V with V = U rounded, where the reference starts from
+U s rounded, the same size of rounding error (one bf16 rounding), for 14 bytes an element moved instead of 22.
+The update pass reads the weight and the orthogonalised matrix once. Per-tile sums of squares are added in torch,
+not by atomics, so a step gives the same bits on every run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+EPS = 1e-7  # added to the Frobenius norm before dividing by it, as torch.optim.Muon and the reference do
+# Under TRITON_INTERPRET=1 (the CPU tests) one small config runs and nothing is timed. Read at import, as Triton
+# reads it when it decorates the kernels below.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+# The elementwise passes' tiles are TILE x TILE: square, so that a tile can be written transposed through shared
+# memory. Small under the interpreter, so that the tests' shapes cross tile edges.
+TILE = 16 if INTERPRETED else 64
+
+
+# --------------------------------------------------------------------------- Newton-Schulz kernels
+
+
+def _symmetric_configs() -> list[triton.Config]:
+    if INTERPRETED:  # 16 x 32 tiles (tl.dot's smallest is 16), so that the tests' shapes cross their edges
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_M": 32, "BLOCK_K": 16})]
+    # bf16 on Hopper: 128 x 256 tiles keep two warpgroups of wgmma busy and read the least from L2 per FLOP, but
+    # compute more of the lower triangle where they straddle the diagonal than square ones; 64-row tiles for
+    # matrices too small to fill the GPU with 128s
+    return [
+        triton.Config({"BLOCK_N": 128, "BLOCK_M": 256, "BLOCK_K": 64}, num_stages=3, num_warps=8),
+        triton.Config({"BLOCK_N": 128, "BLOCK_M": 256, "BLOCK_K": 64}, num_stages=4, num_warps=8),
+        triton.Config({"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_K": 64}, num_stages=3, num_warps=8),
+        triton.Config({"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_K": 64}, num_stages=4, num_warps=8),
+        triton.Config({"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_K": 64}, num_stages=4, num_warps=4),
+        triton.Config({"BLOCK_N": 64, "BLOCK_M": 128, "BLOCK_K": 64}, num_stages=4, num_warps=4),
+    ]
+
+
+def _apply_configs() -> list[triton.Config]:
+    if INTERPRETED:
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_M": 32, "BLOCK_K": 16})]
+    # bf16 on Hopper: 128 x 256 tiles keep two warpgroups of wgmma busy; smaller ones for small matrices
+    return [
+        triton.Config({"BLOCK_N": 128, "BLOCK_M": 256, "BLOCK_K": 64}, num_stages=3, num_warps=8),
+        triton.Config({"BLOCK_N": 128, "BLOCK_M": 256, "BLOCK_K": 64}, num_stages=4, num_warps=8),
+        triton.Config({"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_K": 64}, num_stages=4, num_warps=8),
+        triton.Config({"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_K": 64}, num_stages=4, num_warps=4),
+        triton.Config({"BLOCK_N": 64, "BLOCK_M": 128, "BLOCK_K": 64}, num_stages=4, num_warps=4),
+    ]
+
+
+@triton.autotune(configs=_symmetric_configs(), key=["BATCH", "N", "K"])
+@triton.jit
+def _symmetric_product_kernel(
+    x_ptr,  # X [BATCH, N, K], contiguous
+    scale_ptr,  # S [BATCH] fp32 (SCALED only): matrix b's X is taken as S[b] X
+    out_ptr,  # OUT [BATCH, N, N], contiguous: alpha X X^T (+ beta X, when ADD_X)
+    BATCH, N, K,
+    alpha, beta,
+    SCALED: tl.constexpr,
+    ADD_X: tl.constexpr,  # add beta X: X is then square and symmetric (G), and X X^T = G G
+    BLOCK_N: tl.constexpr,  # rows of an output tile
+    BLOCK_M: tl.constexpr,  # its columns: row block i's tiles start at the diagonal, column i * BLOCK_N
+    BLOCK_K: tl.constexpr,
+):
+    # program id -> tile (ti, tj): row block ti, columns from ti * BLOCK_N + tj * BLOCK_M, counted row block by row
+    # block; program id 1 -> matrix
+    tj = tl.program_id(0)
+    ti = 0
+    while tj >= tl.cdiv(N - ti * BLOCK_N, BLOCK_M):
+        tj -= tl.cdiv(N - ti * BLOCK_N, BLOCK_M)
+        ti += 1
+    batch = tl.program_id(1).to(tl.int64)
+    x_ptr += batch * N * K
+    out_ptr += batch * N * N
+
+    # rows of X for either side of the tile. Indices wrap, so loads need no row mask; wrapped rows are never stored
+    rows = ti * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = ti * BLOCK_N + tj * BLOCK_M + tl.arange(0, BLOCK_M)
+    ks = tl.arange(0, BLOCK_K)
+    a_tile = x_ptr + (rows % N)[:, None] * K + ks[None, :]  # X[rows, k-block]
+    b_tile = x_ptr + (cols % N)[:, None] * K + ks[None, :]  # X[cols, k-block]
+
+    # main loop: acc += X[rows, k-block] @ X[cols, k-block]^T
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k in range(tl.cdiv(K, BLOCK_K)):
+        k_in = (ks < K - k * BLOCK_K)[None, :]
+        a = tl.load(a_tile, mask=k_in, other=0.0)
+        b = tl.load(b_tile, mask=k_in, other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+        a_tile += BLOCK_K
+        b_tile += BLOCK_K
+
+    if SCALED:
+        s = tl.load(scale_ptr + batch)
+        acc *= alpha * s * s
+    else:
+        acc *= alpha
+    if ADD_X:
+        x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=(rows[:, None] < N) & (cols[None, :] < N))
+        acc += beta * x.to(tl.float32)
+    out = acc.to(out_ptr.dtype.element_ty)
+
+    # the entries on or above the diagonal where they are, the ones above it mirrored below: every entry of OUT is
+    # written once (the lower triangle of a tile that straddles the diagonal is computed, not stored), and OUT is
+    # exactly symmetric
+    tl.store(out_ptr + rows[:, None] * N + cols[None, :], out, mask=(rows[:, None] <= cols[None, :]) & (cols < N))
+    tl.store(out_ptr + cols[:, None] * N + rows[None, :], tl.trans(out),
+             mask=(cols[:, None] > rows[None, :]) & (cols < N)[:, None])
+
+
+@triton.autotune(configs=_apply_configs(), key=["BATCH", "N", "M"])
+@triton.jit
+def _apply_polynomial_kernel(
+    p_ptr,  # P [BATCH, N, N], contiguous
+    x_ptr,  # X [BATCH, N, M], contiguous
+    scale_ptr,  # S [BATCH] fp32 (SCALED only): matrix b's X is taken as S[b] X
+    out_ptr,  # OUT [BATCH, N, M], contiguous: a X + P X
+    BATCH, N, M,
+    a,
+    SCALED: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # program id -> output tile (tn, tm), row by row; program id 1 -> matrix
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tn, tm = pid // tiles_m, pid % tiles_m
+    batch = tl.program_id(1).to(tl.int64)
+    p_ptr += batch * N * N
+    x_ptr += batch * N * M
+    out_ptr += batch * N * M
+
+    # indices wrap, so loads need no row or column mask; the wrapped duplicates are never stored
+    rows = tn * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tm * BLOCK_M + tl.arange(0, BLOCK_M)
+    ks = tl.arange(0, BLOCK_K)
+    p_tile = p_ptr + (rows % N)[:, None] * N + ks[None, :]  # P[rows, k-block]
+    x_tile = x_ptr + ks[:, None] * M + (cols % M)[None, :]  # X[k-block, cols]
+
+    # main loop: acc += P[rows, k-block] @ X[k-block, cols]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k in range(tl.cdiv(N, BLOCK_K)):
+        k_in = ks < N - k * BLOCK_K
+        p = tl.load(p_tile, mask=k_in[None, :], other=0.0)
+        x = tl.load(x_tile, mask=k_in[:, None], other=0.0)
+        acc = tl.dot(p, x, acc, input_precision="ieee")
+        p_tile += BLOCK_K
+        x_tile += BLOCK_K * M
+
+    # epilogue: a X, the scale, then one rounding
+    inside = (rows[:, None] < N) & (cols[None, :] < M)
+    offs = rows[:, None] * M + cols[None, :]
+    acc += a * tl.load(x_ptr + offs, mask=inside).to(tl.float32)
+    if SCALED:
+        acc *= tl.load(scale_ptr + batch)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+# --------------------------------------------------------------------------- Muon's elementwise kernels
+
+
+@triton.jit
+def _momentum_kernel(
+    m_ptr,  # M [E, R, C] fp32: each matrix's momentum, advanced in place to mu M + G
+    g_ptr,  # G [E, R, C]: its gradient
+    x_ptr,  # X [E, N, K] with N K = R C: U, entry (r, c) of matrix e at r * stride_xr + c * stride_xc
+    sumsq_ptr,  # [E, programs along axis 0] fp32: each program's sum of U^2 over its tile, U before rounding
+    R, C,
+    stride_xr, stride_xc,
+    mu,
+    NESTEROV: tl.constexpr,  # U = G + mu M, else U = M
+    BLOCK: tl.constexpr,
+):
+    # program id -> tile (tr, tc) of the [R, C] matrix, row by row; program id 1 -> matrix
+    pid, e = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    tiles_c = tl.cdiv(C, BLOCK)
+    rows = (pid // tiles_c) * BLOCK + tl.arange(0, BLOCK)
+    cols = (pid % tiles_c) * BLOCK + tl.arange(0, BLOCK)
+    inside = (rows[:, None] < R) & (cols[None, :] < C)
+    offs = e * R * C + rows[:, None] * C + cols[None, :]
+
+    g = tl.load(g_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+    m = mu * tl.load(m_ptr + offs, mask=inside, other=0.0) + g
+    tl.store(m_ptr + offs, m, mask=inside)
+    if NESTEROV:
+        u = g + mu * m
+    else:
+        u = m
+    x = x_ptr + e * R * C + rows[:, None] * stride_xr + cols[None, :] * stride_xc
+    tl.store(x, u.to(x_ptr.dtype.element_ty), mask=inside)
+    tl.store(sumsq_ptr + e * tl.num_programs(0) + pid, tl.sum(u * u))
+
+
+@triton.jit
+def _update_kernel(
+    w_ptr,  # W [E, R, C]: updated in place to W * decay + step * O
+    o_ptr,  # O [E, N, K] with N K = R C: entry (r, c) of matrix e at r * stride_or + c * stride_oc
+    R, C,
+    stride_or, stride_oc,
+    decay, step,
+    BLOCK: tl.constexpr,
+):
+    # program id -> tile (tr, tc) of the [R, C] matrix, row by row; program id 1 -> matrix
+    pid, e = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    tiles_c = tl.cdiv(C, BLOCK)
+    rows = (pid // tiles_c) * BLOCK + tl.arange(0, BLOCK)
+    cols = (pid % tiles_c) * BLOCK + tl.arange(0, BLOCK)
+    inside = (rows[:, None] < R) & (cols[None, :] < C)
+    w = w_ptr + e * R * C + rows[:, None] * C + cols[None, :]
+    o = tl.load(o_ptr + e * R * C + rows[:, None] * stride_or + cols[None, :] * stride_oc, mask=inside)
+    new = tl.load(w, mask=inside).to(tl.float32) * decay + step * o.to(tl.float32)
+    tl.store(w, new.to(w_ptr.dtype.element_ty), mask=inside)
+
+
+# --------------------------------------------------------------------------- wrappers
+
+
+def _check(what: str, **tensors: torch.Tensor) -> None:
+    """Every tensor a contiguous batch of matrices [B, rows, cols] of DTYPES, on a GPU (or under the interpreter)."""
+    for name, t in tensors.items():
+        if t.ndim != 3 or not t.is_contiguous():
+            raise ValueError(f"{what}: {name} must be a contiguous [batch, rows, cols], found shape "
+                             f"{tuple(t.shape)} with strides {t.stride()}")
+        if t.dtype not in DTYPES:
+            raise ValueError(f"{what}: {name} must be fp32, bf16 or fp16, found {t.dtype}")
+        if not (t.is_cuda or INTERPRETED):
+            raise ValueError(f"{what}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {t.device}")
+
+
+def _output(what: str, out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    _check(what, out=out)
+    if tuple(out.shape) != shape or out.dtype != like.dtype:
+        raise ValueError(f"{what}: out must be {like.dtype} of shape {shape}, found {out.dtype} {tuple(out.shape)}")
+    return out
+
+
+def _scale(what: str, scale: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """The per-matrix scale as the kernels take it (any tensor stands in for None: SCALED is off then)."""
+    if scale is None:
+        return x
+    if scale.shape != (x.shape[0],) or scale.dtype != torch.float32 or scale.device != x.device:
+        raise ValueError(f"{what}: scale must be fp32 of shape ({x.shape[0]},) on {x.device}, found {scale.dtype} "
+                         f"{tuple(scale.shape)} on {scale.device}")
+    return scale
+
+
+def _launch_symmetric(x: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor, alpha: float, beta: float,
+                      add_x: bool) -> None:
+    batch, n, k = x.shape
+
+    def grid(meta):
+        rows, cols = meta["BLOCK_N"], meta["BLOCK_M"]
+        return (sum(triton.cdiv(n - i * rows, cols) for i in range(triton.cdiv(n, rows))), batch)
+
+    _symmetric_product_kernel[grid](x, _scale("gram", scale, x), out, batch, n, k, float(alpha), float(beta),
+                                    SCALED=scale is not None, ADD_X=add_x)
+
+
+def gram(x: torch.Tensor, out: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """G = X X^T [B, n, n] of X [B, n, k], in X's dtype: about half of it computed, G exactly symmetric.
+
+    scale [B] fp32: G of S[b] X[b] instead, the scale applied in fp32 before G is rounded.
+    """
+    _check("gram", x=x)
+    batch, n, _ = x.shape
+    out = _output("gram", out, (batch, n, n), x)
+    _launch_symmetric(x, scale, out, 1.0, 0.0, add_x=False)
+    return out
+
+
+def gram_polynomial(g: torch.Tensor, b: float, c: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """P = b G + c G G [B, n, n] of a symmetric G [B, n, n] (a Gram matrix): about half of it computed, P exactly
+    symmetric.
+
+    G's symmetry is what makes G G = G G^T; it is not checked.
+    """
+    _check("gram_polynomial", g=g)
+    if g.shape[1] != g.shape[2]:
+        raise ValueError(f"gram_polynomial: g must be square matrices, found shape {tuple(g.shape)}")
+    out = _output("gram_polynomial", out, tuple(g.shape), g)
+    _launch_symmetric(g, None, out, c, b, add_x=True)
+    return out
+
+
+def apply_polynomial(p: torch.Tensor, x: torch.Tensor, a: float, out: torch.Tensor | None = None,
+                     scale: torch.Tensor | None = None) -> torch.Tensor:
+    """a X + P X [B, n, m] for P [B, n, n] and X [B, n, m], in X's dtype.
+
+    scale [B] fp32: of S[b] X[b] instead, the scale applied in fp32 before the result is rounded.
+    """
+    _check("apply_polynomial", p=p, x=x)
+    batch, n, m = x.shape
+    if tuple(p.shape) != (batch, n, n) or p.dtype != x.dtype:
+        raise ValueError(f"apply_polynomial: p must be {x.dtype} of shape {(batch, n, n)} for x of shape "
+                         f"{tuple(x.shape)}, found {p.dtype} {tuple(p.shape)}")
+    out = _output("apply_polynomial", out, (batch, n, m), x)
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(m, meta["BLOCK_M"]), batch)
+
+    _apply_polynomial_kernel[grid](p, x, _scale("apply_polynomial", scale, x), out, batch, n, m, float(a),
+                                   SCALED=scale is not None)
+    return out
+
+
+def newton_schulz_(x: torch.Tensor, steps: int, coefficients: tuple[float, float, float],
+                   scale: torch.Tensor | None = None) -> torch.Tensor:
+    """`steps` quintic Newton-Schulz steps on wide matrices X [B, n, m] (n <= m), contiguous, of norm about 1.
+
+    scale [B] fp32: the iteration starts from S[b] X[b] (normalising X by its norm), the scale applied inside the
+    first step's fp32 epilogues. Returns the result. The steps alternate between x and one scratch buffer of its
+    size, so x is overwritten: the caller's batch is a scratch of its own (the optimizer's is).
+    """
+    _check("newton_schulz_", x=x)
+    batch, n, m = x.shape
+    if n > m:
+        raise ValueError(f"newton_schulz_: x must be wide (n <= m) so that X X^T is the small side, found {(n, m)}")
+    a, b, c = coefficients
+    g = torch.empty((batch, n, n), dtype=x.dtype, device=x.device)
+    p = torch.empty_like(g)
+    other = torch.empty_like(x)
+    for _ in range(steps):
+        gram(x, out=g, scale=scale)
+        gram_polynomial(g, b, c, out=p)
+        apply_polynomial(p, x, a, out=other, scale=scale)
+        x, other, scale = other, x, None
+    return x
+
+
+def newton_schulz(u: torch.Tensor, steps: int, coefficients: tuple[float, float, float],
+                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """`k2c.runtime.optim.newton_schulz` on the kernels: every matrix of u [..., n, m] orthogonalised in `dtype`.
+
+    Each matrix is normalised by its own Frobenius norm in fp32 and iterated on in the wide orientation; the result
+    has u's shape, in `dtype`.
+    """
+    n, m = u.shape[-2:]
+    x = u.float().reshape(-1, n, m)
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + EPS)
+    if n > m:
+        x = x.mT
+    x = newton_schulz_(x.to(dtype).contiguous(), steps, coefficients)
+    if n > m:
+        x = x.mT
+    return x.reshape(u.shape)
+
+
+def _orientation(rows: int, cols: int, x: torch.Tensor) -> tuple[int, int]:
+    """Strides that address entry (r, c) of an [rows, cols] matrix in x's wide matrices: itself or transposed."""
+    return (1, x.stride(1)) if rows > cols else (x.stride(1), 1)
+
+
+def muon_input(momentum: torch.Tensor, grad: torch.Tensor, mu: float, nesterov: bool,
+               out: torch.Tensor) -> torch.Tensor:
+    """Advance the momentum M [E, R, C] (fp32) to mu M + G and write each matrix's U into out; one pass.
+
+    U = G + mu M with Nesterov, else M. out [E, n, m] holds the matrices wide (n <= m), transposed if R > C, in its
+    dtype. Returns 1 / (||U||_F + EPS) per matrix [E], fp32, the scale for `newton_schulz_`.
+    """
+    _check("muon_input", momentum=momentum, grad=grad, out=out)
+    e, r, c = momentum.shape
+    if momentum.dtype != torch.float32 or grad.shape != momentum.shape:
+        raise ValueError(f"muon_input: momentum must be fp32 and grad of its shape {tuple(momentum.shape)}, found "
+                         f"{momentum.dtype} and {tuple(grad.shape)}")
+    if tuple(out.shape) != (e, min(r, c), max(r, c)):
+        raise ValueError(f"muon_input: out must have shape {(e, min(r, c), max(r, c))}, found {tuple(out.shape)}")
+    tiles = triton.cdiv(r, TILE) * triton.cdiv(c, TILE)
+    sumsq = torch.empty((e, tiles), dtype=torch.float32, device=momentum.device)
+    _momentum_kernel[(tiles, e)](momentum, grad, out, sumsq, r, c, *_orientation(r, c, out), float(mu),
+                                 NESTEROV=nesterov, BLOCK=TILE)
+    return sumsq.sum(1).sqrt_().add_(EPS).reciprocal_()
+
+
+def muon_update(weight: torch.Tensor, update: torch.Tensor, decay: float, step: float) -> None:
+    """weight [E, R, C] <- weight * decay + step * O, in fp32 and rounded once to weight's dtype.
+
+    update [E, n, m] holds each O wide (n <= m), as `muon_input` wrote the matrices: transposed back if R > C.
+    """
+    _check("muon_update", weight=weight, update=update)
+    e, r, c = weight.shape
+    if tuple(update.shape) != (e, min(r, c), max(r, c)):
+        raise ValueError(f"muon_update: update must have shape {(e, min(r, c), max(r, c))}, found "
+                         f"{tuple(update.shape)}")
+    _update_kernel[(triton.cdiv(r, TILE) * triton.cdiv(c, TILE), e)](
+        weight, update, r, c, *_orientation(r, c, update), float(decay), float(step), BLOCK=TILE)

@@ -1,0 +1,272 @@
+"""The MoE kernels (k2c/runtime/kernels/moe.py) against the torch path of the model's MoE parts, under the interpreter.
+
+Each check builds an MoE layer from its plan records and runs it twice in one process: with K2C_KERNELS=torch (the
+reference: `Router.forward`'s torch ops, the per-expert split of `Experts.project` and `ExpertLoRAFunction`) and
+with K2C_KERNELS=triton (the router kernel and the grouped kernels, on the CPU under TRITON_INTERPRET=1). It compares
+the routing, the layer's output and every gradient: the input, the router weight, the combine weights, each expert
+weight or, under adapters, each LoRA A and B; and that the Triton path never converts a tensor to a Python value
+(on a GPU, a wait for the device). Both wirings run on the kernels: the generated per-op one (project,
+swiglu, project, combine) and the fused `Experts.forward`, whose torch path must equal the per-op one bit for bit.
+
+Shapes: N=37 tokens, H=32, E=6 experts, k=2, I=24, LoRA rank 4: the interpreter's 16-wide tiles are crossed in every
+dim, experts own partial tiles. Loads: balanced, one expert that receives no token, and one expert that receives
+every token. The interpreter is chosen when triton is imported, so the checks run in a fresh Python (this file as a
+script); fp32 and fp16 only, since the interpreter's tl.dot on bf16 operands is wrong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import subprocess_env
+
+N, H, E, K, INTER, RANK = 37, 32, 6, 2, 24, 4
+# (atol, rtol) per dtype, for max |got - want| <= atol + rtol * max |want|: benchmarks/harness.py's table
+TOLERANCES = {torch.float32: (1e-5, 1e-4), torch.float16: (1e-3, 1e-2)}
+LOADS = ("balanced", "empty", "skewed")
+
+
+def assert_close(what: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+    atol, rtol = TOLERANCES[dtype]
+    err = (got.double() - want.double()).abs().max().item()
+    scale = want.double().abs().max().item()
+    assert err <= atol + rtol * scale, f"{what}: max abs error {err:.3g} over a max of {scale:.3g}"
+
+
+# --------------------------------------------------------------------------- building a layer
+
+
+def moe_layer(groups: int, load: str, dtype: torch.dtype, normalize: bool = True, seed: int = 0):
+    """An MoE layer (no shared experts) with random weights and a router bias that sets the load."""
+    from k2c.runtime.model import MoE
+    from k2c.runtime.plan import TRITON, MoEPlan, RouterPlan
+
+    router = RouterPlan(hidden_size=H, experts=E, top_k=K, groups=groups, groups_per_token=1, normalize=normalize,
+                        routed_scaling=2.5, bias_rate=1e-3)
+    plan = MoEPlan(router=router, experts=E, hidden_size=H, intermediate_size=INTER, shared=None, kernel=TRITON)
+    torch.manual_seed(seed)
+    moe = MoE(plan, dtype=dtype)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.copy_(torch.randn_like(p, dtype=torch.float32) * p.shape[-1] ** -0.5)
+        bias = moe.gate.e_score_correction_bias
+        bias.uniform_(-0.2, 0.2)
+        if load == "empty":
+            bias[E - 1] = -100.0  # never chosen
+        elif load == "skewed":
+            bias[0] = 100.0  # chosen by every token: half of all rows
+    return moe
+
+
+def add_adapters(moe, kind: str, dropout: float = 0.0, names=("gate_proj", "up_proj", "down_proj")) -> None:
+    """LoRA on the named projections (random B, so that the adapters matter), CE-LoRA at keep 0.5 on up/down."""
+    from k2c.runtime.adapters import LoRAExperts
+    from k2c.runtime.plan import AdapterPlan, AdapterSite
+
+    moe.requires_grad_(False)
+    moe.gate.weight.requires_grad_()  # still on the input's gradient path; checked too
+    plan = AdapterPlan(kind=kind, rank=RANK, alpha=8.0, rslora=False, dropout=dropout, refresh_every=1, sites=())
+    experts = LoRAExperts.adapt(moe.experts)
+    for name in names:
+        ce = kind == "ce_lora" and name != "gate_proj"
+        site = AdapterSite(module="mlp.experts", param=name, kind="ce_lora" if ce else "lora", rank=RANK, alpha=8.0,
+                           keep_ratio=0.5 if ce else 1.0, svd_rank=3 if ce else 0)
+        experts.add_adapter(name, site, plan)
+        with torch.no_grad():
+            experts.adapter(name)[1].normal_(0, 0.3)
+
+
+@contextlib.contextmanager
+def no_host_reads(active: bool):
+    """Tensor-to-Python conversions (a synchronisation on a GPU) raise inside, when active."""
+    names = ("tolist", "item", "__bool__", "__int__", "__float__")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("the Triton path read a tensor back to the host")
+
+    try:
+        if active:
+            for name in names:
+                setattr(torch.Tensor, name, refuse)
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def run(moe, x: torch.Tensor, dy: torch.Tensor, kernels: str, wiring: str) -> dict[str, torch.Tensor]:
+    """The layer's output and gradients with K2C_KERNELS=kernels, through the per-op or the fused wiring."""
+    from k2c.runtime import ops
+
+    os.environ["K2C_KERNELS"] = kernels
+    moe.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    torch.manual_seed(1)  # the same dropout masks on both paths
+    with no_host_reads(kernels == "triton"):
+        router = moe.route(x)
+        router.weights.retain_grad()
+        if wiring == "fused":
+            y = moe.experts(router)
+        else:
+            gate = moe.experts.project("gate_proj", router.tokens, router)
+            up = moe.experts.project("up_proj", router.tokens, router)
+            y = moe.experts.project("down_proj", ops.swiglu(gate, up, moe.plan.kernel), router)
+        out = moe.combine(y, router)
+        out.backward(dy)
+    assert router.fused == (kernels == "triton")
+    got = {"out": out, "order": router.order, "x.grad": x.grad, "weights.grad": router.weights.grad}
+    return got | {f"{n}.grad": p.grad for n, p in moe.named_parameters() if p.grad is not None}
+
+
+def compare(what: str, moe, dtype: torch.dtype, wirings=("per-op", "fused"), twice: bool = False) -> None:
+    """Reference against the kernels in the given wirings (twice: the fused one again, for the same bits); the fused
+    wiring's torch path against the per-op one, bit for bit."""
+    torch.manual_seed(3)
+    x, dy = torch.randn(1, N, H, dtype=dtype), torch.randn(1, N, H, dtype=dtype)
+    reference = run(copy.deepcopy(moe), x, dy, "torch", "per-op")
+    assert {"x.grad", "weights.grad", "gate.weight.grad"} <= reference.keys()
+    for wiring in wirings:
+        got = run(copy.deepcopy(moe), x, dy, "triton", wiring)
+        assert got.keys() == reference.keys(), f"{what} {wiring}: gradients {sorted(got)}, expected {sorted(reference)}"
+        assert torch.equal(got["order"], reference["order"]), f"{what} {wiring}: different routing"
+        for name, want in reference.items():
+            assert_close(f"{what} {wiring} {name}", got[name], want, dtype)
+        if wiring == "fused" and twice:
+            again = run(copy.deepcopy(moe), x, dy, "triton", wiring)
+            assert all(torch.equal(again[n], got[n]) for n in got), f"{what}: two runs differ"
+        if wiring == "fused":
+            torch_fused = run(copy.deepcopy(moe), x, dy, "torch", wiring)
+            assert all(torch.equal(torch_fused[n], reference[n]) for n in reference), \
+                f"{what}: Experts.forward's torch path differs from the per-op wiring"
+    print(f"ok {what}")
+
+
+# --------------------------------------------------------------------------- checks, each run in a fresh Python
+
+
+def check_router() -> None:
+    """Indices, weights, counts and the logits' gradient (router weight, input) for each grouping and load."""
+    for groups in (1, 2):
+        for normalize in (True, False):
+            for load in LOADS:
+                moe = moe_layer(groups, load, torch.float32, normalize)
+                torch.manual_seed(4)
+                x = torch.randn(N, H)
+                g = torch.randn(N, K)
+                results = []
+                for fused in (False, True):
+                    router = copy.deepcopy(moe.gate)
+                    xf = x.clone().requires_grad_()
+                    experts, weights, counts = router(xf, fused)
+                    # the reference returns the k experts in no set order: compare them sorted, weights alike
+                    experts, at = experts.sort(dim=1)
+                    weights = weights.gather(1, at)
+                    (weights * g).sum().backward()
+                    results.append((experts, weights, counts, xf.grad, router.weight.grad))
+                what = f"router groups={groups} normalize={normalize} {load}"
+                (e_ref, w_ref, c_ref, dx_ref, dw_ref), (e, w, c, dx, dw) = results
+                assert torch.equal(e, e_ref), f"{what}: experts differ"
+                assert torch.equal(c.long(), c_ref), f"{what}: counts {c.tolist()}, expected {c_ref.tolist()}"
+                if load == "empty":
+                    assert c[E - 1] == 0
+                if load == "skewed":
+                    assert c[0] == N
+                for name, got, want in (("weights", w, w_ref), ("dx", dx, dx_ref), ("dW_router", dw, dw_ref)):
+                    assert_close(f"{what} {name}", got, want, torch.float32)
+                print(f"ok {what}")
+
+
+def check_experts() -> None:
+    """No adapters: the layer's output, the input's, the router's, the combine weights' and each expert weight's
+    gradients; every load, grouped routing, fp32 and fp16. (Cases are few: the interpreter is slow.)"""
+    compare("experts fp32 balanced groups=2", moe_layer(2, "balanced", torch.float32), torch.float32, twice=True)
+    compare("experts fp32 empty", moe_layer(1, "empty", torch.float32), torch.float32)
+    compare("experts fp16 skewed", moe_layer(1, "skewed", torch.float16), torch.float16)
+
+    # a gradient that differs per (token, slot), not the slot sum's expanded one
+    moe = moe_layer(1, "balanced", torch.float32)
+    torch.manual_seed(5)
+    x, c = torch.randn(N, H), torch.randn(N, K, 1)
+    results = []
+    for kernels in ("torch", "triton"):
+        os.environ["K2C_KERNELS"] = kernels
+        layer, xs = copy.deepcopy(moe), x.clone().requires_grad_()
+        slots = layer.experts(layer.route(xs))
+        (slots * c).sum().backward()
+        results.append((slots, xs.grad, layer.experts.down_proj.grad, layer.experts.gate_proj.grad))
+    for name, got, want in zip(("slots", "dx", "down_proj.grad", "gate_proj.grad"), results[1], results[0],
+                               strict=True):
+        assert_close(f"experts per-slot gradient {name}", got, want, torch.float32)
+    print("ok experts per-slot gradient")
+
+
+def check_lora() -> None:
+    """Exact LoRA inside the grouped kernels (both wirings; all projections, then up and down only, the gate frozen
+    without one), then with dropout, which `Experts.forward` runs per projection."""
+    cases = ((torch.float32, "balanced", ("gate_proj", "up_proj", "down_proj"), ("per-op", "fused")),
+             (torch.float16, "skewed", ("up_proj", "down_proj"), ("fused",)))
+    for dtype, load, names, wirings in cases:
+        moe = moe_layer(1, load, dtype)
+        add_adapters(moe, "lora", names=names)
+        compare(f"lora {dtype} {load} on {names}", moe, dtype, wirings)
+    moe = moe_layer(2, "empty", torch.float32)
+    add_adapters(moe, "lora", dropout=0.25)
+    compare("lora dropout 0.25 fp32 empty", moe, torch.float32, ("fused",))
+
+
+def check_celora() -> None:
+    """CE-LoRA at keep 0.5 on up and down: the kept channels packed per expert, the SVD pair in the epilogue. (The
+    fused wiring runs CE-LoRA per projection too: the dropout case of check_lora covers that dispatch.)"""
+    for dtype, load in ((torch.float32, "balanced"), (torch.float16, "empty")):
+        moe = moe_layer(1, load, dtype)
+        add_adapters(moe, "ce_lora")
+        compare(f"ce_lora {dtype} {load}", moe, dtype, ("per-op",))
+
+
+def check_errors() -> None:
+    from k2c.runtime.kernels import moe as kernels
+
+    logits, bias = torch.randn(5, E), torch.zeros(E)
+    with pytest.raises(ValueError, match="logits must be 2D fp32"):
+        kernels.route(logits.half(), bias, K, 1, 1, True, 1.0)
+    with pytest.raises(ValueError, match="cannot choose 2 of 6 experts in 1 of 4 groups"):
+        kernels.route(logits, bias, K, 4, 1, True, 1.0)
+    x, w = torch.randn(8, H), torch.randn(E, H, INTER)
+    with pytest.raises(ValueError, match=r"offsets must be int64 of shape \(7,\)"):
+        kernels.grouped_mm(x, w, torch.zeros(E + 1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="w must be torch.float32"):
+        kernels.grouped_mm(x, w.half(), torch.zeros(E + 1, dtype=torch.int64))
+    adapter = kernels.ExpertAdapter(torch.randn(E, RANK, H), torch.randn(E, INTER, RANK), 1.0)
+    with pytest.raises(RuntimeError, match="must be frozen"):
+        kernels.grouped_linear(x, torch.randn(E, INTER, H, requires_grad=True), torch.zeros(E + 1, dtype=torch.int64),
+                               adapter)
+    celora = kernels.ExpertAdapter(adapter.lora_A, adapter.lora_B, 1.0, residual=lambda norms: norms())
+    gate_up = torch.randn(E, INTER, H)
+    with pytest.raises(ValueError, match="CE-LoRA's input gradient runs through grouped_linear"):
+        kernels.swiglu_experts(x, torch.ones(16), torch.arange(16), torch.zeros(E + 1, dtype=torch.int64), K,
+                               gate_up, gate_up, torch.randn(E, H, INTER), {"up_proj": celora})
+    print("ok errors")
+
+
+# --------------------------------------------------------------------------- the tests: one fresh Python each
+
+
+@pytest.mark.parametrize("check", ["router", "experts", "lora", "celora", "errors"])
+def test_moe_kernels_match_the_torch_path(check: str) -> None:
+    child = subprocess.run([sys.executable, __file__, f"check_{check}"], capture_output=True, text=True, timeout=300,
+                           env=subprocess_env(TRITON_INTERPRET="1", K2C_KERNELS="triton"))
+    assert child.returncode == 0, f"check_{check} failed:\n{child.stdout}{child.stderr[-5000:]}"
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)  # one core per test process, as conftest sets for the workers
+    globals()[sys.argv[1]]()
