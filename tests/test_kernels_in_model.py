@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import REPO, subprocess_env
@@ -40,10 +41,22 @@ def run(package, out, kernels: str) -> dict:
     return torch.load(out, weights_only=True)
 
 
-def test_triton_kernels_match_the_torch_path(tmp_path):
-    spec = tiny_spec(**{"model.hidden_size": 32, "model.layers": 2, "training.seq_len": 24})
+CASES = {
+    "pretraining": {},
+    # CE-LoRA on a linear (the fused LoRA kernel) and on the experts (inside the grouped kernels), with dropout
+    "ce_lora": {"adapter": {"kind": "ce_lora", "rank": 4, "alpha": 8.0, "svd_rank": 2, "dropout": 0.0,
+                            "targets": [{"match": "attn.o", "keep_ratio": 0.5},
+                                        {"match": "experts.*", "keep_ratio": 0.5}]}},
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_triton_kernels_match_the_torch_path(tmp_path, case):
+    spec = tiny_spec(**{"model.hidden_size": 32, "model.layers": 2, "training.seq_len": 24, **CASES[case]})
     chosen = {op.kind.value for op in compile_spec(spec).ops() if op.get("kernel") == "triton"}
-    assert {"attention", "rmsnorm", "rope", "swiglu"} <= chosen
+    assert {"attention", "rmsnorm", "rope", "swiglu", "router", "expert_linear"} <= chosen
+    if case == "ce_lora":
+        assert "linear" in chosen
     build_package(spec, tmp_path / "pkg")
     reference = run(tmp_path / "pkg", tmp_path / "torch.pt", "torch")
     fused = run(tmp_path / "pkg", tmp_path / "triton.pt", "triton")

@@ -13,6 +13,7 @@ from conftest import REPO, import_generated, subprocess_env
 from k2c.codegen import build_package, compile_spec
 from k2c.codegen.lower import lower
 from k2c.ir import OpKind
+from k2c.runtime.plan import PLAN_SCHEMA
 from k2c.spec import load_spec
 from specs_for_tests import tiny_spec
 
@@ -91,13 +92,13 @@ def test_layers_that_share_a_plan_share_one_class():
 def test_a_package_refuses_a_runtime_of_another_schema(tmp_path):
     build_package(tiny_spec(), tmp_path / "t_tiny")
     init = tmp_path / "t_tiny" / "__init__.py"
-    init.write_text(init.read_text().replace("require_schema(1, __name__)", "require_schema(0, __name__)"))
+    init.write_text(init.read_text().replace(f"require_schema({PLAN_SCHEMA}, __name__)", "require_schema(0, __name__)"))
     code = "from k2c.runtime.packages import import_package; import_package(__import__('sys').argv[1])"
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "t_tiny")], capture_output=True, text=True,
                        env=subprocess_env())
     assert r.returncode != 0
-    assert ("t_tiny was generated for plan schema 0, but the installed k2c runtime reads schema 1; rebuild it with "
-            "`k2c build` on its spec") in r.stderr
+    assert (f"t_tiny was generated for plan schema 0, but the installed k2c runtime reads schema {PLAN_SCHEMA}; "
+            "rebuild it with `k2c build` on its spec") in r.stderr
 
 
 def test_generated_model_runs_the_plan(build_generated):

@@ -230,7 +230,7 @@ def _adapter(graph: Graph) -> AdapterPlan:
             d = op["adapter"]
             sites.append(AdapterSite(
                 module=op["module"], param=op["param"] if op.kind is OpKind.EXPERT_LINEAR else None, kind=d.kind,
-                rank=d.rank, alpha=d.alpha, keep_ratio=d.keep_ratio, svd_rank=d.svd_rank,
+                rank=d.rank, alpha=d.alpha, keep_ratio=d.keep_ratio, svd_rank=d.svd_rank, kernel=op["kernel"],
             ))
     return AdapterPlan(kind=a.kind, rank=a.rank, alpha=a.alpha, rslora=a.rslora, dropout=a.dropout,
                        refresh_every=a.refresh_every, sites=tuple(sites))

@@ -28,7 +28,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from k2c.runtime import ops
 from k2c.runtime.files import write_atomic
+from k2c.runtime.kernels import lora as lora_kernel
 from k2c.runtime.kernels import moe as moe_kernel
 from k2c.runtime.model import Experts, Routing
 from k2c.runtime.plan import AdapterPlan, AdapterSite
@@ -288,10 +290,32 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        y = LoRALinearFunction.apply(
-            rows, self.lora_dropout(rows), self.weight, self.lora_A, self.lora_B, self.scale, self.double_lora
-        )
+        x_adapter = self.lora_dropout(rows)
+        if ops.use_triton(self.site.kernel, rows):
+            y = self.fused(rows, x_adapter)
+        else:
+            y = LoRALinearFunction.apply(
+                rows, x_adapter, self.weight, self.lora_A, self.lora_B, self.scale, self.double_lora
+            )
         return y.view(*x.shape[:-1], self.out_features)
+
+    def fused(self, rows: torch.Tensor, x_adapter: torch.Tensor) -> torch.Tensor:
+        """The same product on the fused LoRA kernels (k2c.runtime.kernels.lora).
+
+        CE-LoRA's refresh is counted here, when a forward will have an input gradient, rather than in the backward
+        as the torch path counts it: the kernel chooses S inside the backward pass that reads dY.
+        """
+        d, weight = self.double_lora, self.weight
+        celora = select = None
+        if d is not None and torch.is_grad_enabled() and rows.requires_grad:
+            if d.refresh_due(weight):
+                def select(squared_norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    d.select(weight, squared_norms.sqrt())
+                    return d.kept, d.kept_rows
+
+            celora = (d.kept, d.kept_rows, d.svd_B, d.svd_A)
+        return lora_kernel.LoRALinearKernel.apply(rows, x_adapter, weight, self.lora_A, self.lora_B, self.scale,
+                                                  celora, select)
 
     def merged(self) -> nn.Linear:
         """A plain linear holding this `.weight` (the same Parameter) with s B A folded in."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PLAN_SCHEMA = 1
+PLAN_SCHEMA = 2
 
 # What an op's `kernel` attribute may name: the torch reference, or a fused Triton kernel of k2c.runtime.kernels.
 TORCH = "torch"
@@ -219,6 +219,7 @@ class AdapterSite:
     alpha: float
     keep_ratio: float  # share of output channels kept in the approximate input gradient (1: exact)
     svd_rank: int  # rank of the frozen SVD pair that carries the rest (0: none)
+    kernel: str = TORCH  # of the adapted linear (routed experts follow their layer's MoEPlan.kernel)
 
 
 @dataclass(frozen=True)

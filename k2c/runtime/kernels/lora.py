@@ -368,7 +368,8 @@ class LoRALinearKernel(torch.autograd.Function):
     celora = (kept, kept_rows, svd_B, svd_A) gives CE-LoRA's input gradient (see `celora_input_grad`); None the exact
     one. select, with celora, makes this backward a refresh step: it is called with ||dY[:, i]||^2 [m] (fp32, summed
     in the pass that computes dY [B0 | B]) and returns the (kept, kept_rows) to use, so S is chosen from this very dY
-    at no extra read of it. select is not called when x needs no gradient.
+    at no extra read of it; celora's own kept and kept_rows are then unused (None before the first choice). select
+    is not called when x needs no gradient.
     """
 
     @staticmethod
@@ -378,7 +379,7 @@ class LoRALinearKernel(torch.autograd.Function):
                                "it gets no gradient")
         if select is not None and celora is None:
             raise ValueError("LoRALinearKernel: select chooses CE-LoRA's kept channels, so it needs celora")
-        if celora is not None:
+        if celora is not None and select is None:  # with select, S and R_S are chosen in the backward
             _check_celora("LoRALinearKernel", weight, *weight.shape, *celora)
         y, xa = lora_forward(x, x_adapter, weight, lora_A, lora_B, scale)
         # X' only for dA, XA only for dB; W, A and B are parameters and cost nothing to keep
