@@ -2,7 +2,7 @@
 
 T = 16384 tokens, r = 16, alpha = 32, bf16, at 7168 -> 2048 and 2048 -> 7168. A step is the forward and the
 backward for dX, dA and dB from a fixed dY (X' = X: no dropout, PEFT's default). Anchors, timed in the same run:
-PEFT eager and PEFT + torch.compile, built the way bench_gpu.py builds them, and a frozen nn.Linear's forward + input
+PEFT eager and PEFT + torch.compile on the same frozen weights, and a frozen nn.Linear's forward + input
 gradient, the floor for any adapter (W is frozen, so that is its two GEMMs and nothing else). CE-LoRA runs at keep
 0.25 with SVD rank 14 and a random S (which channels are kept does not change the work). Targets: CE-LoRA at least
 3x PEFT eager and 2.5x PEFT compiled; exact LoRA within 1.15x of the frozen linear (a speed of at least 0.87x).
