@@ -14,12 +14,10 @@ from pathlib import Path
 
 import torch
 
-# (atol, rtol) per dtype, for max |got - want| <= atol + rtol * max |want|
-TOLERANCES = {
-    torch.float32: (1e-5, 1e-4),
-    torch.float16: (1e-3, 1e-2),
-    torch.bfloat16: (1e-2, 2e-2),
-}
+from k2c.runtime.kernels import TOLERANCES as TOLERANCE_TABLE
+
+# (atol, rtol) per dtype, for max |got - want| <= atol + rtol * max |want|: the kernels' one table
+TOLERANCES = {getattr(torch, name): tolerance for name, tolerance in TOLERANCE_TABLE.items()}
 
 
 @dataclasses.dataclass

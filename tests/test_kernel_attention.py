@@ -20,22 +20,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernel_checks import assert_close
 from conftest import subprocess_env
 
-# (atol, rtol) per dtype, for max |got - want| <= atol + rtol * max |want|: benchmarks/harness.py's table
-TOLERANCES = {
-    torch.float32: (1e-5, 1e-4),
-    torch.float16: (1e-3, 1e-2),
-}
 NAMES = ("out", "max_logit", "dq", "dk", "dv")
 
 
-def assert_close(what: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
-    atol, rtol = TOLERANCES[dtype]
-    err = (got.double() - want.double()).abs().max().item()
-    scale = want.double().abs().max().item()
-    assert err <= atol + rtol * scale, f"{what}: max abs error {err:.3g} over a max of {scale:.3g}"
 
 
 def outputs_and_grads(attend, q, k, v, dout) -> list[torch.Tensor]:

@@ -17,14 +17,13 @@ import sys
 
 import pytest
 import torch
+from kernel_checks import tolerance
 from conftest import subprocess_env
 
 from k2c.runtime.kernels import lora as K
 
 T, N_IN, N_OUT, RANK, SVD_RANK, KEPT = 67, 48, 40, 4, 3, 11
 SCALE = 1.5
-# (atol, rtol) per dtype, for max |got - want| <= atol + rtol * max |want|
-TOLERANCES = {torch.float32: (1e-5, 1e-4), torch.float16: (1e-3, 1e-2)}
 
 
 def inputs(dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -119,7 +118,7 @@ def test_kernels_match_references_under_the_interpreter(dtype):
 def kernel_checks(dtype: torch.dtype) -> list[str]:
     """Every kernel entry point against its reference; returns one line per check, failures marked."""
     assert K.INTERPRETED, "run under TRITON_INTERPRET=1"
-    atol, rtol = TOLERANCES[dtype]
+    atol, rtol = tolerance(dtype)
     t = inputs(dtype)
     x, x_adapter, weight, lora_A, lora_B, dy = (t[n] for n in ("x", "x_adapter", "weight", "lora_A", "lora_B", "dy"))
     celora = (t["kept"], t["kept_rows"], t["svd_B"], t["svd_A"])

@@ -26,21 +26,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from kernel_checks import DTYPES, assert_close
 from conftest import subprocess_env
 
-# (atol, rtol) per dtype, for max |got - want| <= atol + rtol * max |want|: benchmarks/harness.py's table
-TOLERANCES = {torch.float32: (1e-5, 1e-4), torch.float16: (1e-3, 1e-2)}
-DTYPES = tuple(TOLERANCES)
 COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Muon's quintic
 SHAPES = [(3, 24, 40), (3, 40, 24), (2, 33, 33)]  # wide, tall, square
 
 
-def assert_close(what: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
-    atol, rtol = TOLERANCES[dtype]
-    err = (got.double() - want.double()).abs().max().item()
-    scale = want.double().abs().max().item()
-    assert err <= atol + rtol * scale, f"{what}: max abs error {err:.3g} over a max of {scale:.3g}"
 
 
 def normalised(batch: int, n: int, m: int, dtype: torch.dtype) -> torch.Tensor:

@@ -18,24 +18,12 @@ from functools import partial
 import pytest
 import torch
 
+from kernel_checks import DTYPES, assert_close
 from conftest import subprocess_env
 
-# (atol, rtol) per dtype, for max |got - want| <= atol + rtol * max |want|: benchmarks/harness.py's table
-TOLERANCES = {
-    torch.float32: (1e-5, 1e-4),
-    torch.float16: (1e-3, 1e-2),
-}
-DTYPES = tuple(TOLERANCES)
 EPS = 1e-6
 
 
-def assert_close(what: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype | None = None) -> None:
-    """got within the tolerance of `dtype` (got's by default) of want."""
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
-    atol, rtol = TOLERANCES[dtype or got.dtype]
-    err = (got.double() - want.double()).abs().max().item()
-    scale = want.double().abs().max().item()
-    assert err <= atol + rtol * scale, f"{what}: max abs error {err:.3g} over a max of {scale:.3g}"
 
 
 def value_and_grads(fn, inputs: tuple[torch.Tensor, ...], dy: torch.Tensor) -> list[torch.Tensor]:

@@ -7,5 +7,9 @@ everywhere when `K2C_KERNELS=triton` (the tests run it that way under `TRITON_IN
 This module imports neither torch nor triton: the compiler reads the kernels' limits from here.
 """
 
+# How close a kernel must come to its torch reference, (atol, rtol) per dtype, for max |got - want| <= atol + rtol *
+# max |want|: the one table of the interpreter tests (fp32, fp16) and the GPU benchmarks (bf16).
+TOLERANCES = {"float32": (1e-5, 1e-4), "float16": (1e-3, 1e-2), "bfloat16": (1e-2, 2e-2)}
+
 RMSNORM_MAX_DIM = 65536  # the fused RMSNorm holds a whole row in one tile; wider rows do not fit in registers
 ATTENTION_MAX_HEAD_DIM = 256  # beyond this the accumulators of one attention block no longer fit in registers
