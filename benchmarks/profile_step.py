@@ -1,0 +1,92 @@
+"""Where one training step's time goes: GPU kernel time against wall time, and the biggest kernels.
+
+    python benchmarks/profile_step.py [--spec specs/k2-1b.yaml] [--adapter lora|ce_lora] [--out DIR]
+
+Profiles `--steps` full steps (forward, backward, MuonClip) after `--warmup`, bf16, 8 x 2048 random tokens, with
+torch.profiler; writes <out>/profile-<spec>[-<adapter>].{md,json}: wall ms per step, the GPU's busy ms per step
+(the sum of kernel times: an upper bound, as kernels on one stream do not overlap here), the host's time in the
+step outside synchronisation, and the 25 largest kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+
+from bench_step import with_adapter  # noqa: E402
+
+from k2c.codegen import build_package  # noqa: E402
+from k2c.runtime.packages import import_package  # noqa: E402
+from k2c.spec import load_spec  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--spec", default=str(REPO / "specs" / "k2-1b.yaml"))
+    ap.add_argument("--adapter", choices=("lora", "ce_lora"))
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = ap.parse_args()
+    spec = load_spec(Path(args.spec))
+    if args.adapter:
+        spec = with_adapter(spec, args.adapter, 0.25 if args.adapter == "ce_lora" else None, f"profile_{args.adapter}")
+    dev = torch.device("cuda")
+    with tempfile.TemporaryDirectory() as tmp:
+        build_package(spec, Path(tmp) / spec.name)
+        g = import_package(Path(tmp) / spec.name, f"profile_{spec.name}")
+        torch.manual_seed(0)
+        model = g.build_model(dev, torch.bfloat16)
+        model.train()
+        opt = g.build_optimizer(model)
+        ids = torch.randint(0, spec.model.vocab_size, (args.batch, args.seq), device=dev)
+
+        def step() -> None:
+            model(ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for _ in range(args.warmup):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - start) / args.steps * 1e3
+    events = prof.key_averages()
+    gpu = sum(e.self_device_time_total for e in events) / 1e3 / args.steps
+    sync = sum(e.cpu_time_total for e in events if "synchronize" in e.key.lower()) / 1e3 / args.steps
+    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:25]
+    rows = [{"kernel": e.key[:90], "calls_per_step": e.count / args.steps,
+             "ms_per_step": e.self_device_time_total / 1e3 / args.steps} for e in top]
+    summary = {"spec": spec.name, "adapter": args.adapter, "wall_ms_per_step": wall, "gpu_busy_ms_per_step": gpu,
+               "host_sync_ms_per_step": sync, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"profile-{spec.name}"
+    (out / f"{stem}.json").write_text(json.dumps({**summary, "top": rows}, indent=1) + "\n")
+    lines = [f"# Profile of one training step, {spec.name}, {args.batch} x {args.seq} tokens, {summary['gpu']}", "",
+             f"wall {wall:.1f} ms per step; GPU kernels {gpu:.1f} ms ({gpu / wall:.0%} of the wall time); "
+             f"host waiting on the GPU {sync:.1f} ms per step.", "",
+             "| kernel | calls/step | ms/step |", "|---|---|---|"]
+    lines += [f"| `{r['kernel']}` | {r['calls_per_step']:.0f} | {r['ms_per_step']:.2f} |" for r in rows]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
