@@ -182,6 +182,7 @@ def loss_curves(package, args) -> dict:
             model = package.build_model(DEV, dtype)
             model.train()
             opt = package.build_optimizer(model)
+            schedule = package.build_scheduler(opt)
             batches = torch.Generator().manual_seed(0)
             losses = []
             for _ in range(args.loss_steps):
@@ -190,6 +191,7 @@ def loss_curves(package, args) -> dict:
                 loss = model(ids, labels=ids).loss
                 loss.backward()
                 opt.step()
+                schedule.step()
                 opt.zero_grad(set_to_none=True)
                 losses.append(loss.item())
             curves[label] = losses

@@ -1,4 +1,4 @@
-"""The `k2c` command: check, inspect, build, train and import-hf.
+"""The `k2c` command: check, inspect, build, train, export and import-hf.
 
 Every failure a user can cause ends in one clear message on stderr and exit code 2; a traceback means a bug.
 A training run stopped by SIGINT / SIGTERM saves its checkpoint and exits 130 / 143.
@@ -245,6 +245,98 @@ def claim_run_dir(spec_name: str) -> Path:
             continue
 
 
+SIZE = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+        "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """`5GB`, `500MB`, `2GiB` or a number of bytes."""
+    number = text.strip()
+    unit = number.lstrip("0123456789.").strip().upper()
+    digits = number[: len(number) - len(number.lstrip("0123456789."))]
+    try:
+        value = float(digits) * SIZE[unit]
+    except (ValueError, KeyError):
+        raise UsageError(f"--shard-size: expected a size such as 5GB, 500MB or 2GiB, not {text!r}") from None
+    if value < 1:
+        raise UsageError(f"--shard-size must be at least 1 byte, not {text!r}")
+    return int(value)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from k2c.runtime import export, train
+    from k2c.runtime.packages import import_package
+
+    run_dir, out = Path(args.run_dir), Path(args.output)
+    shard_bytes = parse_size(args.shard_size)
+    if not run_dir.is_dir():
+        raise UsageError(f"no run folder {run_dir} (a folder that `k2c train` wrote, such as runs/<name>/1)")
+    checkpoint = run_dir / train.CHECKPOINT
+    if not (checkpoint.exists() or checkpoint.is_symlink()):
+        raise UsageError(f"{run_dir} holds no {train.CHECKPOINT}: nothing to export (train until a checkpoint is "
+                         "written)")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise UsageError(f"{out} is not empty; export into a new folder, or pass --force to write over it")
+    try:
+        state = train.read_checkpoint(checkpoint)
+    except train.TrainError as err:
+        raise UsageError(str(err)) from None
+    name = state["plan"].get("name") if isinstance(state["plan"], dict) else None
+    spec_dir = Path.cwd()
+    if args.spec:
+        spec = _load(args.spec)
+        if spec.name != name:
+            raise UsageError(f"{checkpoint} was trained from spec {name!r}, not {spec.name!r} ({args.spec})")
+        package_dir = default_out_dir(spec.name)
+        with at_spec_fields(args.spec), writing(package_dir):
+            build_package(spec, package_dir)
+        spec_dir = Path(args.spec).resolve().parent
+    else:
+        package_dir = default_out_dir(str(name))
+        if not (package_dir / "__init__.py").is_file():
+            raise UsageError(f"{checkpoint} was trained from spec {name!r}, whose package {package_dir}/ is not "
+                             "here; pass --spec SPEC (the spec it was trained with)")
+    package = import_package(package_dir, str(name))
+    changed = train._differences(train.resume_settings(package.PLAN), state["plan"])
+    if changed:
+        raise UsageError(f"{checkpoint} was trained under other settings than {package_dir}/ "
+                         f"({', '.join(changed[:5])}); pass --spec SPEC (the spec it was trained with)")
+    plan = package.PLAN
+    model = package.build_model(dtype=getattr(torch, plan.training.dtype))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise UsageError(f"{checkpoint}: the model's tensors do not fit {package_dir}/ "
+                         f"({str(err).strip().splitlines()[-1].strip()})") from None
+    init_from = plan.training.init_from
+    tokenizer_from = train.spec_path(init_from, spec_dir) if init_from is not None else None
+    if tokenizer_from is not None and not tokenizer_from.exists():
+        tokenizer_from = None
+    created = not out.exists()
+    try:
+        with writing(out):
+            notes = package.export_hf(model, out, peft=args.peft, fp8=args.fp8, max_shard_bytes=shard_bytes,
+                                      tokenizer_from=tokenizer_from, force=args.force)
+    except export.ExportError as err:
+        if created:
+            export.remove_partial(out)
+        raise UsageError(str(err)) from None
+    except BaseException:
+        if created:
+            export.remove_partial(out)
+        raise
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    shards = len(list(out.glob("model-*-of-*.safetensors")))
+    what = ("base + PEFT adapter in adapter/" if args.peft else "FP8" if args.fp8 else plan.training.dtype)
+    print(f"exported {run_dir} (step {state['step']}) to {out}/: {shards} shard(s), {what}")
+    return 0
+
+
 def cmd_import_hf(args: argparse.Namespace) -> int:
     text = import_hf_config(Path(args.config), name=args.name)
     if args.output:
@@ -297,6 +389,19 @@ def parser() -> argparse.ArgumentParser:
                    "0, else off; 0: off)")
     c.set_defaults(run=cmd_train)
 
+    c = sub.add_parser("export", help="a trained run as a Hugging Face model folder (transformers, vLLM, SGLang)",
+                       description=EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("run_dir", metavar="RUN_DIR", help="a run folder of `k2c train` (runs/<name>/<n>)")
+    c.add_argument("-o", "--output", required=True, metavar="DIR", help="the model folder to write")
+    c.add_argument("--spec", help="the spec the run was trained with (default: its package generated/<name>/)")
+    c.add_argument("--peft", action="store_true", help="write the base weights and the adapters as a PEFT folder "
+                   "DIR/adapter instead of merging them")
+    c.add_argument("--fp8", action="store_true", help="store linear weights as FP8 e4m3 with 128x128 block scales, "
+                   "as the published Kimi K2 / DeepSeek-V3 weights are")
+    c.add_argument("--shard-size", default="5GB", metavar="SIZE", help="largest safetensors shard (default 5GB)")
+    c.add_argument("--force", action="store_true", help="write into a folder that is not empty")
+    c.set_defaults(run=cmd_export)
+
     c = sub.add_parser("import-hf", help="a spec from a Hugging Face DeepSeek-V3 / Kimi K2 config.json")
     c.add_argument("config")
     c.add_argument("-o", "--output", help="write the spec here instead of stdout")
@@ -321,6 +426,15 @@ final learning rate (lr x final_lr_ratio). So an interrupted run, resumed, takes
 bit for bit.
 
 Paths in training.data and training.init_from are relative to the spec's folder."""
+
+
+EXPORT_HELP = """Write a run's last checkpoint as a Hugging Face model folder: config.json in the published
+DeepSeek-V3 / Kimi K2 format, model-0000i-of-0000n.safetensors shards with model.safetensors.index.json, and the
+tokenizer files of training.init_from when it has any (a byte-level run has none). Adapters are merged into the
+weights, or with --peft written as a PEFT adapter folder DIR/adapter beside the base weights. The folder loads with
+transformers' AutoModelForCausalLM.from_pretrained(DIR).
+
+The run's package is generated/<name>/ (what `k2c train` built); --spec SPEC builds it from the spec instead."""
 
 
 LAUNCHED = "K2C_LAUNCHED"  # set for the processes that `k2c train --nproc-per-node` starts

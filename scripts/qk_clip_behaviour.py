@@ -47,6 +47,7 @@ def train(spec: Spec, workdir: Path) -> dict[str, list[float]]:
     torch.manual_seed(cfg.seed)
     model = package.build_model()
     opt = package.build_optimizer(model)
+    schedule = package.build_scheduler(opt)
     batches = torch.Generator().manual_seed(cfg.seed)
     curves: dict[str, list[float]] = {"loss": [], "seen": [], "after": [], "clipped_heads": []}
     for step in range(1, cfg.steps + 1):
@@ -57,6 +58,7 @@ def train(spec: Spec, workdir: Path) -> dict[str, list[float]]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), package.PLAN.optimizer.grad_clip)
         opt.step()
+        schedule.step()
         opt.zero_grad(set_to_none=True)
         report = opt.last_report
         with torch.no_grad():  # the same batch through the weights the step (and its clip) left

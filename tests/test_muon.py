@@ -92,6 +92,7 @@ def algorithm_1(w, momentum, grad, lr, cfg):
 @pytest.mark.parametrize("name", [SQUARE, WIDE, TALL], ids=["square", "wide", "tall"])
 def test_muon_matches_torch_muon(g, name):
     model, opt = fresh(g)
+    scheduler = g.build_scheduler(opt)  # the learning rate changes from step to step (warm-up, then decay)
     cfg = g.PLAN.optimizer
     w = model.get_parameter(name)
     ref_w = w.detach().clone().requires_grad_()
@@ -105,6 +106,7 @@ def test_muon_matches_torch_muon(g, name):
         ref.param_groups[0]["lr"] = lr_at(step, g.PLAN.optimizer)
         before, ref_before = w.detach().clone(), ref_w.detach().clone()
         opt.step()
+        scheduler.step()
         ref.step()
         scale = update_scale(g, ref.param_groups[0]["lr"], w.shape)
         assert_updates_match(w.detach() - before, ref_w.detach() - ref_before, scale)
@@ -119,9 +121,9 @@ def test_muon_weight_decay_uses_the_unscaled_lr(g):
     cfg = g.PLAN.optimizer
     w = model.get_parameter(WIDE)
     ref_w = w.detach().clone().requires_grad_()
-    ref = torch.optim.Muon([ref_w], lr=lr_at(0, g.PLAN.optimizer), weight_decay=cfg.weight_decay,
+    ref = torch.optim.Muon([ref_w], lr=g.PLAN.optimizer.lr, weight_decay=cfg.weight_decay,
                            adjust_lr_fn="match_rms_adamw")
-    expected = w.detach() * (1 - lr_at(0, g.PLAN.optimizer) * cfg.weight_decay)
+    expected = w.detach() * (1 - g.PLAN.optimizer.lr * cfg.weight_decay)
     w.grad, ref_w.grad = torch.zeros_like(w), torch.zeros_like(w)
     opt.step()
     ref.step()
@@ -137,8 +139,8 @@ def test_muon_matches_algorithm_1_for_every_matrix(g):
     muon = {name: p for name, p in model.named_parameters() if id(p) in in_muon}
     assert {SQUARE, WIDE, TALL, EXPERTS} <= muon.keys()
     ref = {name: (p.detach().double(), torch.zeros_like(p, dtype=torch.float64)) for name, p in muon.items()}
-    for step in range(4):
-        lr = lr_at(step, g.PLAN.optimizer)
+    for _ in range(4):
+        lr = g.PLAN.optimizer.lr  # no scheduler: the plan's lr
         before = {name: p.detach().clone() for name, p in muon.items()}
         for p in muon.values():
             p.grad = torch.randn_like(p)
@@ -163,8 +165,8 @@ def test_stacked_experts_get_what_a_loop_over_experts_gets(g):
     cfg = g.PLAN.optimizer
     w = model.get_parameter(EXPERTS)
     momentum = torch.zeros_like(w)
-    for step in range(3):
-        lr = lr_at(step, g.PLAN.optimizer)
+    for _ in range(3):
+        lr = g.PLAN.optimizer.lr  # no scheduler: the plan's lr
         w.grad = torch.randn_like(w)
         before = w.detach().clone()
         momentum.mul_(cfg.momentum).add_(w.grad)
@@ -234,6 +236,7 @@ def test_adamw_group_matches_torch_adamw(g):
     torch.optim.AdamW(fused=True). The fused kernel orders its arithmetic differently from the single-tensor loop
     (foreach=False), whose results it matches within fp32 rounding only."""
     model, opt = fresh(g)
+    scheduler = g.build_scheduler(opt)
     cfg = g.PLAN.optimizer
     adamw = [p for group in opt.param_groups if group["kind"] == "adamw" for p in group["params"]]
     assert any(p is model.model.embed_tokens.weight for p in adamw)
@@ -249,6 +252,7 @@ def test_adamw_group_matches_torch_adamw(g):
             ref.param_groups[0]["lr"] = lr_at(step, g.PLAN.optimizer)
             ref.step()
         opt.step()
+        scheduler.step()
         for p, f, s in zip(adamw, fused, single):
             assert torch.equal(p.detach(), f.detach())
             torch.testing.assert_close(p.detach(), s.detach(), rtol=1e-6, atol=1e-7)
@@ -264,11 +268,11 @@ def test_adamw_keeps_fp32_moments_for_bf16_parameters(g):
     masters = [p.detach().float().requires_grad_() for p in adamw]
     ref = torch.optim.AdamW(masters, lr=cfg.lr, betas=cfg.adamw_betas, eps=cfg.adamw_eps,
                             weight_decay=cfg.weight_decay, fused=True)
-    for step in range(3):
+    for _ in range(3):
         for p, master in zip(adamw, masters):
             p.grad = torch.randn_like(p)
             master.grad = p.grad.float()
-        ref.param_groups[0]["lr"] = lr_at(step, g.PLAN.optimizer)
+        ref.param_groups[0]["lr"] = g.PLAN.optimizer.lr  # no scheduler: the plan's lr
         ref.step()
         opt.step()
         for p, master in zip(adamw, masters):
@@ -299,10 +303,15 @@ def test_lr_schedule(g, monkeypatch, decay):
 
     model, _ = fresh(g)
     opt = optim.build_optimizer(model, plan)
+    assert all(group["lr"] == peak for group in opt.param_groups)  # without a scheduler, the plan's lr
+    scheduler = optim.build_scheduler(opt, plan)
+    assert isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR)
     for step in range(6):
+        assert scheduler.lr_lambdas[0](step) == pytest.approx(lr_at(step, plan) / peak, rel=1e-12)
         opt.step()
-        assert opt.last_report["lr"] == lr_at(step, plan)
+        assert opt.last_report["lr"] == lr_at(step, plan)  # to the bit
         assert all(group["lr"] == lr_at(step, plan) for group in opt.param_groups)
+        scheduler.step()
 
 
 def test_param_groups_follow_the_rules(g):

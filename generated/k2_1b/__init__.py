@@ -10,8 +10,11 @@ from k2c.runtime import require_schema
 
 require_schema(2, __name__)
 
+import dataclasses as _dataclasses  # noqa: E402
+
 from k2c.runtime import adapters as _adapters  # noqa: E402
 from k2c.runtime import checkpoint as _checkpoint  # noqa: E402
+from k2c.runtime import export as _export  # noqa: E402
 from k2c.runtime import optim as _optim  # noqa: E402
 from k2c.runtime.model import Output  # noqa: E402
 from k2c.runtime.optim import MuonClip  # noqa: E402
@@ -58,8 +61,34 @@ def hf_state_dict(model: K2Model) -> dict:
 
 
 def build_optimizer(model: K2Model) -> MuonClip:
-    """MuonClip over the model's trainable parameters, grouped as the compiler decided."""
+    """MuonClip over the model's trainable parameters, grouped as the compiler decided.
+
+    Every group starts at lr = the spec's peak `optimizer.lr` and each step uses its group's lr, as any torch
+    optimizer does: attach `build_scheduler(opt)` for the spec's warm-up and decay (what `k2c train` does), or a
+    torch.optim.lr_scheduler / a schedule of your own.
+    """
     return _optim.build_optimizer(model, PLAN.optimizer)
+
+
+def build_scheduler(optimizer: MuonClip, warmup_steps: int | None = None,
+                    decay_steps: int | None = None) -> _optim.Schedule:
+    """The spec's learning-rate schedule on `optimizer`: a torch.optim.lr_scheduler.LambdaLR (factor
+    lr_at(step) / lr) to step after each `optimizer.step()`. It sets the lr of step 0 at once. `warmup_steps`,
+    `decay_steps` replace the spec's (k2c train stretches them to the run's length)."""
+    plan = PLAN.optimizer
+    plan = _dataclasses.replace(plan, warmup_steps=plan.warmup_steps if warmup_steps is None else warmup_steps,
+                                decay_steps=plan.decay_steps if decay_steps is None else decay_steps)
+    return _optim.build_scheduler(optimizer, plan)
+
+
+def export_hf(model: K2Model, directory, *, peft: bool = False, fp8: bool = False, max_shard_bytes: int = 5 * 10**9,
+              tokenizer_from=None, force: bool = False) -> list[str]:
+    """The model as a Hugging Face model folder (config.json, sharded safetensors and their index) that
+    transformers' AutoModelForCausalLM loads; adapters merged, or with `peft` the base plus an `adapter/` PEFT
+    folder; with `fp8`, linear weights in e4m3 with 128x128 block scales, as the published K2 weights are stored.
+    Returns notes on what was left out (k2c.runtime.export.export_hf)."""
+    return _export.export_hf(model, PLAN, directory, peft=peft, fp8=fp8, max_shard_bytes=max_shard_bytes,
+                             tokenizer_from=tokenizer_from, force=force)
 
 
 __all__ = [
@@ -74,6 +103,8 @@ __all__ = [
     "apply_adapters",
     "build_model",
     "build_optimizer",
+    "build_scheduler",
+    "export_hf",
     "export_peft_adapter",
     "hf_state_dict",
     "load_hf_state_dict",

@@ -8,6 +8,7 @@ its clip sites and the attention's own `ClipPlan`; the compiler decided both.
 from __future__ import annotations
 
 import math
+import types
 from collections import defaultdict
 from fnmatch import fnmatchcase
 
@@ -150,14 +151,15 @@ def clip_heads(attention: Attention, gamma: torch.Tensor) -> None:
 class MuonClip(torch.optim.Optimizer):
     """Muon and AdamW groups in one optimizer; each step also moves the router biases and applies QK-Clip.
 
-    Group "kind" is "muon" or "adamw". The learning rate of every group follows lr_at(step), with the step counter
-    kept in `state["step"]` so that a state_dict round trip resumes exactly. Moments are fp32 whatever the
-    parameter dtype. After each step `last_report` holds the learning rate, the number of clipped heads and
-    each layer's max logit.
+    Group "kind" is "muon" or "adamw". PyTorch's conventions hold: each step uses its group's `lr`, which starts at
+    the plan's peak lr and changes only when something sets it, a `torch.optim.lr_scheduler` (the spec's schedule is
+    `build_scheduler`) or a user's own code. The step counter is kept in `state["step"]`, so that a state_dict round
+    trip resumes exactly. Moments are fp32 whatever the parameter dtype. After each step `last_report` holds the
+    learning rate the step used (the first group's), the number of clipped heads and each layer's max logit.
     """
 
     def __init__(self, model: CausalLM, groups, plan: OptimizerPlan):
-        super().__init__(groups, {"lr": lr_at(0, plan)})
+        super().__init__(groups, {"lr": plan.lr})
         self.model = model
         self.plan = plan
         self.state["step"] = 0  # type: ignore[index]  # the optimizer-wide counter beside per-tensor state
@@ -170,9 +172,8 @@ class MuonClip(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         step = self.state["step"]
-        lr = lr_at(step, self.plan)
+        lr = self.param_groups[0]["lr"] if self.param_groups else 0.0
         for group in self.param_groups:
-            group["lr"] = lr
             if group["kind"] == "muon":
                 self._muon(group)
             else:
@@ -308,5 +309,67 @@ class MuonClip(torch.optim.Optimizer):
 
 
 def build_optimizer(model: CausalLM, plan: OptimizerPlan) -> MuonClip:
-    """MuonClip over `model`'s trainable parameters, grouped as the compiler decided."""
+    """MuonClip over `model`'s trainable parameters, grouped as the compiler decided, every group at lr = plan.lr
+    (the peak): the schedule is `build_scheduler`'s, or any torch.optim.lr_scheduler's."""
     return MuonClip(model, param_groups(model, plan), plan)
+
+
+class Schedule(torch.optim.lr_scheduler.LambdaLR):
+    """The spec's learning-rate schedule as a LambdaLR: group lr = its initial lr x lr_at(step) / plan.lr.
+
+    For a group whose initial lr is plan.lr (every group of `build_optimizer`), the lr is lr_at(step) to the bit
+    (not plan.lr x (lr_at / plan.lr), which may differ in the last place). Its state_dict (LambdaLR's: the step
+    count, the initial lrs) rides in the optimizer's, under "scheduler", and loads with it: a training checkpoint,
+    which saves the optimizer, resumes the schedule where it was.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, plan: OptimizerPlan):
+        self.plan = plan
+        step = optimizer.step
+        if not hasattr(step, "__func__") and not hasattr(step, "_wrapped_by_lr_sched"):
+            # a step replaced by a plain function (a wrapper around the method): torch's schedulers wrap a method
+            optimizer.step = types.MethodType(  # type: ignore[method-assign]
+                lambda _, *args, **kwargs: step(*args, **kwargs), optimizer)
+        super().__init__(optimizer, lambda step: self.factor(step))
+        optimizer.register_state_dict_post_hook(self._save_with)
+        optimizer.register_load_state_dict_pre_hook(self._load_with)
+
+    def _save_with(self, optimizer, state_dict: dict) -> dict:
+        return {**state_dict, "scheduler": self.state_dict()}
+
+    def _load_with(self, optimizer, state_dict: dict) -> dict:
+        state_dict = dict(state_dict)
+        if "scheduler" in state_dict:
+            self.load_state_dict(state_dict.pop("scheduler"))
+        return state_dict
+
+    def factor(self, step: int) -> float:
+        return lr_at(step, self.plan) / self.plan.lr if self.plan.lr else 0.0
+
+    def lr(self, step: int, base_lr) -> float:
+        return lr_at(step, self.plan) if base_lr == self.plan.lr else base_lr * self.factor(step)
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        return [self.lr(self.last_epoch, base) for base in self.base_lrs]
+
+    def _get_closed_form_lr(self) -> list[float]:
+        return self.get_lr()
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.pop("plan", None)  # the schedule itself comes from the plan it is built with, not from the file
+        return state
+
+    def jump_to(self, step: int) -> None:
+        """Set the schedule to `step` updates done (for a checkpoint that carries no scheduler state)."""
+        self.last_epoch = step
+        lrs: list = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self._last_lr = list(lrs)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, plan: OptimizerPlan) -> Schedule:
+    """The plan's schedule (warm-up, decay; `lr_at`) on `optimizer`: a torch LambdaLR, stepped after each
+    optimizer step. It sets every group's lr to the step-0 value at once."""
+    return Schedule(optimizer, plan)

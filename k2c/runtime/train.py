@@ -2,10 +2,11 @@
 exactly.
 
 `run(package, run_dir)` is what `k2c train` calls, with the generated package (its plan and its `build_model`,
-`build_optimizer`, `load_hf_state_dict`). Tokens are UTF-8 bytes (a vocabulary of 256); the last `eval_fraction`
-of them is held out. Every training batch comes from one torch.Generator seeded with the plan's seed, and its state
-travels in the checkpoint with the model, the optimizer and torch's RNG states, so a resumed run takes the very
-steps that an uninterrupted one would, bit for bit.
+`build_optimizer`, `build_scheduler`, `load_hf_state_dict`); the scheduler steps after every optimizer step.
+Tokens are UTF-8 bytes (a vocabulary of 256); the last `eval_fraction` of them is held out. Every training batch
+comes from one torch.Generator seeded with the plan's seed, and its state travels in the checkpoint with the model,
+the optimizer (and in its state the scheduler's) and torch's RNG states, so a resumed run takes the very steps that
+an uninterrupted one would, bit for bit.
 
 What a run does so that nothing is lost:
 
@@ -178,7 +179,7 @@ def run_schedule(steps: int, o: OptimizerPlan) -> dict:
 def save_checkpoint(path, model, opt, batches, step, plan: Plan, run: dict | None = None):
     """Write the whole training state to `path` so that a crash at any moment leaves the previous one intact; the
     file ends with the sha256 of its bytes (k2c.runtime.files.write_checksummed). `run` is the run's target step
-    count and schedule."""
+    count and schedule. The learning-rate scheduler's state is in the optimizer's (k2c.runtime.optim.Schedule)."""
     state = {
         "format": CHECKPOINT_FORMAT,
         "step": step,
@@ -232,15 +233,22 @@ def _differences(a, b, prefix=""):
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def load_checkpoint(path, model, opt, batches, plan: Plan) -> tuple[int, dict]:
-    """Restore what save_checkpoint wrote; returns the step it was taken after and its run (target, schedule)."""
+def load_checkpoint(path, model, opt, batches, plan: Plan, scheduler=None, *, state: dict | None = None
+                    ) -> tuple[int, dict]:
+    """Restore what save_checkpoint wrote; returns the step it was taken after and its run (target, schedule).
+
+    `scheduler` (built on `opt` with the run's schedule) loads with the optimizer, whose state_dict carries it; a
+    checkpoint written without it (by an older k2c) sets it to the checkpoint's step. `state`: the checkpoint
+    already read."""
     path = Path(path)
-    state = read_checkpoint(path)
+    state = read_checkpoint(path) if state is None else state
     changed = _differences(resume_settings(plan), state["plan"])
     if changed:
         raise TrainError(f"{path} was written under other settings ({', '.join(changed)}); it cannot resume here")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
+    if scheduler is not None and "scheduler" not in state["optimizer"]:
+        scheduler.jump_to(state["step"])
     batches.set_state(state["batches"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"]:
@@ -491,18 +499,20 @@ def _train(package, run_dir: Path, raw: bytes, steps, resume, checkpoint_minutes
     batches = torch.Generator().manual_seed(t.seed)
     start = 0
     if resume:
-        start, run = load_checkpoint(checkpoint_path, model, opt, batches, plan)
+        state = read_checkpoint(checkpoint_path)
+        run = state["run"]
+        scheduler = package.build_scheduler(opt, warmup_steps=run["warmup_steps"], decay_steps=run["decay_steps"])
+        start, run = load_checkpoint(checkpoint_path, model, opt, batches, plan, scheduler, state=state)
         steps = run["steps"] if steps is None else steps
         run = {**run, "steps": steps}
     else:
         steps = t.steps if steps is None else steps
         run = {"steps": steps, **run_schedule(steps, plan.optimizer)}
+        scheduler = package.build_scheduler(opt, warmup_steps=run["warmup_steps"], decay_steps=run["decay_steps"])
     if start >= steps:
         raise TrainError(f"{checkpoint_path} is at step {start} already; to train on, ask for more steps "
                          f"(--steps N; steps past {run['decay_steps']} run at the schedule's final learning rate)")
-    schedule = dataclasses.replace(opt.plan, warmup_steps=run["warmup_steps"], decay_steps=run["decay_steps"])
-    if schedule != opt.plan:
-        opt.plan = schedule  # MuonClip reads its learning rate from its plan at every step
+    schedule = dataclasses.replace(plan.optimizer, warmup_steps=run["warmup_steps"], decay_steps=run["decay_steps"])
     last_checkpoint = start
     if lead:
         try:
@@ -581,6 +591,7 @@ def _train(package, run_dir: Path, raw: bytes, steps, resume, checkpoint_minutes
             # max_norm inf scales by exactly 1: the norm is still measured when clipping is off
             grad_norm = torch.nn.utils.clip_grad_norm_(params, plan.optimizer.grad_clip or math.inf).item()
             opt.step()
+            scheduler.step()  # the learning rate of the next step
             opt.zero_grad(set_to_none=True)
             report = opt.last_report  # learning rate, clipped heads and max logit per layer of this step
             took = time.perf_counter() - t0
