@@ -632,11 +632,15 @@ def _train(package, run_dir: Path, raw: bytes, steps, resume, checkpoint_minutes
                     write_plot()
                 raise Interrupted(stop.signum or signal.SIGTERM, step, steps, run_dir, saved=lead)
 
-        if not lead:
-            return None
-        assert metrics is not None
-        close_metrics(metrics)
-        write_plot()
+        if metrics is not None:  # the lead process
+            close_metrics(metrics)
+            write_plot()
+    if size > 1:
+        # the other ranks leave once the lead's checkpoint, metrics and plot are written: a launcher that sees every
+        # rank exit sees a finished run, and no rank tears down the process group under another's feet
+        dist.barrier()
+    if not lead:
+        return None
 
     records = read_metrics(metrics_path)
     summary = {
