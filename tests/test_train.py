@@ -4,6 +4,8 @@ import functools
 import json
 from types import SimpleNamespace
 import math
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -226,27 +228,33 @@ def test_unloadable_init_from_is_a_train_error(build_generated, tmp_path):
         train.run(tmp_path / "run")
 
 
-def data_parallel_rank(rank, package_dir, run_dir, init_file):
-    """One of two gloo processes training the package together, as torchrun would start them."""
+def data_parallel_rank(rank, package_dir, run_dir, port):
+    """One of two processes training the package together, started with torchrun's environment: the runtime
+    starts the (gloo) process group itself and must leave it before it returns."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        package = import_generated(Path(package_dir))
-        rows, windows = [], runtime_train.windows
-        runtime_train.windows = lambda tokens, starts, seq_len: rows.append(len(starts)) or windows(tokens, starts,
-                                                                                                    seq_len)
-        runtime_train.run(package, Path(run_dir))
-        (Path(run_dir) / f"rows.{rank}").write_text(json.dumps(rows))
-    finally:
-        dist.destroy_process_group()
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    package = import_generated(Path(package_dir))
+    rows, windows = [], runtime_train.windows
+    runtime_train.windows = lambda tokens, starts, seq_len: rows.append(len(starts)) or windows(tokens, starts,
+                                                                                                seq_len)
+    runtime_train.run(package, Path(run_dir))
+    assert not dist.is_initialized()
+    (Path(run_dir) / f"rows.{rank}").write_text(json.dumps(rows))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_two_data_parallel_processes_take_the_single_process_steps(build_generated, tmp_path):
     """Each rank takes half of every batch; averaged gradients make the same steps as one process on all of it."""
     package, train = trainer(build_generated, **{"training.steps": 3, "training.grad_accum": 2})
     train.run(tmp_path / "single")
-    mp.spawn(data_parallel_rank, args=(str(Path(package.__file__).parent), str(tmp_path / "parallel"),
-                                       str(tmp_path / "rendezvous")), nprocs=2, join=True)
+    mp.spawn(data_parallel_rank, args=(str(Path(package.__file__).parent), str(tmp_path / "parallel"), free_port()),
+             nprocs=2, join=True)
     for rank in range(2):  # 3 steps x 2 micro-batches of half the batch each, then the held-out batches
         rows = json.loads((tmp_path / "parallel" / f"rows.{rank}").read_text())
         assert rows[:6] == [2] * 6 and set(rows[6:]) == {4}

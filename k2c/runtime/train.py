@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -350,17 +351,28 @@ def device():
 
 
 def data_parallel(dev, batch_size):
-    """(rank, world size). Under torchrun (WORLD_SIZE > 1) every process holds the whole model and takes its
-    share of each batch; gradients are averaged, so all ranks take the same step."""
-    size = int(os.environ.get("WORLD_SIZE", 1))
-    if size > 1 and not dist.is_initialized():
+    """(rank, world size, whether this call started the process group). Under torchrun (WORLD_SIZE > 1) every
+    process holds the whole model and takes its share of each batch; gradients are averaged, so all ranks take the
+    same step."""
+    started = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
+    if started:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     if not dist.is_initialized():
-        return 0, 1
-    if batch_size % dist.get_world_size():
-        raise TrainError(f"training.batch_size {batch_size} must split evenly over "
-                         f"{dist.get_world_size()} processes")
-    return dist.get_rank(), dist.get_world_size()
+        return 0, 1, False
+    rank, size = dist.get_rank(), dist.get_world_size()
+    if batch_size % size:
+        if started:
+            leave_process_group()
+        raise TrainError(f"training.batch_size {batch_size} must split evenly over {size} processes")
+    return rank, size, started
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group and free it at once. A reference cycle can keep gloo's group alive past
+    destroy_process_group; left to the interpreter's last collection, its worker threads wake when the interpreter
+    no longer lets them take the GIL, and the process aborts (about one exit in three, seen on two CPU ranks)."""
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def average_gradients(params, size):
@@ -447,7 +459,7 @@ def run(package: ModuleType, run_dir, steps=None, resume=False, *, checkpoint_mi
     raw = read_corpus(t, spec_dir)  # before anything is created: a wrong path leaves no empty run folder
 
     dev = device()
-    rank, size = data_parallel(dev, t.batch_size)
+    rank, size, started_group = data_parallel(dev, t.batch_size)
     lead = rank == 0  # the one process that writes metrics, checkpoints and plots
     created = False
     try:
@@ -472,6 +484,8 @@ def run(package: ModuleType, run_dir, steps=None, resume=False, *, checkpoint_mi
         if created:
             with contextlib.suppress(OSError):
                 run_dir.rmdir()  # only when empty: a run that stopped before it wrote anything leaves no folder
+        if started_group:
+            leave_process_group()
 
 
 def _train(package, run_dir: Path, raw: bytes, steps, resume, checkpoint_minutes, spec_dir, dev, rank, size):
