@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from k2c.codegen import build_package  # noqa: E402
-from k2c.runtime import train as runtime_train  # noqa: E402
+from k2c.runtime import data as runtime_data  # noqa: E402
 from k2c.runtime.hf_config import hf_config  # noqa: E402
 from k2c.runtime.packages import import_package  # noqa: E402
 from k2c.spec import Spec, load_spec  # noqa: E402
@@ -171,7 +171,7 @@ def hf_lora_row(plan, ids: torch.Tensor, args) -> Row:
 def loss_curves(package, args) -> dict:
     """Losses of `--loss-steps` steps on the bundled corpus: kernels in bf16, torch in bf16, torch in fp32."""
     t = dataclasses.replace(package.PLAN.training, batch_size=args.loss_batch)
-    train_tokens, _ = runtime_train.split(runtime_train.read_corpus(t), t, package.CONFIG.vocab_size)
+    train_tokens = runtime_data.load(t, package.CONFIG.vocab_size)[0].tokens
     curves = {}
     for label, kernels, dtype in (("kernels bf16", None, BF16), ("torch bf16", "torch", BF16),
                                   ("torch fp32", "torch", torch.float32)):
@@ -187,7 +187,7 @@ def loss_curves(package, args) -> dict:
             losses = []
             for _ in range(args.loss_steps):
                 starts = torch.randint(len(train_tokens) - args.seq + 1, (args.loss_batch,), generator=batches)
-                ids = runtime_train.windows(train_tokens.to(DEV), starts.to(DEV), args.seq)
+                ids = runtime_data.windows(train_tokens.to(DEV), starts.to(DEV), args.seq)
                 loss = model(ids, labels=ids).loss
                 loss.backward()
                 opt.step()

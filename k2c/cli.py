@@ -1,4 +1,4 @@
-"""The `k2c` command: check, inspect, build, train, export and import-hf.
+"""The `k2c` command: check, inspect, build, train, export, generate and import-hf.
 
 Every failure a user can cause ends in one clear message on stderr and exit code 2; a traceback means a bug.
 A training run stopped by SIGINT / SIGTERM saves its checkpoint and exits 130 / 143.
@@ -17,6 +17,7 @@ from pathlib import Path
 
 from k2c import __version__
 from k2c.codegen import CodegenError, build_package, compile_spec
+from k2c.codegen.lower import lower
 from k2c.ir import IRError
 from k2c.passes import PassError, PlacementError
 from k2c.report import inspect_json, inspect_text
@@ -61,23 +62,55 @@ def writing(what: Path) -> Iterator[None]:
         raise UsageError(f"cannot write {err.filename or what}: {reason}") from None
 
 
+DATA_KINDS = {"text": "a UTF-8 text file", "jsonl": "a JSON Lines file", "parquet": "a Parquet file",
+              "datasets": "a folder saved by datasets' save_to_disk"}
+
+
 def check_paths(spec_file: str, spec: Spec) -> None:
-    """training.data and training.init_from must exist: found by `check`, not after a build at the first step.
+    """training.data, training.tokenizer and training.init_from must exist, and the tokenizer must fit the model:
+    found by `check`, not after a build at the first step.
 
     Relative paths start at the spec's folder, as `k2c train` reads them."""
     base = Path(spec_file).resolve().parent
     t = spec.training
     if t.data != "bundled":
         path = base / Path(t.data).expanduser()
-        if not path.is_file():
-            found = "a folder" if path.is_dir() else "nothing"
-            raise field_error(spec_file, ("training", "data"), f"expected a UTF-8 text file (a relative path starts "
-                              f"at the spec's folder), found {found} at {path}")
+        folder = t.source_format == "datasets"
+        if not (path.is_dir() if folder else path.is_file()):
+            found = "a folder" if path.is_dir() else "a file" if path.exists() else "nothing"
+            raise field_error(spec_file, ("training", "data"), f"expected {DATA_KINDS[t.source_format]} (a relative "
+                              f"path starts at the spec's folder), found {found} at {path}")
+    if t.tokenizer != "bytes":
+        check_tokenizer(spec_file, spec, base)
     if t.init_from is not None:
         path = base / Path(t.init_from).expanduser()
         if not path.exists():
             raise field_error(spec_file, ("training", "init_from"), "expected a .safetensors file or a checkpoint "
                               f"folder (a relative path starts at the spec's folder), found nothing at {path}")
+
+
+def check_tokenizer(spec_file: str, spec: Spec, base: Path) -> None:
+    """The tokenizer folder loads, has no more tokens than the model's vocabulary, and a chat template for chat."""
+    from k2c.runtime import data
+
+    t = spec.training
+    path = base / Path(t.tokenizer).expanduser()
+    at = ("training", "tokenizer")
+    if not path.is_dir():
+        found = "a file" if path.exists() else "nothing"
+        raise field_error(spec_file, at, "expected a tokenizer folder in the Hugging Face layout (tokenizer.json, "
+                          "tokenizer_config.json; a relative path starts at the spec's folder), found "
+                          f"{found} at {path}")
+    try:
+        tokenizer = data.load_tokenizer(t.tokenizer, base)
+    except data.DataError as err:
+        raise field_error(spec_file, at, f"expected a tokenizer that transformers loads, found: {err}") from None
+    problem = data.vocabulary_problem(tokenizer, spec.model.vocab_size)
+    if problem is not None:
+        raise field_error(spec_file, at, f"expected {problem}")
+    if t.chat and not tokenizer.has_chat_template:
+        raise field_error(spec_file, at, f"expected a tokenizer with a chat template (training.chat is true), found "
+                          f"none in {path}")
 
 
 def warn_about(spec: Spec) -> None:
@@ -98,13 +131,21 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from k2c.runtime import memory, parallel
+
     spec = _load(args.spec)
     with at_spec_fields(args.spec):
         graph = compile_spec(spec)
+    plan = lower(graph)
+    world = memory.smallest_world(plan) if args.world is None else args.world
+    try:
+        estimate = memory.estimate(plan, world)
+    except parallel.LayoutError as err:
+        raise UsageError(f"--world {world}: {err}") from None
     if args.json:
-        print(json.dumps(inspect_json(spec, graph), indent=1, sort_keys=True))
+        print(json.dumps({**inspect_json(spec, graph), "memory": estimate.as_dict()}, indent=1, sort_keys=True))
     else:
-        print(inspect_text(spec, graph), end="")
+        print(inspect_text(spec, graph) + estimate.text(), end="")
     return 0
 
 
@@ -136,8 +177,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     spec = _load(args.spec)
     out = Path(args.out) if args.out else default_out_dir(spec.name)
     with at_spec_fields(args.spec):
-        compile_spec(spec)
+        graph = compile_spec(spec)
     check_paths(args.spec, spec)
+    from k2c.runtime import parallel
+
+    world = max(args.nproc_per_node, int(os.environ.get("WORLD_SIZE", 1)))
+    try:  # before any process starts
+        parallel.mesh_shape(lower(graph), world)
+    except parallel.LayoutError as err:
+        raise field_error(args.spec, tuple(err.field.split(".")), err.reason) from None
     if args.run_dir is None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise UsageError("under a multi-process launcher (torchrun), pass --run-dir so that every process "
                          "uses the same run folder")
@@ -145,6 +193,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = Path(args.run_dir) if args.run_dir else latest_run_dir(spec.name)
         if not (run_dir / "checkpoint.pt").exists():
             raise UsageError(f"nothing to resume: {run_dir / 'checkpoint.pt'} does not exist")
+    from k2c.runtime import data
+
+    spec_dir = Path(args.spec).resolve().parent
+    try:  # read (and tokenised into the cache) before anything else is written, and once for all processes
+        parts = data.load(lower(graph).training, spec.model.vocab_size, spec_dir)
+    except data.DataError as err:
+        raise UsageError(str(err)) from None
     with at_spec_fields(args.spec), writing(out):
         result = build_package(spec, out)
     if result.written:
@@ -169,7 +224,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                     claimed.rmdir()
     try:
         train.run(package, run_dir, steps=args.steps, resume=args.resume, checkpoint_minutes=args.checkpoint_minutes,
-                  spec_dir=Path(args.spec).resolve().parent)
+                  spec_dir=spec_dir, data=parts)
     except train.TrainError as err:
         raise UsageError(str(err)) from None
     except train.Interrupted as err:
@@ -263,38 +318,36 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
-def cmd_export(args: argparse.Namespace) -> int:
+def load_run(run_dir: Path, spec_file: str | None, what: str):
+    """(package, model with the run's last checkpoint, the checkpoint's state, the spec's folder) of a run folder.
+
+    The run's package is generated/<name>/ (what `k2c train` built); `spec_file` builds it from the spec instead.
+    `what` the command does with the run, for the message when there is no checkpoint."""
     import torch
 
-    from k2c.runtime import export, train
+    from k2c.runtime import train
     from k2c.runtime.packages import import_package
 
-    run_dir, out = Path(args.run_dir), Path(args.output)
-    shard_bytes = parse_size(args.shard_size)
     if not run_dir.is_dir():
         raise UsageError(f"no run folder {run_dir} (a folder that `k2c train` wrote, such as runs/<name>/1)")
     checkpoint = run_dir / train.CHECKPOINT
     if not (checkpoint.exists() or checkpoint.is_symlink()):
-        raise UsageError(f"{run_dir} holds no {train.CHECKPOINT}: nothing to export (train until a checkpoint is "
+        raise UsageError(f"{run_dir} holds no {train.CHECKPOINT}: nothing to {what} (train until a checkpoint is "
                          "written)")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not args.force:
-        raise UsageError(f"{out} is not empty; export into a new folder, or pass --force to write over it")
     try:
         state = train.read_checkpoint(checkpoint)
     except train.TrainError as err:
         raise UsageError(str(err)) from None
     name = state["plan"].get("name") if isinstance(state["plan"], dict) else None
     spec_dir = Path.cwd()
-    if args.spec:
-        spec = _load(args.spec)
+    if spec_file:
+        spec = _load(spec_file)
         if spec.name != name:
-            raise UsageError(f"{checkpoint} was trained from spec {name!r}, not {spec.name!r} ({args.spec})")
+            raise UsageError(f"{checkpoint} was trained from spec {name!r}, not {spec.name!r} ({spec_file})")
         package_dir = default_out_dir(spec.name)
-        with at_spec_fields(args.spec), writing(package_dir):
+        with at_spec_fields(spec_file), writing(package_dir):
             build_package(spec, package_dir)
-        spec_dir = Path(args.spec).resolve().parent
+        spec_dir = Path(spec_file).resolve().parent
     else:
         package_dir = default_out_dir(str(name))
         if not (package_dir / "__init__.py").is_file():
@@ -305,15 +358,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     if changed:
         raise UsageError(f"{checkpoint} was trained under other settings than {package_dir}/ "
                          f"({', '.join(changed[:5])}); pass --spec SPEC (the spec it was trained with)")
-    plan = package.PLAN
-    model = package.build_model(dtype=getattr(torch, plan.training.dtype))
+    model = package.build_model(dtype=getattr(torch, package.PLAN.training.dtype))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise UsageError(f"{checkpoint}: the model's tensors do not fit {package_dir}/ "
                          f"({str(err).strip().splitlines()[-1].strip()})") from None
-    init_from = plan.training.init_from
-    tokenizer_from = train.spec_path(init_from, spec_dir) if init_from is not None else None
+    return package, model, state, spec_dir
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from k2c.runtime import export
+    from k2c.runtime.data import BYTES, spec_path
+
+    run_dir, out = Path(args.run_dir), Path(args.output)
+    shard_bytes = parse_size(args.shard_size)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise UsageError(f"{out} is not empty; export into a new folder, or pass --force to write over it")
+    package, model, state, spec_dir = load_run(run_dir, args.spec, "export")
+    plan = package.PLAN
+    # the tokenizer trained with, else the fine-tuning base's (a published checkpoint folder holds its tokenizer)
+    tokenizer = plan.training.tokenizer if plan.training.tokenizer != BYTES else plan.training.init_from
+    tokenizer_from = spec_path(tokenizer, spec_dir) if tokenizer is not None else None
     if tokenizer_from is not None and not tokenizer_from.exists():
         tokenizer_from = None
     created = not out.exists()
@@ -334,6 +402,37 @@ def cmd_export(args: argparse.Namespace) -> int:
     shards = len(list(out.glob("model-*-of-*.safetensors")))
     what = ("base + PEFT adapter in adapter/" if args.peft else "FP8" if args.fp8 else plan.training.dtype)
     print(f"exported {run_dir} (step {state['step']}) to {out}/: {shards} shard(s), {what}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from k2c.runtime import data, generate, train
+
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
+    if not args.temperature >= 0:
+        raise UsageError(f"--temperature must be 0 (greedy) or more, not {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError(f"--top-k must be at least 1, not {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must lie in (0, 1], not {args.top_p}")
+    package, model, _, spec_dir = load_run(Path(args.run_dir), args.spec, "generate from")
+    t = package.PLAN.training
+    try:
+        tokenizer = data.load_tokenizer(t.tokenizer, spec_dir)
+    except data.DataError as err:
+        raise UsageError(f"{err} (pass --spec SPEC when the run's spec is not in this folder)") from None
+    if args.chat and not tokenizer.has_chat_template:
+        raise UsageError(f"--chat: the tokenizer {tokenizer.name} has no chat template")
+    text = (tokenizer.render([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+            if args.chat else args.prompt)
+    prompt = [int(i) for i in tokenizer.encode([text])[0]]
+    if not prompt:
+        raise UsageError("--prompt is empty: there is nothing to go on from")
+    model = model.to(train.device())
+    new = generate.generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, eos=tokenizer.eos, seed=args.seed)
+    print(tokenizer.decode(new))
     return 0
 
 
@@ -363,6 +462,8 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("inspect", help="show what the compiler decided for a spec")
     c.add_argument("spec")
     c.add_argument("--json", action="store_true", help="one JSON object instead of tables")
+    c.add_argument("--world", type=int, metavar="N", help="estimate the memory per device of a training step "
+                   "over N processes (default: 1, or the fewest the spec's parallel section takes)")
     c.set_defaults(run=cmd_inspect)
 
     c = sub.add_parser("build", help="generate the Python package of a spec")
@@ -402,6 +503,23 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="write into a folder that is not empty")
     c.set_defaults(run=cmd_export)
 
+    c = sub.add_parser("generate", help="text from a trained run: greedy or sampled decoding with a KV cache",
+                       description=GENERATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("run_dir", metavar="RUN_DIR", help="a run folder of `k2c train` (runs/<name>/<n>)")
+    c.add_argument("--prompt", required=True, help="the text to go on from")
+    c.add_argument("--chat", action="store_true", help="the prompt is a user's message: rendered with the "
+                   "tokenizer's chat template, the assistant answers")
+    c.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="at most this many tokens (default 64)")
+    c.add_argument("--temperature", type=float, default=0.0, help="0 (the default): greedy; above 0: sampled from "
+                   "softmax(logits / temperature)")
+    c.add_argument("--top-k", type=int, metavar="K", help="sample among the K likeliest tokens only")
+    c.add_argument("--top-p", type=float, metavar="P", help="sample among the likeliest tokens that together hold "
+                   "probability P")
+    c.add_argument("--seed", type=int, default=0, help="of the sampling (default 0)")
+    c.add_argument("--spec", help="the spec the run was trained with (default: its package generated/<name>/; "
+                   "relative tokenizer paths start at its folder, else at the current one)")
+    c.set_defaults(run=cmd_generate)
+
     c = sub.add_parser("import-hf", help="a spec from a Hugging Face DeepSeek-V3 / Kimi K2 config.json")
     c.add_argument("config")
     c.add_argument("-o", "--output", help="write the spec here instead of stdout")
@@ -433,6 +551,14 @@ DeepSeek-V3 / Kimi K2 format, model-0000i-of-0000n.safetensors shards with model
 tokenizer files of training.init_from when it has any (a byte-level run has none). Adapters are merged into the
 weights, or with --peft written as a PEFT adapter folder DIR/adapter beside the base weights. The folder loads with
 transformers' AutoModelForCausalLM.from_pretrained(DIR).
+
+The run's package is generated/<name>/ (what `k2c train` built); --spec SPEC builds it from the spec instead."""
+
+
+GENERATE_HELP = """Print what a run's model writes after a prompt: tokens decoded one at a time with a KV cache,
+greedily (the default) or sampled (--temperature, --top-k, --top-p, --seed), until the tokenizer's end-of-text
+token or --max-new-tokens. The prompt is tokenised with training.tokenizer (UTF-8 bytes for a byte-level run); with
+--chat it is a user's message in the tokenizer's chat template, and the model answers as the assistant.
 
 The run's package is generated/<name>/ (what `k2c train` built); --spec SPEC builds it from the spec instead."""
 

@@ -24,7 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from k2c.runtime import train as runtime_train  # noqa: E402
+from k2c.runtime import data as runtime_data  # noqa: E402
 from k2c.runtime.packages import import_package  # noqa: E402
 from k2c.codegen import build_package  # noqa: E402
 from k2c.spec import Spec, load_spec  # noqa: E402
@@ -43,7 +43,7 @@ def train(spec: Spec, workdir: Path) -> dict[str, list[float]]:
     build_package(spec, workdir / spec.name)
     package = import_package(workdir / spec.name, spec.name)
     cfg = package.PLAN.training
-    train_tokens, _ = runtime_train.split(runtime_train.read_corpus(cfg), cfg, package.CONFIG.vocab_size)
+    train_tokens = runtime_data.load(cfg, package.CONFIG.vocab_size)[0].tokens
     torch.manual_seed(cfg.seed)
     model = package.build_model()
     opt = package.build_optimizer(model)
@@ -52,7 +52,7 @@ def train(spec: Spec, workdir: Path) -> dict[str, list[float]]:
     curves: dict[str, list[float]] = {"loss": [], "seen": [], "after": [], "clipped_heads": []}
     for step in range(1, cfg.steps + 1):
         starts = torch.randint(len(train_tokens) - cfg.seq_len + 1, (cfg.batch_size,), generator=batches)
-        ids = runtime_train.windows(train_tokens, starts, cfg.seq_len)
+        ids = runtime_data.windows(train_tokens, starts, cfg.seq_len)
         model.train()
         loss = model(ids, labels=ids).loss
         loss.backward()

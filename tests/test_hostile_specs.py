@@ -371,7 +371,7 @@ GOLDEN: dict[str, list[str]] = {
     "int_key_of_1000_digits": ["spec.yaml:1:1: error: expected a string key, found an integer of 1000 digits"],
     "key_with_invisible_characters": [(
         "spec.yaml:76:1: error: \\u200bname\\u2060: expected no key '\\u200bname\\u2060' here (did you mean 'name'? "
-        "allowed: name, description, model, optimizer, adapter, training), found key '\\u200bname\\u2060'")],
+        "allowed: name, description, model, optimizer, adapter, training, parallel), found key '\\u200bname\\u2060'")],
     "tagged_mapping": [(
         "spec.yaml:28:16: error: model.attention.rope.scaling: expected a mapping without a tag, found a mapping "
         "tagged !!python/object:dict")],

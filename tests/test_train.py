@@ -263,7 +263,4 @@ def test_two_data_parallel_processes_take_the_single_process_steps(build_generat
     for a, b in zip(single, parallel):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
-    a = torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "parallel" / "checkpoint.pt", weights_only=True)["model"]
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+    # the sharded checkpoint's tensors: tests/test_parallel.py

@@ -23,6 +23,7 @@ from k2c.runtime.plan import (
     MoEPlan,
     NormPlan,
     OptimizerPlan,
+    ParallelPlan,
     ParamRule,
     Plan,
     RopePlan,
@@ -30,7 +31,7 @@ from k2c.runtime.plan import (
     TrainingPlan,
     YarnPlan,
 )
-from k2c.spec.schema import Adapter, Optimizer, Training
+from k2c.spec.schema import Adapter, Optimizer, Parallel, Training
 
 
 def lower(graph: Graph) -> Plan:
@@ -43,6 +44,7 @@ def lower(graph: Graph) -> Plan:
         optimizer=_optimizer(graph),
         adapter=_adapter(graph),
         training=_training(graph.facts["training"]),
+        parallel=_parallel(graph),
     )
 
 
@@ -122,6 +124,7 @@ def _moe(layer: _Layer) -> MoEPlan:
         intermediate_size=up["out_features"],
         shared=_mlp(layer, "shared") if layer.get("shared.up") is not None else None,
         kernel=up["kernel"],
+        expert_shards=router["expert_shards"],
     )
 
 
@@ -239,6 +242,13 @@ def _adapter(graph: Graph) -> AdapterPlan:
 def _training(t: Training) -> TrainingPlan:
     return TrainingPlan(
         seq_len=t.seq_len, batch_size=t.batch_size, grad_accum=t.grad_accum, steps=t.steps, dtype=t.dtype,
-        data=t.data, init_from=t.init_from, eval_fraction=t.eval_fraction, eval_every=t.eval_every,
+        data=t.data, data_format=t.source_format, data_field=t.record_field, chat=t.chat, tokenizer=t.tokenizer,
+        init_from=t.init_from, eval_fraction=t.eval_fraction, eval_every=t.eval_every,
         log_every=t.log_every, checkpoint_every=t.checkpoint_every, seed=t.seed,
     )
+
+
+def _parallel(graph: Graph) -> ParallelPlan:
+    p: Parallel = graph.facts["parallel"]
+    return ParallelPlan(data_shard=None if p.data_shard == "auto" else p.data_shard, expert=p.expert,
+                        reduce_dtype=p.reduce_dtype, recompute_layers=graph.facts["recompute_layers"])

@@ -37,7 +37,8 @@ def build_graph(spec: Spec) -> Graph:
     )
     g.add(Op.make(OpKind.LOSS, "loss", objective="causal_lm_cross_entropy"), head, tokens)
     # The settings that the passes decide from travel with the graph, so each pass is Graph -> Graph.
-    return g.with_facts(adapter=spec.adapter, optimizer=spec.optimizer, training=spec.training)
+    return g.with_facts(adapter=spec.adapter, optimizer=spec.optimizer, training=spec.training,
+                        parallel=spec.parallel)
 
 
 def _linear(g: Graph, name: str, module: str, layer: int, n_in: int, n_out: int, src: Op) -> Op:

@@ -14,6 +14,7 @@ from k2c.passes.group_params import group_params
 from k2c.passes.infer_shapes import infer_shapes
 from k2c.passes.place_adapters import place_adapters
 from k2c.passes.place_qk_clip import place_qk_clip
+from k2c.passes.plan_parallel import plan_parallel
 from k2c.passes.select_kernels import select_kernels
 
 Pass = Callable[[Graph], Graph]
@@ -27,6 +28,7 @@ PIPELINE: tuple[Pass, ...] = (
     group_params,
     select_kernels,
     fuse_experts,
+    plan_parallel,
 )
 
 
@@ -52,4 +54,5 @@ def run_pipeline(graph: Graph, dump_dir: Path | None = None) -> Graph:
 
 
 __all__ = ["PIPELINE", "PassError", "PlacementError", "run_pipeline", "balance_routers", "count_params",
-           "fuse_experts", "group_params", "infer_shapes", "place_adapters", "place_qk_clip", "select_kernels"]
+           "fuse_experts", "group_params", "infer_shapes", "place_adapters", "place_qk_clip", "plan_parallel",
+           "select_kernels"]

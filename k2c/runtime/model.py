@@ -13,7 +13,7 @@ head, the RoPE tables and the statistics MuonClip reads.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -244,11 +244,18 @@ class Routing:
         # Only permutations move rows, never a scatter-add: gradients and outputs come out the same, bit for bit,
         # on every run and device (an index_add_ of k rows per token sums in whatever order its atomics land).
         y = y * self.weights
-        return torch.empty_like(y).index_copy_(0, self.order, y).view(-1, self.top_k, y.shape[1])
+        # the result is its own tensor, not a view of one: FSDP2 cannot hook a module output that is a view
+        slots = y.new_empty((y.shape[0] // self.top_k, self.top_k, y.shape[1]))
+        slots.view(-1, y.shape[1]).index_copy_(0, self.order, y)
+        return slots
 
 
 class Experts(nn.Module):
     """The routed experts of one layer, stacked: expert e is a SwiGLU with weights [e] of each tensor."""
+
+    # Under expert parallelism (k2c.runtime.parallel), the exchange that sends rows to the process holding their
+    # expert and brings the outputs back; this module then holds only that process's experts.
+    exchange: Callable[[Experts, Routing], torch.Tensor] | None = None
 
     def __init__(self, plan: MoEPlan, device=None, dtype=None):
         super().__init__()
@@ -268,7 +275,13 @@ class Experts(nn.Module):
 
     def forward(self, routing: Routing) -> torch.Tensor:
         """All the routed experts at once: [N, k, H], slot (t, s) the output of token t's s-th expert times its
-        combine weight, for `MoE.combine` to sum.
+        combine weight, for `MoE.combine` to sum."""
+        if self.exchange is not None:
+            return self.exchange(self, routing)
+        return self.compute(routing)
+
+    def compute(self, routing: Routing) -> torch.Tensor:
+        """`forward` over the experts this module holds.
 
         On the Triton path this is one fused Function (gate/up GEMM with SwiGLU in its epilogue, reading each row's
         token from the input in place; down GEMM weighting and scattering its rows; see kernels/moe.py). Otherwise,

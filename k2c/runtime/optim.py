@@ -14,11 +14,13 @@ from fnmatch import fnmatchcase
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.optim.adamw import adamw as fused_adamw
 
 from k2c.runtime.kernels import newton_schulz as ns_kernels
 from k2c.runtime.model import Attention, CausalLM
 from k2c.runtime.ops import use_triton
+from k2c.runtime.parallel import gather, local, owner_rounds, rows_of, scatter
 from k2c.runtime.plan import TRITON, OptimizerPlan
 
 # At most this many elements in one batched Newton-Schulz, so that its working copies stay small beside the model:
@@ -123,10 +125,13 @@ def write_back(params, masters) -> None:
 
 
 def scale_rows(weight: torch.Tensor, rows: tuple[int, int, int], factor: torch.Tensor) -> None:
-    """Multiply head h's rows `[h*stride + offset, +count)` of weight [heads*stride, in] by factor[h]."""
+    """Multiply head h's rows `[h*stride + offset, +count)` of weight [heads*stride, in] by factor[h] (on the rows
+    this process holds, when the weight is sharded)."""
     offset, count, stride = rows
-    heads = factor.shape[0]
-    weight.view(heads, stride, -1)[:, offset : offset + count] *= factor[:, None, None]
+    per_row = torch.ones(factor.shape[0], stride, dtype=factor.dtype, device=factor.device)
+    per_row[:, offset : offset + count] = factor[:, None]
+    held = local(weight)
+    held.mul_(rows_of(weight, per_row.view(-1)).to(held.device)[:, None])
 
 
 def clip_heads(attention: Attention, gamma: torch.Tensor) -> None:
@@ -139,7 +144,8 @@ def clip_heads(attention: Attention, gamma: torch.Tensor) -> None:
     if clip.mode == "scale":
         # frozen q/k weights: the attention multiplies head h's logits by qk_scale[h]
         assert attention.qk_scale is not None
-        attention.qk_scale.mul_(gamma)
+        scale = attention.qk_scale
+        local(scale).mul_(rows_of(scale, gamma).to(local(scale).device))
         return
     root = gamma.sqrt()
     q = attention.get_parameter(clip.q_weight)
@@ -165,6 +171,24 @@ class MuonClip(torch.optim.Optimizer):
         self.state["step"] = 0  # type: ignore[index]  # the optimizer-wide counter beside per-tensor state
         self.last_report: dict = {}
 
+    def state_of(self, p: torch.Tensor, kind: str) -> dict:
+        """p's state, zeros on first use: Muon's fp32 momentum, or AdamW's step count and fp32 moments."""
+        state = self.state[p]
+        if not state:
+            if kind == "muon":
+                state["momentum"] = torch.zeros_like(p, dtype=torch.float32)
+            else:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+        return state
+
+    def init_state(self) -> None:
+        """Every parameter's state, so that a checkpoint can be read into it in place."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state_of(p, group["kind"])
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -188,9 +212,13 @@ class MuonClip(torch.optim.Optimizer):
         """Muon over the group, batch by batch: on the Triton kernels where `use_triton` says (CUDA tensors, or
         K2C_KERNELS=triton), else in torch (the CPU, or K2C_KERNELS=torch)."""
         lr, decay = group["lr"], group["weight_decay"]
+        params = [p for p in group["params"] if p.grad is not None]
+        sharded = [p for p in params if isinstance(p, DTensor)]
+        if sharded:
+            self._muon_sharded(sharded, lr, decay)
         by_shape = defaultdict(list)  # matrices of one shape share a batched Newton-Schulz, tall ones transposed
-        for p in group["params"]:
-            if p.grad is not None:
+        for p in params:
+            if not isinstance(p, DTensor):
                 by_shape[tuple(sorted(p.shape[-2:]))].append(p)
         for (n, m), params in by_shape.items():
             # an orthogonal n x m update has RMS 1/sqrt(max(n, m)); this brings it to AdamW's rms_scale
@@ -202,12 +230,34 @@ class MuonClip(torch.optim.Optimizer):
                 else:
                     self._muon_reference(matrices, 1 - lr * decay, step)
 
+    def _muon_sharded(self, params, lr, decay):
+        """Muon over FSDP2-sharded matrices: momentum on the local shards; each whole matrix (or stack of experts) is
+        gathered, orthogonalised on one process of its mesh, and its update scattered back in shards."""
+        mu, nesterov = self.plan.momentum, self.plan.nesterov
+        for batch in owner_rounds(params):
+            inputs = []
+            for p in batch:
+                momentum, grad = self.state_of(p, "muon")["momentum"], p.grad.float()
+                momentum.mul_(mu).add_(grad)
+                inputs.append(gather(grad.add(momentum, alpha=mu) if nesterov else momentum))
+            mine = batch[0].device_mesh.get_local_rank()
+            for owner, (p, full) in enumerate(zip(batch, inputs)):
+                n, m = sorted(p.shape[-2:])
+                if owner == mine:
+                    update = newton_schulz(full, self.plan.ns_steps, self.plan.ns_coefficients,
+                                           ns_dtype(full.device)).float()
+                else:
+                    update = torch.empty_like(full)
+                held = local(p)
+                master = held.float()  # the shard itself when fp32
+                step = -lr * (self.plan.rms_scale * math.sqrt(m))
+                master.mul_(1 - lr * decay).add_(scatter(update, p, owner), alpha=step)
+                write_back([held], [master])
+
     def _matrices(self, p, first, end):
         """Matrices [first, end) of p [..., r, c] as [end - first, r, c]: views of the weight and the momentum (written
         in place), the gradient."""
-        state = self.state[p]
-        if not state:
-            state["momentum"] = torch.zeros_like(p, dtype=torch.float32)
+        state = self.state_of(p, "muon")
         r, c = p.shape[-2:]
         return (p.view(-1, r, c)[first:end], state["momentum"].view(-1, r, c)[first:end],
                 p.grad.reshape(-1, r, c)[first:end])
@@ -252,22 +302,17 @@ class MuonClip(torch.optim.Optimizer):
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
-        for p in params:
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-        states = [self.state[p] for p in params]
-        masters = [p.float() for p in params]  # the parameters themselves when fp32
+        states = [self.state_of(p, "adamw") for p in params]
+        held = [local(p) for p in params]  # the element-wise update runs on each process's shards
+        masters = [p.float() for p in held]  # the parameters themselves when fp32
         beta1, beta2 = self.plan.adamw_betas
         fused_adamw(
-            masters, [p.grad.float() for p in params], [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states], fused=True, amsgrad=False,
+            masters, [local(p.grad).float() for p in params], [local(s["exp_avg"]) for s in states],
+            [local(s["exp_avg_sq"]) for s in states], [], [s["step"] for s in states], fused=True, amsgrad=False,
             beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=self.plan.adamw_eps,
             maximize=False,
         )
-        write_back(params, masters)
+        write_back(held, masters)
 
     def _update_router_bias(self):
         """Aux-loss-free balancing: each MoE layer moves its router bias as its plan says (maybe not at all)."""

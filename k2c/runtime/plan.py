@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PLAN_SCHEMA = 2
+PLAN_SCHEMA = 3
 
 # What an op's `kernel` attribute may name: the torch reference, or a fused Triton kernel of k2c.runtime.kernels.
 TORCH = "torch"
@@ -115,6 +115,7 @@ class MoEPlan:
     intermediate_size: int
     shared: MLPPlan | None
     kernel: str = TORCH  # of the routing and the routed experts (select_kernels' choice for the expert linears)
+    expert_shards: int = 1  # processes the routed experts are split over (expert parallelism)
 
 
 @dataclass(frozen=True)
@@ -240,13 +241,25 @@ class TrainingPlan:
     grad_accum: int
     steps: int
     dtype: str
-    data: str  # "bundled" or a path to a UTF-8 text file
+    data: str  # "bundled", or a path (relative ones start at the spec's folder)
+    data_format: str  # "text" (one token stream), or records: "jsonl", "parquet", "datasets"
+    data_field: str | None  # the records' field that holds a document; None for a text
+    chat: bool  # the documents are conversations: rendered with the chat template, loss on the assistant's tokens
+    tokenizer: str  # "bytes" (token = UTF-8 byte), or a Hugging Face tokenizer folder
     init_from: str | None
     eval_fraction: float
     eval_every: int
     log_every: int
     checkpoint_every: int  # 0: at the end only
     seed: int
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    data_shard: int | None  # processes each row of experts is sharded over; None: the launch's count / expert
+    expert: int  # processes the routed experts are split over
+    reduce_dtype: str  # gradients are averaged in this dtype
+    recompute_layers: tuple[int, ...]  # layers whose activations are recomputed in the backward
 
 
 @dataclass(frozen=True)
@@ -258,3 +271,4 @@ class Plan:
     optimizer: OptimizerPlan
     adapter: AdapterPlan
     training: TrainingPlan
+    parallel: ParallelPlan

@@ -1,12 +1,13 @@
-"""Train a generated model on the bytes of a text: the MuonClip loop, metrics, a plot, and checkpoints that resume
+"""Train a generated model on the spec's data: the MuonClip loop, metrics, a plot, and checkpoints that resume
 exactly.
 
 `run(package, run_dir)` is what `k2c train` calls, with the generated package (its plan and its `build_model`,
 `build_optimizer`, `build_scheduler`, `load_hf_state_dict`); the scheduler steps after every optimizer step.
-Tokens are UTF-8 bytes (a vocabulary of 256); the last `eval_fraction` of them is held out. Every training batch
-comes from one torch.Generator seeded with the plan's seed, and its state travels in the checkpoint with the model,
-the optimizer (and in its state the scheduler's) and torch's RNG states, so a resumed run takes the very steps that
-an uninterrupted one would, bit for bit.
+The data (k2c.runtime.data) are read and tokenised before anything is written: a text or records, UTF-8 bytes or a
+tokenizer's tokens, the last `eval_fraction` held out. Which windows each step reads comes from one torch.Generator
+seeded with the plan's seed (`data.Batches`), and its state travels in the checkpoint with the model, the optimizer
+(and in its state the scheduler's) and torch's RNG states, so a resumed run takes the very steps that an
+uninterrupted one would, bit for bit.
 
 What a run does so that nothing is lost:
 
@@ -36,11 +37,11 @@ import gc
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
 import time
-from importlib import resources
 from pathlib import Path
 from types import ModuleType
 
@@ -50,6 +51,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from k2c.runtime.checkpoint import CheckpointError
+from k2c.runtime.data import Batches, DataError, Part, eval_picks, spec_path, windows
+from k2c.runtime.data import load as load_data
 from k2c.runtime.files import (
     CorruptFile,
     FolderBusy,
@@ -60,17 +63,17 @@ from k2c.runtime.files import (
     write_atomic,
     write_checksummed,
 )
+from k2c.runtime import parallel
 from k2c.runtime.optim import lr_at
 from k2c.runtime.plan import OptimizerPlan, Plan, TrainingPlan
 
-CORPUS = "corpus.txt"  # k2c/data/corpus.txt: Python's reference documentation, PSF licensed
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
-EVAL_BATCHES = 4  # each evaluation reads the same EVAL_BATCHES x batch_size held-out windows
 # training settings that may change between a run and its resume: they do not touch the trajectory
 RUN_FIELDS = ("steps", "eval_every", "log_every", "checkpoint_every")
 DEFAULT_CHECKPOINT_MINUTES = 10.0  # the checkpoint period when training.checkpoint_every is 0
+SHARDS_SUFFIX = ".shards"  # the folder of a sharded checkpoint's tensors, beside the file that names it
 CHECKPOINT_FORMAT = 1  # what `state["format"]` says; a checkpoint of another format is refused, not misread
 CHECKPOINT_KEYS = ("format", "step", "run", "model", "optimizer", "batches", "torch_rng", "cuda_rng", "plan")
 SIGNAL_NAMES: dict[int, str] = {int(signal.SIGINT): "SIGINT", int(signal.SIGTERM): "SIGTERM"}
@@ -93,64 +96,17 @@ class Interrupted(Exception):
 # --------------------------------------------------------------------------- data
 
 
-def bundled_corpus() -> bytes:
-    """The corpus that ships with k2c: Python's reference documentation as UTF-8 text."""
-    return (resources.files("k2c") / "data" / CORPUS).read_bytes()
-
-
-def spec_path(value: str, base: Path | None) -> Path:
-    """A path written in a spec: relative ones are relative to `base` (the spec's folder; the cwd when None)."""
-    path = Path(value).expanduser()
-    return path if path.is_absolute() or base is None else Path(base) / path
-
-
-def read_corpus(t: TrainingPlan, base: Path | None = None) -> bytes:
-    """The training text as bytes: the corpus bundled with k2c, or a UTF-8 text file (relative to `base`, the
-    spec's folder under `k2c train`; the cwd when None)."""
-    if t.data == "bundled":
-        return bundled_corpus()
-    path = spec_path(t.data, base)
-    shown = f"training.data {t.data!r}" + (f" ({path})" if str(path) != t.data else "")
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise TrainError(f"{shown} cannot be read: {os_error_reason(err)}") from None
-    try:
-        raw.decode("utf-8")  # a byte model trains on any file, but a text that is not UTF-8 is a mistake
-    except UnicodeDecodeError as err:
-        raise TrainError(f"{shown} is not UTF-8 text (byte {raw[err.start]:#04x} at offset {err.start})") from None
-    return raw
-
-
-def split(raw: bytes, t: TrainingPlan, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, eval) uint8 token tensors: the last eval_fraction of the bytes is held out."""
-    if vocab_size < 256:
-        raise TrainError(f"byte-level training needs model.vocab_size >= 256, not {vocab_size}")
-    tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    n_eval = int(len(tokens) * t.eval_fraction)
-    if min(n_eval, len(tokens) - n_eval) < t.seq_len:
-        raise TrainError(
-            f"a corpus of {len(tokens)} bytes split by eval_fraction {t.eval_fraction} leaves a part shorter "
-            f"than seq_len ({t.seq_len})"
-        )
-    return tokens[:-n_eval], tokens[-n_eval:]
-
-
-def windows(tokens, starts, seq_len):
-    """[len(starts), seq_len] token ids: the model shifts its labels inside, so labels are the inputs."""
-    return tokens[starts[:, None] + torch.arange(seq_len, device=starts.device)].long()
-
-
-def eval_starts(tokens, t: TrainingPlan):
-    """Window starts spread evenly over the held-out bytes: the same windows at every evaluation."""
-    return torch.linspace(0, len(tokens) - t.seq_len, EVAL_BATCHES * t.batch_size).long()
+def batch(part: Part, picks: torch.Tensor, seq_len: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token ids and labels of a part's windows `picks`, gathered where the part lies and moved to `dev`."""
+    ids = windows(part.tokens, part.starts(picks), seq_len)
+    return ids.to(dev), part.labels(ids, picks).to(dev)
 
 
 @torch.no_grad()
-def evaluate(model, tokens, starts, t: TrainingPlan):
+def evaluate(model, part: Part, picks, t: TrainingPlan, dev):
     model.eval()
-    batches = (windows(tokens, s, t.seq_len) for s in starts.split(t.batch_size))
-    losses = [model(ids, labels=ids).loss for ids in batches]
+    losses = [model(ids, labels=labels).loss
+              for ids, labels in (batch(part, p, t.seq_len, dev) for p in picks.split(t.batch_size))]
     model.train()
     model.reset_step_stats()  # held-out logits must not count toward the next step's QK-Clip
     return torch.stack(losses).mean().item()
@@ -177,6 +133,12 @@ def run_schedule(steps: int, o: OptimizerPlan) -> dict:
     return {"warmup_steps": warmup, "decay_steps": steps}
 
 
+def optimizer_settings(opt) -> dict:
+    """The optimizer's state_dict without its tensors: groups, step count, schedule."""
+    settings = opt.state_dict()
+    return {**settings, "state": {"step": settings["state"]["step"]}}
+
+
 def save_checkpoint(path, model, opt, batches, step, plan: Plan, run: dict | None = None):
     """Write the whole training state to `path` so that a crash at any moment leaves the previous one intact; the
     file ends with the sha256 of its bytes (k2c.runtime.files.write_checksummed). `run` is the run's target step
@@ -186,8 +148,8 @@ def save_checkpoint(path, model, opt, batches, step, plan: Plan, run: dict | Non
         "step": step,
         "run": run if run is not None else {"steps": plan.training.steps, **run_schedule(plan.training.steps,
                                                                                             plan.optimizer)},
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
+        "model": model if isinstance(model, dict) else model.state_dict(),
+        "optimizer": opt.state_dict() if isinstance(model, torch.nn.Module) else optimizer_settings(opt),
         "batches": batches.get_state(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
@@ -234,20 +196,56 @@ def _differences(a, b, prefix=""):
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def load_checkpoint(path, model, opt, batches, plan: Plan, scheduler=None, *, state: dict | None = None
-                    ) -> tuple[int, dict]:
-    """Restore what save_checkpoint wrote; returns the step it was taken after and its run (target, schedule).
+def save_sharded_checkpoint(path, model, opt, batches, step, plan: Plan, run: dict, layout, lead: bool) -> None:
+    """A checkpoint of a run over several processes: every process writes its shards of the model and optimizer
+    state (torch.distributed.checkpoint) to a folder named after the step; then the lead writes `path` as
+    save_checkpoint does, with the folder's name where the tensors would be, and removes older folders. Until
+    `path` is replaced the previous checkpoint and its folder stay whole."""
+    path = Path(path)
+    folder = f"{path.stem}-{step}{SHARDS_SUFFIX}"
+    partial = path.parent / (folder + ".partial")
+    if lead and partial.exists():
+        shutil.rmtree(partial)
+    dist.barrier()
+    parallel.save_shards(partial, model, opt, layout)
+    if not lead:
+        return
+    if (path.parent / folder).exists():  # left by a run that stopped before it named the folder
+        shutil.rmtree(path.parent / folder)
+    partial.rename(path.parent / folder)
+    save_checkpoint(path, {"shards": folder, "processes": layout.world}, opt, batches, step, plan, run)
+    remove_shards(path, keep=folder)
+
+
+def remove_shards(path: Path, keep: str | None = None) -> None:
+    """Remove the shard folders beside checkpoint `path` that it no longer names."""
+    for old in path.parent.glob(f"{path.stem}-*{SHARDS_SUFFIX}"):
+        if old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path, model, opt, batches, plan: Plan, scheduler=None, *, state: dict | None = None,
+                    layout=None) -> tuple[int, dict]:
+    """Restore what save_checkpoint (or save_sharded_checkpoint) wrote; returns the step it was taken after and
+    its run (target, schedule).
 
     `scheduler` (built on `opt` with the run's schedule) loads with the optimizer, whose state_dict carries it; a
     checkpoint written without it (by an older k2c) sets it to the checkpoint's step. `state`: the checkpoint
-    already read."""
+    already read. `layout`: this run's mesh (k2c.runtime.parallel), None for a single process. A sharded
+    checkpoint resumes on any mesh, or in one process."""
     path = Path(path)
     state = read_checkpoint(path) if state is None else state
     changed = _differences(resume_settings(plan), state["plan"])
     if changed:
         raise TrainError(f"{path} was written under other settings ({', '.join(changed)}); it cannot resume here")
-    model.load_state_dict(state["model"])
+    shards = state["model"].get("shards") if isinstance(state["model"].get("shards"), str) else None
+    if shards is None and layout is not None:
+        raise TrainError(f"{path} was written by a single process; resume it with one process")
     opt.load_state_dict(state["optimizer"])
+    if shards is None:
+        model.load_state_dict(state["model"])
+    else:
+        parallel.load_shards(path.parent / shards, model, opt, layout)
     if scheduler is not None and "scheduler" not in state["optimizer"]:
         scheduler.jump_to(state["step"])
     batches.set_state(state["batches"])
@@ -315,7 +313,7 @@ def plot(records, path, plan: Plan):
     top.plot(steps, [r["loss"] for r in records], label="train")
     evals = [r for r in records if "eval_loss" in r]
     top.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval")
-    top.set_ylabel("loss (nats per byte)")
+    top.set_ylabel(f"loss (nats per {'byte' if plan.training.tokenizer == 'bytes' else 'token'})")
     top.set_title(plan.name)
     top.legend()
     for layer, series in enumerate(zip(*(r["max_logits"] for r in records))):
@@ -350,21 +348,21 @@ def device():
     return dev
 
 
-def data_parallel(dev, batch_size):
-    """(rank, world size, whether this call started the process group). Under torchrun (WORLD_SIZE > 1) every
-    process holds the whole model and takes its share of each batch; gradients are averaged, so all ranks take the
-    same step."""
+def process_group(dev):
+    """(rank, world size, whether this call started the process group). Under torchrun (WORLD_SIZE > 1) the
+    processes train together on the mesh of the plan's parallel section (k2c.runtime.parallel)."""
     started = int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized()
     if started:
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=parallel.timeout())
     if not dist.is_initialized():
         return 0, 1, False
-    rank, size = dist.get_rank(), dist.get_world_size()
-    if batch_size % size:
-        if started:
-            leave_process_group()
-        raise TrainError(f"training.batch_size {batch_size} must split evenly over {size} processes")
-    return rank, size, started
+    return dist.get_rank(), dist.get_world_size(), started
+
+
+def lost_process(err: RuntimeError) -> bool:
+    """Whether a collective failed because another process of the run is gone (NCCL's timeout or abort; gloo's
+    closed connection)."""
+    return isinstance(err, dist.DistError) or "gloo/transport" in str(err)
 
 
 def leave_process_group() -> None:
@@ -373,20 +371,6 @@ def leave_process_group() -> None:
     no longer lets them take the GIL, and the process aborts (about one exit in three, seen on two CPU ranks)."""
     dist.destroy_process_group()
     gc.collect()
-
-
-def average_gradients(params, size):
-    """All ranks end with the mean gradient, summed in one flat buffer per dtype."""
-    by_dtype = {}
-    for p in params:
-        if p.grad is not None:
-            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-    for grads in by_dtype.values():
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= size
-        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(part.view_as(g))
 
 
 class StopSignals:
@@ -436,14 +420,15 @@ def _write_error(path: Path, err: OSError, last_checkpoint: int) -> TrainError:
 
 
 def run(package: ModuleType, run_dir, steps=None, resume=False, *, checkpoint_minutes: float | None = None,
-        spec_dir: Path | None = None):
+        spec_dir: Path | None = None, data: tuple[Part, Part] | None = None):
     """Train a generated package's model to `steps` optimizer steps, writing checkpoint, metrics and plot to run_dir.
 
     `steps` defaults to training.steps for a fresh run and to the run's own target on a resume; the learning-rate
     schedule follows the rule in the module docstring. With `resume`, continue from run_dir's checkpoint.
     `checkpoint_minutes`: the wall-time checkpoint period (default DEFAULT_CHECKPOINT_MINUTES when
     training.checkpoint_every is 0, else none; 0: none). `spec_dir`: where relative paths in training.data and
-    training.init_from start (the cwd when None).
+    training.init_from start (the cwd when None). `data`: the (training, held-out) parts that k2c.runtime.data.load
+    gave for this plan, when the caller has read them already.
 
     Returns a summary of the run (None on ranks other than 0). Raises TrainError for a run that cannot go as asked
     (nothing in run_dir is overwritten then), and Interrupted after a SIGINT / SIGTERM stopped it and it saved.
@@ -456,10 +441,14 @@ def run(package: ModuleType, run_dir, steps=None, resume=False, *, checkpoint_mi
     checkpoint_path = run_dir / CHECKPOINT
     if resume and not (checkpoint_path.exists() or checkpoint_path.is_symlink()):
         raise TrainError(f"nothing to resume: {checkpoint_path} does not exist")
-    raw = read_corpus(t, spec_dir)  # before anything is created: a wrong path leaves no empty run folder
+    if data is None:  # before anything is created: data that cannot be read leave no empty run folder
+        try:
+            data = load_data(t, plan.model.vocab_size, spec_dir)
+        except DataError as err:
+            raise TrainError(str(err)) from None
 
     dev = device()
-    rank, size, started_group = data_parallel(dev, t.batch_size)
+    rank, size, started_group = process_group(dev)
     lead = rank == 0  # the one process that writes metrics, checkpoints and plots
     created = False
     try:
@@ -479,7 +468,7 @@ def run(package: ModuleType, run_dir, steps=None, resume=False, *, checkpoint_mi
                 if not resume and (checkpoint_path.exists() or checkpoint_path.is_symlink()):
                     raise TrainError(f"{checkpoint_path} exists: resume from it, or train in another run folder")
                 remove_stale_temporaries(run_dir, (CHECKPOINT, METRICS, PLOT))
-            return _train(package, run_dir, raw, steps, resume, checkpoint_minutes, spec_dir, dev, rank, size)
+            return _train(package, run_dir, data, steps, resume, checkpoint_minutes, spec_dir, dev, rank, size)
     finally:
         if created:
             with contextlib.suppress(OSError):
@@ -488,13 +477,14 @@ def run(package: ModuleType, run_dir, steps=None, resume=False, *, checkpoint_mi
             leave_process_group()
 
 
-def _train(package, run_dir: Path, raw: bytes, steps, resume, checkpoint_minutes, spec_dir, dev, rank, size):
+def _train(package, run_dir: Path, data: tuple[Part, Part], steps, resume, checkpoint_minutes, spec_dir, dev, rank,
+           size):
     plan: Plan = package.PLAN
     t = plan.training
     lead = rank == 0
     checkpoint_path, metrics_path, plot_path = run_dir / CHECKPOINT, run_dir / METRICS, run_dir / PLOT
-    train_tokens, eval_tokens = (part.to(dev) for part in split(raw, t, plan.model.vocab_size))
-    held_out = eval_starts(eval_tokens, t).to(dev)
+    train_part, eval_part = data  # they stay where they lie (memory-mapped); each batch is moved to dev
+    held_out = eval_picks(eval_part, t.batch_size)
     torch.manual_seed(t.seed)
     model = package.build_model(dev, getattr(torch, t.dtype))
     if t.init_from is not None:
@@ -508,15 +498,23 @@ def _train(package, run_dir: Path, raw: bytes, steps, resume, checkpoint_minutes
               "randomly initialised base model; set training.init_from to the base checkpoint to fine-tune it",
               file=sys.stderr, flush=True)
     model.train()
+    placement = None
+    if size > 1:
+        try:
+            placement = parallel.layout(plan, dev.type)
+        except parallel.LayoutError as err:
+            raise TrainError(str(err)) from None
+        parallel.shard(model, plan.parallel, placement)
     opt = package.build_optimizer(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    batches = torch.Generator().manual_seed(t.seed)
+    batches = Batches(train_part, t.seed)
     start = 0
     if resume:
         state = read_checkpoint(checkpoint_path)
         run = state["run"]
         scheduler = package.build_scheduler(opt, warmup_steps=run["warmup_steps"], decay_steps=run["decay_steps"])
-        start, run = load_checkpoint(checkpoint_path, model, opt, batches, plan, scheduler, state=state)
+        start, run = load_checkpoint(checkpoint_path, model, opt, batches, plan, scheduler, state=state,
+                                     layout=placement)
         steps = run["steps"] if steps is None else steps
         run = {**run, "steps": steps}
     else:
@@ -553,7 +551,11 @@ def _train(package, run_dir: Path, raw: bytes, steps, resume, checkpoint_minutes
         nonlocal last_checkpoint, saved_at
         stop.saving = True
         try:
-            save_checkpoint(checkpoint_path, model, opt, batches, step, plan, run)
+            if placement is None:
+                save_checkpoint(checkpoint_path, model, opt, batches, step, plan, run)
+                remove_shards(checkpoint_path)  # of a sharded run this one resumed
+            else:
+                save_sharded_checkpoint(checkpoint_path, model, opt, batches, step, plan, run, placement, lead)
         except OSError as err:
             raise _write_error(checkpoint_path, err, last_checkpoint) from None
         finally:
@@ -585,66 +587,76 @@ def _train(package, run_dir: Path, raw: bytes, steps, resume, checkpoint_minutes
             except OSError as err:
                 raise _write_error(metrics_path, err, last_checkpoint) from None
             stack.callback(_close_quietly, metrics)  # on the way out of an error: that error is the one to report
-        for step in range(start + 1, steps + 1):
-            t0 = time.perf_counter()
-            step_loss = torch.zeros((), device=dev)
-            # every rank draws the whole batch from the same generator and keeps its share of it
-            starts = torch.randint(len(train_tokens) - t.seq_len + 1, (t.grad_accum, t.batch_size), generator=batches)
-            for micro in starts[:, rank * share : (rank + 1) * share].to(dev):
-                ids = windows(train_tokens, micro, t.seq_len)
-                micro_loss = model(ids, labels=ids).loss / t.grad_accum
-                micro_loss.backward()
-                step_loss += micro_loss.detach()
-            if size > 1:
-                average_gradients(params, size)
-                dist.all_reduce(step_loss)
-                step_loss /= size
-            loss = step_loss.item()
-            if not math.isfinite(loss):
-                raise TrainError(f"the loss is {loss} at step {step}; try a lower optimizer.lr")
-            # max_norm inf scales by exactly 1: the norm is still measured when clipping is off
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, plan.optimizer.grad_clip or math.inf).item()
-            opt.step()
-            scheduler.step()  # the learning rate of the next step
-            opt.zero_grad(set_to_none=True)
-            report = opt.last_report  # learning rate, clipped heads and max logit per layer of this step
-            took = time.perf_counter() - t0
-            train_time += took
-            record = {
-                "step": step,
-                "loss": loss,
-                "lr": report["lr"],
-                "grad_norm": grad_norm,
-                "max_logits": report["max_logits"],
-                "clipped_heads": report["clipped_heads"],
-                "tokens_per_s": tokens_per_step / took,  # all ranks together
-            }
-            if step % t.eval_every == 0 or step == steps:
-                eval_loss = record["eval_loss"] = evaluate(model, eval_tokens, held_out, t)
-            stopping = stop.signum is not None
-            if size > 1:  # every rank stops at the same step, whichever got the signal
-                flag = torch.tensor([float(stopping)], device=dev)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stopping = bool(flag.item())
-            if metrics is not None:  # the lead process
-                if step % t.log_every == 0 or "eval_loss" in record or stopping:
+        step = start  # for a failure before the first step
+        try:
+            for step in range(start + 1, steps + 1):
+                t0 = time.perf_counter()
+                step_loss = torch.zeros((), device=dev)
+                # every rank draws the whole batch from the same generator and keeps its share of it
+                picks = batches.draw(t.grad_accum, t.batch_size)
+                for micro in picks[:, rank * share : (rank + 1) * share]:
+                    ids, labels = batch(train_part, micro, t.seq_len, dev)
+                    micro_loss = model(ids, labels=labels).loss / t.grad_accum
+                    micro_loss.backward()
+                    step_loss += micro_loss.detach()
+                if size > 1:  # the gradients are averaged already, by FSDP2's reduce-scatter
+                    dist.all_reduce(step_loss)
+                    step_loss /= size
+                loss = step_loss.item()
+                if not math.isfinite(loss):
+                    raise TrainError(f"the loss is {loss} at step {step}; try a lower optimizer.lr")
+                # max_norm inf scales by exactly 1: the norm is still measured when clipping is off
+                max_norm = plan.optimizer.grad_clip or math.inf
+                grad_norm = (parallel.clip_grads(params, max_norm) if size > 1 else
+                             torch.nn.utils.clip_grad_norm_(params, max_norm).item())
+                opt.step()
+                scheduler.step()  # the learning rate of the next step
+                opt.zero_grad(set_to_none=True)
+                report = opt.last_report  # learning rate, clipped heads and max logit per layer of this step
+                took = time.perf_counter() - t0
+                train_time += took
+                record = {
+                    "step": step,
+                    "loss": loss,
+                    "lr": report["lr"],
+                    "grad_norm": grad_norm,
+                    "max_logits": report["max_logits"],
+                    "clipped_heads": report["clipped_heads"],
+                    "tokens_per_s": tokens_per_step / took,  # all ranks together
+                }
+                if step % t.eval_every == 0 or step == steps:
+                    eval_loss = record["eval_loss"] = evaluate(model, eval_part, held_out, t, dev)
+                stopping = stop.signum is not None
+                every = t.checkpoint_every and step % t.checkpoint_every == 0
+                saving = step == steps or every or _clock() - saved_at >= period_s
+                if size > 1:  # every rank stops, and saves, at the same step, whichever rank's signal or clock said so
+                    flags = torch.tensor([float(stopping), float(saving)], device=dev)
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                    stopping, saving = bool(flags[0].item()), bool(flags[1].item())
+                if metrics is not None and (step % t.log_every == 0 or "eval_loss" in record or stopping):
                     try:
                         metrics.write(json.dumps(record) + "\n")
                         metrics.flush()
                     except OSError as err:
                         raise _write_error(metrics_path, err, last_checkpoint) from None
-                every = t.checkpoint_every and step % t.checkpoint_every == 0
-                if step == steps or every or stopping or _clock() - saved_at >= period_s:
+                if saving or stopping:
                     save(step)
-                if not stopping:
-                    done = step - start
-                    eta = (time.perf_counter() - began) / done * (steps - step)
-                    show_progress(step, steps, record, eval_loss, eta, t.log_every)
-            if stopping:
-                if metrics is not None:
-                    close_metrics(metrics)
-                    write_plot()
-                raise Interrupted(stop.signum or signal.SIGTERM, step, steps, run_dir, saved=lead)
+                if metrics is not None:  # the lead process
+                    if not stopping:
+                        done = step - start
+                        eta = (time.perf_counter() - began) / done * (steps - step)
+                        show_progress(step, steps, record, eval_loss, eta, t.log_every)
+                if stopping:
+                    if metrics is not None:
+                        close_metrics(metrics)
+                        write_plot()
+                    raise Interrupted(stop.signum or signal.SIGTERM, step, steps, run_dir, saved=lead)
+        except RuntimeError as err:
+            if size == 1 or not lost_process(err):
+                raise
+            raise TrainError(f"a process of the run stopped at step {step} "
+                             f"({str(err).strip().splitlines()[0]}); the checkpoint of step {last_checkpoint} "
+                             "resumes it (--resume)") from None
 
         if metrics is not None:  # the lead process
             close_metrics(metrics)

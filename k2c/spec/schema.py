@@ -399,7 +399,14 @@ class Training(Section):
     grad_accum: Sequences = 1
     steps: Steps = 300
     dtype: Literal["float32", "bfloat16"] = "float32"
-    data: Annotated[str, Field(min_length=1, strict=True)] = "bundled"  # "bundled", or a path to a UTF-8 text file
+    # "bundled", or a path: a UTF-8 text file, JSON Lines or Parquet records, or a folder of `datasets`' save_to_disk
+    data: Annotated[str, Field(min_length=1, strict=True)] = "bundled"
+    data_format: Literal["auto", "text", "jsonl", "parquet", "datasets"] = "auto"  # auto: by data's file name
+    # The records' field that holds a document: "messages" for chat data, else "text" when not given
+    data_field: Annotated[str, Field(min_length=1, strict=True)] | None = None
+    chat: Flag = False  # records are conversations: rendered with the chat template, loss on the assistant's tokens
+    # "bytes" (token = UTF-8 byte, a vocabulary of 256), or a tokenizer folder in the Hugging Face layout
+    tokenizer: Annotated[str, Field(min_length=1, strict=True)] = "bytes"
     # A checkpoint in the published layout to start from (fine-tuning); None: random.
     init_from: Annotated[str, Field(min_length=1, strict=True)] | None = None
     eval_fraction: Annotated[float, Field(gt=0, lt=1, strict=True)] = 0.05
@@ -407,6 +414,64 @@ class Training(Section):
     log_every: Steps = 10
     checkpoint_every: NonNegativeSteps = 0  # 0: only at the end
     seed: Seed = 0
+
+    @property
+    def source_format(self) -> str:
+        """data_format, with auto resolved by the file name: .jsonl / .json are JSON Lines, .parquet Parquet, any
+        other name (and the bundled corpus) a text."""
+        if self.data_format != "auto":
+            return self.data_format
+        return {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}.get(
+            os.path.splitext(self.data)[1].lower(), "text")
+
+    @property
+    def record_field(self) -> str | None:
+        """The field of each record that training reads; None for a text, which has no records."""
+        if self.source_format == "text":
+            return None
+        return self.data_field or ("messages" if self.chat else "text")
+
+    @model_validator(mode="after")
+    def _data_readable(self) -> Training:
+        text = self.source_format == "text"
+        if self.data == "bundled" and not text:
+            raise spec_error("data_format", "auto or text for the bundled corpus (a text)", self.data_format)
+        if text and self.chat:
+            raise spec_error("chat", "false for a text (conversations are records: set data_format to jsonl, "
+                             f"parquet or datasets; data is {show_value(self.data)})", self.chat)
+        if text and self.data_field is not None:
+            raise spec_error("data_field", "no data_field for a text (it names a field of JSONL, Parquet or "
+                             f"datasets records; data is {show_value(self.data)})", self.data_field)
+        if self.chat and self.tokenizer == "bytes":
+            raise spec_error("tokenizer", "a tokenizer folder with a chat template (training.chat is true)",
+                             self.tokenizer)
+        return self
+
+
+# --------------------------------------------------------------------------- parallel
+
+MAX_PROCESSES = 2**17
+Processes = Annotated[int, Field(gt=0, le=MAX_PROCESSES, strict=True), Cap("8x the largest published GPU cluster")]
+
+
+class Parallel(Section):
+    """How the processes of a run share the model. The processes form a (data_shard x expert) mesh; every
+    process reads its own share of each batch. Parameters are sharded (FSDP2) over all processes, except each MoE
+    layer's routed experts: those are split over the `expert` processes of a mesh row (tokens travel to their
+    experts by all-to-all) and sharded over the `data_shard` processes of a mesh column."""
+
+    # processes a row of experts is sharded over; "auto": the launch's process count / expert
+    data_shard: Processes | Literal["auto"] = "auto"
+    expert: Processes = 1  # processes the routed experts of a MoE layer are split over
+    activation_checkpoint: tuple[Literal["dense", "moe"], ...] = ()  # layer kinds recomputed in the backward
+    reduce_dtype: Literal["float32", "bfloat16"] = "float32"  # the dtype gradients are averaged in
+
+    @field_validator("activation_checkpoint")
+    @classmethod
+    def _once_each(cls, kinds: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(kinds)) != len(kinds):
+            raise PydanticCustomError("k2c_value", "expected {expected}", {"expected": "each layer kind once"})
+        return kinds
 
 
 # --------------------------------------------------------------------------- the whole spec
@@ -538,6 +603,7 @@ class Spec(Section):
     optimizer: Optimizer = Optimizer()
     adapter: Adapter = Adapter()
     training: Training = Training()
+    parallel: Parallel = Parallel()
 
     @field_validator("name")
     @classmethod
@@ -547,6 +613,7 @@ class Spec(Section):
     @model_validator(mode="after")
     def _fits(self) -> Spec:
         self._buildable()
+        self._parallel_fits()
         if self.training.seq_len > self.model.max_position_embeddings:
             raise spec_error(
                 "training.seq_len",
@@ -566,11 +633,26 @@ class Spec(Section):
             if ranges and max(last for _, last in ranges) >= self.model.layers:
                 expected = f"layer indices below model.layers ({self.model.layers})"
                 raise spec_error(f"adapter.targets.{i}.layers", expected, target.layers)
-        if self.training.data == "bundled" and self.model.vocab_size < 256:
-            raise spec_error(
-                "model.vocab_size", "at least 256 to train on the bundled byte-level corpus", self.model.vocab_size
-            )
+        if self.training.tokenizer == "bytes" and self.model.vocab_size < 256:
+            on = ("the bundled byte-level corpus" if self.training.data == "bundled"
+                  else "UTF-8 bytes (training.tokenizer)")
+            raise spec_error("model.vocab_size", f"at least 256 to train on {on}", self.model.vocab_size)
         return self
+
+    def _parallel_fits(self) -> None:
+        """The mesh must split the experts and the batch evenly; the launch checks the process count against it."""
+        p, moe = self.parallel, self.model.moe
+        if p.expert > 1:
+            experts = moe.routed_experts if moe is not None and self.model.moe_layers else 0
+            if not experts or experts % p.expert:
+                raise spec_error("parallel.expert", f"a divisor of model.moe.routed_experts ({experts})"
+                                 if experts else "1 for a model without MoE layers", p.expert)
+        processes = p.expert * (p.data_shard if p.data_shard != "auto" else 1)
+        if self.training.batch_size % processes:
+            field = "parallel.data_shard" if p.data_shard != "auto" else "parallel.expert"
+            raise spec_error(field, f"a mesh of processes that splits training.batch_size "
+                             f"({self.training.batch_size}) evenly", getattr(p, field.split(".")[1]),
+                             found_text=f"{getattr(p, field.split('.')[1])}, a mesh of {processes} processes")
 
     def _buildable(self) -> None:
         """A model above MAX_PARAMS is an error naming the size that makes it so, with its weight memory."""

@@ -1,0 +1,221 @@
+"""Training over several CPU processes (gloo): FSDP2, expert parallelism and both, against one process on the
+whole batch. The processes are started with torchrun's environment, as `k2c train --nproc-per-node` starts them,
+and the runtime builds the mesh from the spec's parallel section."""
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import import_generated
+
+from pydantic import ValidationError
+
+from k2c.runtime import parallel
+from k2c.runtime import train as runtime_train
+from k2c.runtime.plan import ParallelPlan
+from specs_for_tests import tiny_spec
+
+MODEL = {
+    "vocab_size": 256,
+    "hidden_size": 32,
+    "layers": 3,
+    "dense_layers": 1,
+    "attention": {"heads": 2, "q_lora_rank": 16, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
+                  "qk_rope_head_dim": 8, "v_head_dim": 8},
+    "dense_mlp": {"intermediate_size": 64},
+    "moe": {"routed_experts": 4, "shared_experts": 1, "experts_per_token": 2, "expert_intermediate_size": 16},
+}
+STEPS = 20
+
+
+def build(build_generated, **overrides):
+    """The tiny MoE with MuonClip at a high lr and a tau low enough that QK-Clip acts on most steps."""
+    return build_generated(tiny_spec(**{
+        "model": MODEL, "training.seq_len": 16, "training.batch_size": 8, "training.steps": STEPS,
+        "training.log_every": 1, "training.eval_every": 10, "optimizer.lr": 1e-2,
+        "optimizer.schedule": {"decay": "constant"}, "optimizer.qk_clip": {"enabled": True, "tau": 0.05},
+        **overrides,
+    }))
+
+
+def test_the_plan_records_the_mesh_and_the_recomputed_layers(build_generated):
+    plan = build(build_generated, parallel={"expert": 2, "data_shard": 2, "activation_checkpoint": ["dense"],
+                                            "reduce_dtype": "bfloat16"}).PLAN
+    assert plan.parallel == ParallelPlan(data_shard=2, expert=2, reduce_dtype="bfloat16", recompute_layers=(0,))
+    assert [layer.mlp.expert_shards for layer in plan.model.layers[1:]] == [2, 2]
+
+
+@pytest.mark.parametrize("layout,field,expected", [
+    ({"expert": 3}, "parallel.expert", "a divisor of model.moe.routed_experts (4)"),
+    ({"expert": 2, "data_shard": 3}, "parallel.data_shard", "a mesh of processes that splits training.batch_size"),
+    ({"activation_checkpoint": ["moe", "moe"]}, "parallel.activation_checkpoint", "each layer kind once"),
+])
+def test_a_mesh_the_model_or_batch_cannot_take_is_a_spec_error(layout, field, expected):
+    with pytest.raises(ValidationError) as err:
+        tiny_spec(**{"model": MODEL, "training.batch_size": 8, "parallel": layout})
+    assert field.split(".")[-1] in str(err.value) and expected in str(err.value)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process(rank, world, package_dir, run_dir, port, steps, resume):
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    runtime_train.run(import_generated(Path(package_dir)), Path(run_dir), steps=steps, resume=resume)
+
+
+def launch(package, run_dir, world, steps=None, resume=False):
+    if world == 1:
+        with runtime_train_quiet():
+            runtime_train.run(package, run_dir, steps=steps, resume=resume)
+        return
+    mp.spawn(process, args=(world, str(Path(package.__file__).parent), str(run_dir), free_port(), steps, resume),
+             nprocs=world, join=True)
+
+
+class runtime_train_quiet:
+    """One thread, as each spawned process has: the single-process reference then sums in the same order."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(single, sharded, first_step=1):
+    assert [r["step"] for r in sharded] == list(range(first_step, STEPS + 1))
+    reference = {r["step"]: r for r in single}
+    for r in sharded:
+        a = reference[r["step"]]
+        assert r["loss"] == pytest.approx(a["loss"], rel=1e-4), r["step"]
+        # the norm of small gradients summed in another order: its last digits move first
+        assert r["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), r["step"]
+        assert r["clipped_heads"] == a["clipped_heads"], r["step"]
+        assert r["max_logits"] == pytest.approx(a["max_logits"], rel=1e-4), r["step"]
+
+
+def load_sharded(package, run_dir):
+    """The model of a sharded checkpoint, read in one process."""
+    state = runtime_train.read_checkpoint(Path(run_dir) / "checkpoint.pt")
+    model = package.build_model()
+    opt = package.build_optimizer(model)
+    parallel.load_shards(Path(run_dir) / state["model"]["shards"], model, opt, None)
+    return model
+
+
+@pytest.mark.parametrize("world,layout", [
+    (2, {"activation_checkpoint": ["moe"]}),  # FSDP2 over both processes, the MoE layers recomputed
+    (2, {"expert": 2}),  # each process holds half of every layer's experts
+    (4, {"expert": 2, "data_shard": 2}),  # FSDP2 x expert parallelism
+], ids=["fsdp", "expert", "fsdp_x_expert"])
+def test_sharded_runs_take_the_single_process_steps(build_generated, tmp_path, world, layout):
+    package = build(build_generated, parallel=layout)
+    launch(package, tmp_path / "single", 1)
+    single = metrics(tmp_path / "single")
+    assert sum(r["clipped_heads"] for r in single) > 0  # QK-Clip took part
+    launch(package, tmp_path / "sharded", world)
+    assert_same_run(single, metrics(tmp_path / "sharded"))
+    a = torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=True)["model"]
+    b = load_sharded(package, tmp_path / "sharded").state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_lora_trains_alike_when_sharded(build_generated, tmp_path):
+    lora = {"kind": "lora", "rank": 4, "alpha": 8.0, "targets": [{"match": "attn.kv_b"}, {"match": "attn.o"},
+                                                                  {"match": "experts.{up,down}"}]}
+    # a tenth of the lr: the adapters' small gradients amplify rounding faster, and this test is about sharding
+    package = build(build_generated, parallel={"expert": 2, "data_shard": 2}, adapter=lora, **{"optimizer.lr": 1e-3})
+    launch(package, tmp_path / "single", 1)
+    launch(package, tmp_path / "sharded", 4)
+    assert_same_run(metrics(tmp_path / "single"), metrics(tmp_path / "sharded"))
+
+
+def test_resume_on_other_meshes_continues_the_run(build_generated, tmp_path):
+    """2 processes to step 8, then 4 processes (FSDP2 x experts) to 14, then one process to the end: the losses
+    are those of the uninterrupted single-process run."""
+    package = build(build_generated, parallel={"expert": 2})
+    launch(package, tmp_path / "single", 1)
+    run = tmp_path / "run"
+    launch(package, run, 2, steps=8)
+    launch(package, run, 4, steps=14, resume=True)
+    launch(package, run, 1, steps=STEPS, resume=True)
+    assert_same_run(metrics(tmp_path / "single"), metrics(run))
+    assert len(list(run.glob("*.shards"))) == 0  # the single process's checkpoint replaced the sharded one
+
+
+@pytest.mark.parametrize("layout,world,message", [
+    ({"expert": 4}, 2, "parallel.expert: expected a divisor of the launch's 2 processes, found 4"),
+    ({"data_shard": 4}, 2, r"parallel.data_shard: expected 2 \(the launch's 2 processes / parallel.expert 1\), "
+                           "found 4"),
+    ({"expert": 2}, 16, "training.batch_size: expected a multiple of the launch's 16 processes, found 8"),
+], ids=["expert", "data_shard", "batch"])
+def test_a_launch_that_does_not_fit_the_mesh_is_an_error(build_generated, layout, world, message):
+    package = build(build_generated, parallel=layout)
+    with pytest.raises(parallel.LayoutError, match=message):
+        parallel.mesh_shape(package.PLAN, world)
+
+
+def test_ce_lora_over_several_processes_stops_before_training(build_generated, tmp_path):
+    package = build(build_generated, adapter={"kind": "ce_lora", "targets": [{"match": "attn.o"}]})
+    with pytest.raises(Exception, match="adapter.kind: expected lora to train over 2 processes"):
+        launch(package, tmp_path / "run", 2)
+    assert not (tmp_path / "run").exists()
+
+
+def doomed_process(rank, world, package_dir, run_dir, port, report):
+    """A rank of a 2-process run; rank 1 dies at its 7th micro-batch (step 4, after the checkpoint of step 3)."""
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), K2C_DIST_TIMEOUT_MINUTES="1")
+    draws, windows = [], runtime_train.windows
+
+    def window(*args):
+        draws.append(1)
+        if rank == 1 and len(draws) == 7:
+            os._exit(3)
+        return windows(*args)
+
+    runtime_train.windows = window
+    try:
+        runtime_train.run(import_generated(Path(package_dir)), Path(run_dir))
+    except runtime_train.TrainError as err:
+        Path(report).write_text(str(err))
+
+
+def test_a_lost_process_stops_the_others_with_a_message_and_the_checkpoint_resumes(build_generated, tmp_path):
+    package = build(build_generated, **{"training.steps": 6, "training.checkpoint_every": 3,
+                                        "training.grad_accum": 2, "training.eval_every": 100})
+    args = (2, str(Path(package.__file__).parent), str(tmp_path / "run"), free_port(), str(tmp_path / "report"))
+    context = mp.get_context("spawn")
+    ranks = [context.Process(target=doomed_process, args=(rank, *args)) for rank in range(2)]
+    for r in ranks:
+        r.start()
+    for r in ranks:
+        r.join(timeout=120)
+    assert [r.exitcode for r in ranks] == [0, 3]
+    message = (tmp_path / "report").read_text()
+    assert message.startswith("a process of the run stopped at step 4") and "checkpoint of step 3" in message, message
+    launch(package, tmp_path / "single", 1)
+    launch(package, tmp_path / "run", 2, resume=True)
+    single = metrics(tmp_path / "single")
+    resumed = metrics(tmp_path / "run")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(single, resumed):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
