@@ -235,23 +235,22 @@ class MuonClip(torch.optim.Optimizer):
         gathered, orthogonalised on one process of its mesh, and its update scattered back in shards."""
         mu, nesterov = self.plan.momentum, self.plan.nesterov
         for batch in owner_rounds(params):
-            inputs = []
-            for p in batch:
+            mine, full = batch[0].device_mesh.get_local_rank(), None
+            for owner, p in enumerate(batch):
                 momentum, grad = self.state_of(p, "muon")["momentum"], p.grad.float()
                 momentum.mul_(mu).add_(grad)
-                inputs.append(gather(grad.add(momentum, alpha=mu) if nesterov else momentum))
-            mine = batch[0].device_mesh.get_local_rank()
-            for owner, (p, full) in enumerate(zip(batch, inputs)):
+                whole = gather(grad.add(momentum, alpha=mu) if nesterov else momentum, owner)
+                full = whole if whole is not None else full
+            # each process orthogonalises its own matrix of the round, all at the same time
+            update = None if full is None else newton_schulz(full, self.plan.ns_steps, self.plan.ns_coefficients,
+                                                             ns_dtype(full.device)).float()
+            for owner, p in enumerate(batch):
                 n, m = sorted(p.shape[-2:])
-                if owner == mine:
-                    update = newton_schulz(full, self.plan.ns_steps, self.plan.ns_coefficients,
-                                           ns_dtype(full.device)).float()
-                else:
-                    update = torch.empty_like(full)
+                sent = update if owner == mine else local(p).new_empty(p.shape, dtype=torch.float32)
                 held = local(p)
                 master = held.float()  # the shard itself when fp32
                 step = -lr * (self.plan.rms_scale * math.sqrt(m))
-                master.mul_(1 - lr * decay).add_(scatter(update, p, owner), alpha=step)
+                master.mul_(1 - lr * decay).add_(scatter(sent, p, owner), alpha=step)
                 write_back([held], [master])
 
     def _matrices(self, p, first, end):

@@ -231,8 +231,23 @@ def owner_rounds(params):
             yield group[start : start + size]
 
 
-def gather(t: DTensor) -> torch.Tensor:
-    return t.full_tensor()
+def gather(t: DTensor, owner: int) -> torch.Tensor | None:
+    """The whole of a dim-0-sharded DTensor on mesh process `owner` only (None elsewhere): the others send their
+    shards and hold nothing more, where an all-gather would put every matrix on every process."""
+    mesh = t.device_mesh
+    rows = t.shape[0]
+    sizes = [len(chunk) for chunk in torch.arange(rows).chunk(mesh.size())]
+    sizes += [0] * (mesh.size() - len(sizes))  # torch.chunk makes fewer chunks than asked for when rows are few
+    piece = t.to_local()
+    padded = piece.new_zeros((max(sizes), *piece.shape[1:]))
+    padded[: piece.shape[0]] = piece
+    group = mesh.get_group()
+    mine = mesh.get_local_rank()
+    pieces = [torch.empty_like(padded) for _ in sizes] if mine == owner else None
+    dist.gather(padded, pieces, group_dst=owner, group=group)
+    if pieces is None:
+        return None
+    return torch.cat([part[:size] for part, size in zip(pieces, sizes)])
 
 
 def scatter(full: torch.Tensor, like: DTensor, owner: int) -> torch.Tensor:
