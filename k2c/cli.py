@@ -360,7 +360,7 @@ def load_run(run_dir: Path, spec_file: str | None, what: str):
                          f"({', '.join(changed[:5])}); pass --spec SPEC (the spec it was trained with)")
     model = package.build_model(dtype=getattr(torch, package.PLAN.training.dtype))
     try:
-        model.load_state_dict(state["model"])
+        train.load_model(checkpoint, state, model)
     except RuntimeError as err:
         raise UsageError(f"{checkpoint}: the model's tensors do not fit {package_dir}/ "
                          f"({str(err).strip().splitlines()[-1].strip()})") from None

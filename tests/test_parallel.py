@@ -110,11 +110,10 @@ def assert_same_run(single, sharded, first_step=1):
 
 
 def load_sharded(package, run_dir):
-    """The model of a sharded checkpoint, read in one process."""
-    state = runtime_train.read_checkpoint(Path(run_dir) / "checkpoint.pt")
+    """The model of a sharded checkpoint, read in one process as `k2c export` and `k2c generate` read it."""
+    path = Path(run_dir) / "checkpoint.pt"
     model = package.build_model()
-    opt = package.build_optimizer(model)
-    parallel.load_shards(Path(run_dir) / state["model"]["shards"], model, opt, None)
+    runtime_train.load_model(path, runtime_train.read_checkpoint(path), model)
     return model
 
 

@@ -282,11 +282,11 @@ def checkpoint_tensors(model: CausalLM, opt, layout: Layout | None) -> dict:
     optimizer state under "optimizer/<param name>". Sharded tensors stay sharded (each process writes its shards),
     so a checkpoint never gathers the model on one process; `layout` None: a single process's plain tensors."""
     owners = dict(model.named_modules())
-    tensors: dict = {"model": {}, "optimizer": {}}
+    tensors: dict = {"model": {}, "optimizer": {}} if opt is not None else {"model": {}}
     for name, tensor in model.state_dict().items():
         module = owners[name.rpartition(".")[0]]
         tensors["model"][name] = _global(tensor, _stacked(module, tensor), layout)
-    for name, param in model.named_parameters():
+    for name, param in model.named_parameters() if opt is not None else ():
         if param in opt.state:
             module = owners[name.rpartition(".")[0]]
             stacked = _stacked(module, param)
@@ -304,9 +304,11 @@ def save_shards(folder, model: CausalLM, opt, layout: Layout) -> None:
 
 
 def load_shards(folder, model: CausalLM, opt, layout: Layout | None) -> None:
-    """Read what save_shards wrote, in place, whatever mesh wrote it (or into a single process's tensors)."""
+    """Read what save_shards wrote, in place, whatever mesh wrote it (or into a single process's tensors); the
+    model alone when `opt` is None."""
     import torch.distributed.checkpoint as dcp
 
-    opt.init_state()
+    if opt is not None:
+        opt.init_state()
     dcp.load(checkpoint_tensors(model, opt, layout), checkpoint_id=str(folder), no_dist=layout is None)
 

@@ -224,6 +224,21 @@ def remove_shards(path: Path, keep: str | None = None) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def shards_of(state: dict) -> str | None:
+    """The folder of a sharded checkpoint's tensors (beside its file), or None for a single-file checkpoint."""
+    shards = state["model"].get("shards")
+    return shards if isinstance(shards, str) else None
+
+
+def load_model(path, state: dict, model) -> None:
+    """The model of checkpoint `path` (read already as `state`), sharded or not, into a single process's model."""
+    shards = shards_of(state)
+    if shards is None:
+        model.load_state_dict(state["model"])
+    else:
+        parallel.load_shards(Path(path).parent / shards, model, None, None)
+
+
 def load_checkpoint(path, model, opt, batches, plan: Plan, scheduler=None, *, state: dict | None = None,
                     layout=None) -> tuple[int, dict]:
     """Restore what save_checkpoint (or save_sharded_checkpoint) wrote; returns the step it was taken after and
@@ -238,7 +253,7 @@ def load_checkpoint(path, model, opt, batches, plan: Plan, scheduler=None, *, st
     changed = _differences(resume_settings(plan), state["plan"])
     if changed:
         raise TrainError(f"{path} was written under other settings ({', '.join(changed)}); it cannot resume here")
-    shards = state["model"].get("shards") if isinstance(state["model"].get("shards"), str) else None
+    shards = shards_of(state)
     if shards is None and layout is not None:
         raise TrainError(f"{path} was written by a single process; resume it with one process")
     opt.load_state_dict(state["optimizer"])
