@@ -237,7 +237,7 @@ class AdapterPlan:
 @dataclass(frozen=True)
 class TrainingPlan:
     seq_len: int
-    batch_size: int  # sequences per step, over all data-parallel processes
+    batch_size: int  # sequences per forward, over all processes; a step takes grad_accum of them
     grad_accum: int
     steps: int
     dtype: str

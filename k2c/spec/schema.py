@@ -395,7 +395,7 @@ class Adapter(Section):
 
 class Training(Section):
     seq_len: Positions = 256
-    batch_size: Sequences = 16  # sequences per step, over all data-parallel processes
+    batch_size: Sequences = 16  # sequences per forward, over all processes; a step takes grad_accum of them
     grad_accum: Sequences = 1
     steps: Steps = 300
     dtype: Literal["float32", "bfloat16"] = "float32"
