@@ -429,3 +429,31 @@ def test_data_settings_that_cannot_go_together(tmp_path, capsys, training, messa
     spec.write_text(spec_text().replace("  data: bundled", "  " + training))
     assert cli.main(["check", str(spec)]) == 2
     assert f"error: {message}" in capsys.readouterr().err
+
+
+def test_a_tiktoken_folder_as_kimi_k2_ships_loads_without_running_its_code(tmp_path):
+    """tiktoken.model (base64 token, rank per line) + a tokenizer_config.json whose class is remote code: the ids
+    are tiktoken's own for the same ranks and pattern, the special tokens come from added_tokens_decoder."""
+    import base64
+
+    import tiktoken
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    tokens = [bytes([i]) for i in range(256)] + [b"th", b"the", b" the", b"in", b"ing", b"ed", b" a"]
+    (tmp_path / "tiktoken.model").write_text("".join(f"{base64.b64encode(t).decode()} {i}\n"
+                                                     for i, t in enumerate(tokens)))
+    specials = {len(tokens): "[BOS]", len(tokens) + 1: "[EOS]", len(tokens) + 2: "<|im_end|>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "TikTokenTokenizer", "auto_map": {"AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer",
+                                                                               None]},
+        "bos_token": "[BOS]", "eos_token": "[EOS]",
+        "added_tokens_decoder": {str(i): {"content": c, "special": True} for i, c in specials.items()},
+    }))
+    (tmp_path / "tokenization_kimi.py").write_text("raise SystemExit('remote code must not run')\n")
+    tokenizer = data.load_tokenizer(str(tmp_path))
+    assert tokenizer.vocab_size == len(tokens) + len(specials)
+    assert tokenizer.eos == len(tokens) + 1
+    reference = tiktoken.Encoding("ranks", pat_str=TikTokenConverter().pattern,
+                                  mergeable_ranks=dict(zip(tokens, range(len(tokens)))), special_tokens={})
+    text = "the thing a theme ended in the rain, then a thin edge"
+    assert tokenizer.encode([text])[0].tolist() == reference.encode(text)

@@ -155,6 +155,9 @@ class HFTokenizer(Tokenizer):
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
+TIKTOKEN_FILE = "tiktoken.model"
+
+
 def load_tokenizer(name: str, base: Path | None = None) -> Tokenizer:
     """`bytes`, or the Hugging Face tokenizer in folder `name` (relative to `base`, the spec's folder)."""
     if name == BYTES:
@@ -166,10 +169,16 @@ def load_tokenizer(name: str, base: Path | None = None) -> Tokenizer:
         raise DataError(f"{shown}: expected a tokenizer folder (tokenizer.json, tokenizer_config.json), found {found}")
     if not any((folder / file).is_file() for file in ("tokenizer.json", "tokenizer_config.json")):
         raise DataError(f"{shown}: expected a tokenizer folder, found no tokenizer.json or tokenizer_config.json in it")
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        if (folder / TIKTOKEN_FILE).is_file():
+            # Kimi K2's layout: the ranks in tiktoken.model, its own tokenizer class as remote code (never run);
+            # transformers converts the ranks into a fast tokenizer with tiktoken's pre-tokenising pattern
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True,
+                                                                vocab_file=str(folder / TIKTOKEN_FILE))
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except Exception as err:  # transformers raises many kinds for a folder it cannot read
         raise DataError(f"{shown} cannot be loaded: {_first_line(err)}") from None
     return HFTokenizer(folder, tokenizer)
