@@ -100,7 +100,7 @@ def test_ce_lora_merged_and_as_base_plus_peft_adapter(build_generated, hf_twin, 
 def test_fp8_blocks_dequantise_to_the_weights_and_load_back(build_generated, hf_twin, tmp_path, hidden):
     spec = tiny_spec(name="export_fp8", **{"model.hidden_size": hidden})  # 160 = 128 + 32: partial edge blocks
     package, model, ids = model_and_ids(spec, build_generated, hf_twin)
-    package.export_hf(model, tmp_path / "fp8", fp8=True)
+    notes = package.export_hf(model, tmp_path / "fp8", fp8=True)
     config = json.loads((tmp_path / "fp8" / "config.json").read_text())
     assert config["quantization_config"] == {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                              "weight_block_size": [128, 128]}
@@ -122,6 +122,12 @@ def test_fp8_blocks_dequantise_to_the_weights_and_load_back(build_generated, hf_
         # e4m3: 3 mantissa bits (half a unit: 2^-4 relative), subnormals in steps of 2^-9 of the block's scale
         error = (dequantize_fp8(stored[name], scale) - w).abs()
         assert (error <= w.abs() * 2.0**-4 + block_scale * 2.0**-10).all(), name
+
+    ragged = [name for name in quantized if any(n > FP8_BLOCK and n % FP8_BLOCK for n in stored[name].shape)]
+    warned = [note for note in notes if "not a multiple of it" in note]
+    assert bool(ragged) == (hidden % FP8_BLOCK != 0)
+    assert len(warned) == (1 if ragged else 0)
+    assert all(note.startswith(f"{len(ragged)} FP8 weights") for note in warned)
 
     back = package.build_model(dtype=torch.float32)
     load_hf_state_dict(back, tmp_path / "fp8")

@@ -137,12 +137,20 @@ def export_hf(model: CausalLM, plan: Plan, directory, *, peft: bool = False, fp8
     dtype = next(iter(tensors.values())).dtype
     if fp8:
         quantized: dict[str, torch.Tensor] = {}
+        ragged = []
         for name, tensor in tensors.items():
             if fp8_quantized(name, tensor):
                 quantized[name], quantized[scale_name(name)] = quantize_fp8(tensor)
+                if any(size > FP8_BLOCK and size % FP8_BLOCK for size in tensor.shape):
+                    ragged.append(f"{name} {list(tensor.shape)}")
             else:
                 quantized[name] = tensor
         tensors = quantized
+        if ragged:
+            # k2c's loader reads partial edge blocks (DeepSeek's ceil-divided grid); other readers assume whole ones
+            notes.append(f"{len(ragged)} FP8 weights have a size above {FP8_BLOCK} that is not a multiple of it "
+                         f"(such as {ragged[0]}): k2c reads them back, but transformers and serving engines' "
+                         f"block-FP8 kernels expect whole {FP8_BLOCK}x{FP8_BLOCK} blocks, as in the published models")
     config = hf_config(plan)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     if fp8:
