@@ -171,11 +171,18 @@ def test_a_launch_that_does_not_fit_the_mesh_is_an_error(build_generated, layout
         parallel.mesh_shape(package.PLAN, world)
 
 
-def test_ce_lora_over_several_processes_stops_before_training(build_generated, tmp_path):
-    package = build(build_generated, adapter={"kind": "ce_lora", "targets": [{"match": "attn.o"}]})
-    with pytest.raises(Exception, match="adapter.kind: expected lora to train over 2 processes"):
-        launch(package, tmp_path / "run", 2)
-    assert not (tmp_path / "run").exists()
+@pytest.mark.parametrize("world,layout", [(2, {}), (4, {"expert": 2, "data_shard": 2})],
+                         ids=["fsdp", "fsdp_x_expert"])
+def test_ce_lora_chooses_the_channels_of_the_whole_batch_when_sharded(build_generated, tmp_path, world, layout):
+    """The kept channels come from the gradients of all processes' tokens and refresh on the same steps, so the
+    run is the single process's."""
+    ce_lora = {"kind": "ce_lora", "rank": 4, "alpha": 8.0, "svd_rank": 2, "refresh_every": 3,
+               "targets": [{"match": "attn.{kv_b,o}", "keep_ratio": 0.5},
+                           {"match": "experts.{up,down}", "keep_ratio": 0.5}]}
+    package = build(build_generated, parallel=layout, adapter=ce_lora, **{"optimizer.lr": 1e-3})
+    launch(package, tmp_path / "single", 1)
+    launch(package, tmp_path / "sharded", world)
+    assert_same_run(metrics(tmp_path / "single"), metrics(tmp_path / "sharded"))
 
 
 def doomed_process(rank, world, package_dir, run_dir, port, report):

@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 
@@ -79,6 +80,8 @@ class DoubleLoRA(nn.Module):
         self.backwards = 0  # backward passes since the SVD
         # (backwards, kept) from a checkpoint, applied once W is factorised again
         self.restored: tuple[int, torch.Tensor | None] | None = None
+        # over several processes (k2c.runtime.parallel): those whose tokens W also sees, whose channel norms count
+        self.group: dist.ProcessGroup | None = None
 
     def extra_repr(self) -> str:
         return f"svd_rank={self.svd_rank}, keep_ratio={self.keep_ratio}, refresh_every={self.refresh_every}"
@@ -117,7 +120,12 @@ class DoubleLoRA(nn.Module):
 
     @torch.no_grad()
     def select(self, weight: torch.Tensor, channel_norm: torch.Tensor) -> None:
-        """Keep the channels with the largest ||dY[:, i]|| * ||R[i, :]||; channel_norm [..., m] is ||dY[:, i]||."""
+        """Keep the channels with the largest ||dY[:, i]|| * ||R[i, :]||; channel_norm [..., m] is ||dY[:, i]||
+        over this process's tokens, and over all the processes' when W is shared with others."""
+        if self.group is not None:
+            squares = channel_norm.square()
+            dist.all_reduce(squares, group=self.group)
+            channel_norm = squares.sqrt()
         score = channel_norm * self.residual_norm
         kept = score.topk(math.ceil(self.keep_ratio * weight.shape[-2]), dim=-1, sorted=False).indices
         self.keep(weight, kept.sort(dim=-1).values)  # ascending, so the gathers read memory in order

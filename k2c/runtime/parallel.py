@@ -63,9 +63,6 @@ class Layout:
 def mesh_shape(plan: Plan, world: int) -> tuple[int, int]:
     """(data_shard, expert) for `world` processes, or a LayoutError naming the spec field that does not fit."""
     p, batch_size = plan.parallel, plan.training.batch_size
-    if plan.adapter.kind == "ce_lora" and world > 1:
-        raise LayoutError("adapter.kind", f"expected lora to train over {world} processes (ce_lora chooses its "
-                                          "kept channels from one process's gradients), found 'ce_lora'")
     if world % p.expert:
         raise LayoutError("parallel.expert", f"expected a divisor of the launch's {world} processes, found {p.expert}")
     data_shard = world // p.expert
@@ -185,6 +182,22 @@ def shard(model: CausalLM, plan: ParallelPlan, layout: Layout) -> None:
             fully_shard(moe.experts, mesh=column, mp_policy=policy)
         fully_shard(layer, mesh=layout.mesh, mp_policy=policy)
     fully_shard(model, mesh=layout.mesh, mp_policy=policy)
+    share_kept_channels(model, layout)
+
+
+def share_kept_channels(model: CausalLM, layout: Layout) -> None:
+    """CE-LoRA chooses its kept channels from the gradients of all the tokens its weight sees, as one process does:
+    a dense weight's over every process, an expert's over its column (a row's tokens reach it by the exchange)."""
+    from k2c.runtime.adapters import DoubleLoRA, LoRAExperts
+
+    everyone, column = layout.mesh.get_group(), layout.grid.get_group("data_shard")
+    for module in model.modules():
+        if isinstance(module, LoRAExperts):
+            for double_lora in module.double_lora.values():
+                assert isinstance(double_lora, DoubleLoRA)
+                double_lora.group = column
+        elif isinstance(single := getattr(module, "double_lora", None), DoubleLoRA):
+            single.group = everyone
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
