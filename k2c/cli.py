@@ -131,7 +131,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from k2c.runtime import memory, parallel
+    from k2c.runtime import memory, mesh
 
     spec = _load(args.spec)
     with at_spec_fields(args.spec):
@@ -140,7 +140,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     world = memory.smallest_world(plan) if args.world is None else args.world
     try:
         estimate = memory.estimate(plan, world)
-    except parallel.LayoutError as err:
+    except mesh.LayoutError as err:
         raise UsageError(f"--world {world}: {err}") from None
     if args.json:
         print(json.dumps({**inspect_json(spec, graph), "memory": estimate.as_dict()}, indent=1, sort_keys=True))
@@ -179,12 +179,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     with at_spec_fields(args.spec):
         graph = compile_spec(spec)
     check_paths(args.spec, spec)
-    from k2c.runtime import parallel
+    from k2c.runtime import mesh
 
     world = max(args.nproc_per_node, int(os.environ.get("WORLD_SIZE", 1)))
     try:  # before any process starts
-        parallel.mesh_shape(lower(graph), world)
-    except parallel.LayoutError as err:
+        mesh.mesh_shape(lower(graph), world)
+    except mesh.LayoutError as err:
         raise field_error(args.spec, tuple(err.field.split(".")), err.reason) from None
     if args.run_dir is None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise UsageError("under a multi-process launcher (torchrun), pass --run-dir so that every process "

@@ -19,7 +19,7 @@ from k2c.cli import main
 from k2c.codegen import build_package, compile_spec
 from k2c.codegen.lower import lower
 from k2c.runtime import memory
-from k2c.runtime.parallel import LayoutError
+from k2c.runtime.mesh import LayoutError
 from specs_for_tests import tiny_spec
 
 TINY = REPO / "specs" / "k2-tiny.yaml"

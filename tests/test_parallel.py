@@ -14,8 +14,8 @@ from conftest import import_generated
 
 from pydantic import ValidationError
 
-from k2c.runtime import parallel
 from k2c.runtime import train as runtime_train
+from k2c.runtime.mesh import LayoutError, mesh_shape
 from k2c.runtime.plan import ParallelPlan
 from specs_for_tests import tiny_spec
 
@@ -167,8 +167,8 @@ def test_resume_on_other_meshes_continues_the_run(build_generated, tmp_path):
 ], ids=["expert", "data_shard", "batch"])
 def test_a_launch_that_does_not_fit_the_mesh_is_an_error(build_generated, layout, world, message):
     package = build(build_generated, parallel=layout)
-    with pytest.raises(parallel.LayoutError, match=message):
-        parallel.mesh_shape(package.PLAN, world)
+    with pytest.raises(LayoutError, match=message):
+        mesh_shape(package.PLAN, world)
 
 
 @pytest.mark.parametrize("world,layout", [(2, {}), (4, {"expert": 2, "data_shard": 2})],

@@ -35,8 +35,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from fnmatch import fnmatchcase
 
-from k2c.runtime.optim import NS_BATCH_ELEMENTS
-from k2c.runtime.parallel import LayoutError, mesh_shape
+from k2c.runtime.kernels import NS_BATCH_ELEMENTS
+from k2c.runtime.mesh import LayoutError, mesh_shape
 from k2c.runtime.plan import TRITON, AdapterSite, AttentionPlan, LayerPlan, MLPPlan, MoEPlan, NormPlan, Plan
 
 GIB = 2**30
@@ -528,7 +528,7 @@ def estimate(plan: Plan, world: int = 1, *, reference: bool = False) -> MemoryEs
     """Bytes per device of a training step of `plan` over `world` processes, on CUDA devices.
 
     `reference`: every op on the torch reference path (K2C_KERNELS=torch) instead of the plan's kernels. Raises
-    k2c.runtime.parallel.LayoutError when `world` does not fit the plan's mesh or batch.
+    k2c.runtime.mesh.LayoutError when `world` does not fit the plan's mesh or batch.
     """
     m = mesh(plan, world)
     params = parameters(plan)

@@ -17,16 +17,13 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.optim.adamw import adamw as fused_adamw
 
+from k2c.runtime.kernels import NS_BATCH_ELEMENTS
 from k2c.runtime.kernels import newton_schulz as ns_kernels
 from k2c.runtime.model import Attention, CausalLM
 from k2c.runtime.ops import use_triton
 from k2c.runtime.parallel import gather, local, owner_rounds, rows_of, scatter
 from k2c.runtime.plan import TRITON, OptimizerPlan
 
-# At most this many elements in one batched Newton-Schulz, so that its working copies stay small beside the model:
-# in bf16 the batch, a scratch of its size and two Gram-sized buffers, 2 GiB at most. Large enough for launches of
-# thousands of tiles (a Moonlight layer's 192 expert matrices go in three batches of 64).
-NS_BATCH_ELEMENTS = 2**28
 
 
 def distributed():

@@ -24,21 +24,13 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
+from k2c.runtime.mesh import mesh_shape
 from k2c.runtime.model import CausalLM, Experts, Routing
 from k2c.runtime.plan import ParallelPlan, Plan
 
 # A collective that waits longer than this for a process is taken as that process lost: the others stop with an
 # error instead of waiting forever. Long enough for the slowest checkpoint write or first-step compile.
 DEFAULT_TIMEOUT_MINUTES = 10.0
-
-
-class LayoutError(ValueError):
-    """The processes of a launch do not fit the spec: `field` is the spec field to change, `reason` says why in a
-    spec error's words (expected ..., found ...)."""
-
-    def __init__(self, field: str, reason: str):
-        super().__init__(f"{field}: {reason}")
-        self.field, self.reason = field, reason
 
 
 @dataclass(frozen=True)
@@ -58,21 +50,6 @@ class Layout:
     @property
     def column(self) -> int:
         return self.rank % self.expert
-
-
-def mesh_shape(plan: Plan, world: int) -> tuple[int, int]:
-    """(data_shard, expert) for `world` processes, or a LayoutError naming the spec field that does not fit."""
-    p, batch_size = plan.parallel, plan.training.batch_size
-    if world % p.expert:
-        raise LayoutError("parallel.expert", f"expected a divisor of the launch's {world} processes, found {p.expert}")
-    data_shard = world // p.expert
-    if p.data_shard is not None and p.data_shard != data_shard:
-        raise LayoutError("parallel.data_shard", f"expected {data_shard} (the launch's {world} processes / "
-                          f"parallel.expert {p.expert}), found {p.data_shard}")
-    if batch_size % world:
-        raise LayoutError("training.batch_size",
-                          f"expected a multiple of the launch's {world} processes, found {batch_size}")
-    return data_shard, p.expert
 
 
 def timeout() -> timedelta:

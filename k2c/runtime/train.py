@@ -64,6 +64,7 @@ from k2c.runtime.files import (
     write_checksummed,
 )
 from k2c.runtime import parallel
+from k2c.runtime.mesh import LayoutError
 from k2c.runtime.optim import lr_at
 from k2c.runtime.plan import OptimizerPlan, Plan, TrainingPlan
 
@@ -517,7 +518,7 @@ def _train(package, run_dir: Path, data: tuple[Part, Part], steps, resume, check
     if size > 1:
         try:
             placement = parallel.layout(plan, dev.type)
-        except parallel.LayoutError as err:
+        except LayoutError as err:
             raise TrainError(str(err)) from None
         parallel.shard(model, plan.parallel, placement)
     opt = package.build_optimizer(model)

@@ -13,3 +13,8 @@ TOLERANCES = {"float32": (1e-5, 1e-4), "float16": (1e-3, 1e-2), "bfloat16": (1e-
 
 RMSNORM_MAX_DIM = 65536  # the fused RMSNorm holds a whole row in one tile; wider rows do not fit in registers
 ATTENTION_MAX_HEAD_DIM = 256  # beyond this the accumulators of one attention block no longer fit in registers
+
+# At most this many elements in one batched Newton-Schulz, so that its working copies stay small beside the model:
+# in bf16 the batch, a scratch of its size and two Gram-sized buffers, 2 GiB at most. Large enough for launches of
+# thousands of tiles (a Moonlight layer's 192 expert matrices go in three batches of 64).
+NS_BATCH_ELEMENTS = 2**28
