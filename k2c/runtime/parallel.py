@@ -269,8 +269,8 @@ def _global(tensor: torch.Tensor, stacked: bool, layout: Layout | None) -> torch
 
 def checkpoint_tensors(model: CausalLM, opt, layout: Layout | None) -> dict:
     """Every tensor of the training state, by name: the model's state dict under "model", each parameter's
-    optimizer state under "optimizer/<param name>". Sharded tensors stay sharded (each process writes its shards),
-    so a checkpoint never gathers the model on one process; `layout` None: a single process's plain tensors."""
+    optimizer state under "optimizer" by the parameter's name. Sharded tensors stay sharded (each process writes its
+    shards), so a checkpoint never gathers the model on one process; `layout` None: a single process's tensors."""
     owners = dict(model.named_modules())
     tensors: dict = {"model": {}, "optimizer": {}} if opt is not None else {"model": {}}
     for name, tensor in model.state_dict().items():
