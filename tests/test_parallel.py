@@ -49,6 +49,20 @@ def test_the_plan_records_the_mesh_and_the_recomputed_layers(build_generated):
     assert [layer.mlp.expert_shards for layer in plan.model.layers[1:]] == [2, 2]
 
 
+def test_ce_lora_resumes_its_kept_channels_on_another_mesh(build_generated, tmp_path):
+    """The kept channels and the refresh position travel in the sharded checkpoint (an expert column's as a piece
+    of all experts): 2 processes to step 8, then 4 to the end, are the uninterrupted single process's run."""
+    ce_lora = {"kind": "ce_lora", "rank": 4, "alpha": 8.0, "svd_rank": 2, "refresh_every": 3,
+               "targets": [{"match": "attn.{kv_b,o}", "keep_ratio": 0.5},
+                           {"match": "experts.{up,down}", "keep_ratio": 0.5}]}
+    package = build(build_generated, parallel={"expert": 2}, adapter=ce_lora, **{"optimizer.lr": 1e-3})
+    launch(package, tmp_path / "single", 1)
+    run = tmp_path / "run"
+    launch(package, run, 2, steps=8)
+    launch(package, run, 4, steps=STEPS, resume=True)
+    assert_same_run(metrics(tmp_path / "single"), metrics(run))
+
+
 @pytest.mark.parametrize("layout,field,expected", [
     ({"expert": 3}, "parallel.expert", "a divisor of model.moe.routed_experts (4)"),
     ({"expert": 2, "data_shard": 3}, "parallel.data_shard", "a mesh of processes that splits training.batch_size"),

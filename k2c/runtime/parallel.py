@@ -14,6 +14,7 @@ through the all-to-all's backward, is divided by the row's size there (see Exper
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -273,9 +274,16 @@ def checkpoint_tensors(model: CausalLM, opt, layout: Layout | None) -> dict:
     shards), so a checkpoint never gathers the model on one process; `layout` None: a single process's tensors."""
     owners = dict(model.named_modules())
     tensors: dict = {"model": {}, "optimizer": {}} if opt is not None else {"model": {}}
+    kept = kept_channels(model)
+    if kept:
+        tensors["kept_channels"] = {name: {"backwards": torch.tensor(d.backwards),
+                                           "kept": _global(channels, _stacked(parent, channels), layout)}
+                                    for name, (d, parent, channels) in kept.items()}
     for name, tensor in model.state_dict().items():
-        module = owners[name.rpartition(".")[0]]
-        tensors["model"][name] = _global(tensor, _stacked(module, tensor), layout)
+        module_name = name.rpartition(".")[0]
+        if module_name in kept:
+            continue
+        tensors["model"][name] = _global(tensor, _stacked(owners[module_name], tensor), layout)
     for name, param in model.named_parameters() if opt is not None else ():
         if param in opt.state:
             module = owners[name.rpartition(".")[0]]
@@ -284,6 +292,32 @@ def checkpoint_tensors(model: CausalLM, opt, layout: Layout | None) -> dict:
                 key: _global(value, stacked and value.shape == param.shape, layout) for key, value in
                 opt.state[param].items()}
     return tensors
+
+
+def kept_channels(model: CausalLM) -> dict:
+    """{name: (DoubleLoRA, the module its weight belongs to, its kept channels)} of every CE-LoRA site. The kept
+    channels and the refresh position are the sites' extra state; a checkpoint stores them as tensors, a column's
+    experts' as a piece of all E, and a site that has not chosen yet gets a place of the right size to load into."""
+    from k2c.runtime.adapters import DoubleLoRA, LoRAExperts
+
+    owners = dict(model.named_modules())
+    found = {}
+    for name, module in owners.items():
+        if not isinstance(module, DoubleLoRA):
+            continue
+        parent_name, _, last = name.rpartition(".")
+        if last == "double_lora":  # a linear's: <linear>.double_lora
+            parent, projection = owners[parent_name], "weight"
+        else:  # an expert projection's: <experts>.double_lora.<projection>
+            parent, projection = owners[parent_name.rpartition(".")[0]], last
+            assert isinstance(parent, LoRAExperts)
+        weight = getattr(parent, projection)
+        channels = module.kept
+        if channels is None:
+            size = math.ceil(module.keep_ratio * weight.shape[-2])
+            channels = torch.zeros((*weight.shape[:-2], size), dtype=torch.int64, device=local(weight).device)
+        found[name] = (module, parent, channels)
+    return found
 
 
 def save_shards(folder, model: CausalLM, opt, layout: Layout) -> None:
@@ -300,5 +334,9 @@ def load_shards(folder, model: CausalLM, opt, layout: Layout | None) -> None:
 
     if opt is not None:
         opt.init_state()
-    dcp.load(checkpoint_tensors(model, opt, layout), checkpoint_id=str(folder), no_dist=layout is None)
+    tensors = checkpoint_tensors(model, opt, layout)
+    dcp.load(tensors, checkpoint_id=str(folder), no_dist=layout is None)
+    for name, (double_lora, _, _) in kept_channels(model).items():
+        state = tensors["kept_channels"][name]
+        double_lora.set_extra_state({"backwards": int(state["backwards"]), "kept": local(state["kept"]).clone()})
 
