@@ -89,6 +89,19 @@ def release() -> None:
     torch.cuda.empty_cache()
 
 
+def k2c_step(model, opt, ids: torch.Tensor):
+    """One training step of a generated model on `ids`, returning its loss."""
+
+    def step() -> torch.Tensor:
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
 def k2c_row(variant: str, package, ids: torch.Tensor, args, kernels: str | None = None) -> Row:
     if kernels is not None:
         os.environ["K2C_KERNELS"] = kernels
@@ -96,16 +109,7 @@ def k2c_row(variant: str, package, ids: torch.Tensor, args, kernels: str | None 
         torch.manual_seed(0)
         model = package.build_model(DEV, BF16)
         model.train()
-        opt = package.build_optimizer(model)
-
-        def step() -> torch.Tensor:
-            loss = model(ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
-
-        ms, peak = timed(step, args.steps, args.warmup)
+        ms, peak = timed(k2c_step(model, package.build_optimizer(model), ids), args.steps, args.warmup)
     finally:
         os.environ.pop("K2C_KERNELS", None)
     return Row(variant, ms, ids.numel() / ms * 1e3, peak)

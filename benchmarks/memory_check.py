@@ -54,17 +54,10 @@ def peak(package, dev: torch.device, world: int, args) -> int | None:
     model.train()
     if world > 1:
         parallel.shard(model, plan.parallel, parallel.layout(plan, dev.type))
-    opt = package.build_optimizer(model)
     rank = dist.get_rank() if world > 1 else 0
     ids = torch.randint(0, plan.model.vocab_size, (plan.training.batch_size // world, plan.training.seq_len),
                         generator=torch.Generator().manual_seed(rank)).to(dev)
-
-    def step() -> torch.Tensor:
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+    step = bench_step.k2c_step(model, package.build_optimizer(model), ids)
 
     if dev.type != "cuda":  # the smoke test: the steps run, there is no allocator to read
         for _ in range(args.warmup + args.steps):

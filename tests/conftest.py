@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 from pathlib import Path
 from types import ModuleType
 
@@ -31,6 +32,20 @@ os.environ.setdefault("K2C_DEVICE", "cpu")
 
 # Tests run one per core (pytest -n); torch's own threads on top only fight over the same cores.
 torch.set_num_threads(1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def become_rank(rank: int, world: int, port: int, **extra: str) -> None:
+    """Make this spawned process rank `rank` of `world` as torchrun would start it (the runtime starts the process
+    group itself), on one thread."""
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), **extra)
 
 
 def import_generated(out_dir: Path) -> ModuleType:

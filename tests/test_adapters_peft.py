@@ -42,15 +42,21 @@ def adapted_pair(case, build_generated, hf_twin):
     hf = hf_twin(spec)
     model = package.build_model()
     package.load_hf_state_dict(model, hf.state_dict())
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, spec.model.vocab_size, (2, 16), generator=g)
+    ids = torch.randint(0, spec.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    return package, with_trained_adapters(model, ids), hf, ids
+
+
+def with_trained_adapters(model, ids):
+    """The model in eval mode with random adapter weights, after one backward (CE-LoRA's buffers exist)."""
+    g = torch.Generator().manual_seed(2)
     model.train()
     model(ids, labels=ids).loss.backward()  # CE-LoRA's buffers now exist, as after training
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return package, model.eval(), hf, ids
+    model.zero_grad(set_to_none=True)
+    return model.eval()
 
 
 @pytest.mark.parametrize("case", CASES)

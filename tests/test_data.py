@@ -17,7 +17,7 @@ import torch
 import yaml
 from conftest import REPO
 from specs_for_tests import tiny_spec
-from test_train import SMALL_MODEL, adapter, read_metrics, trainer, without_timing
+from test_train import SMALL_MODEL, adapter, interrupted_in_step, read_metrics, trainer, without_timing
 
 from k2c import cli
 from k2c.codegen import compile_spec
@@ -212,23 +212,8 @@ def test_a_chat_run_killed_and_resumed_reads_the_same_batches(tokenizer_dir, cha
     assert 6 * 2 * 8 > train_part.count  # the run goes into a second epoch (a new order)...
     assert 2 * 2 * 8 < train_part.count  # ...after the checkpoint of step 2
 
-    build_optimizer = package.build_optimizer
-
-    def interrupted_in_step_4(model):
-        opt = build_optimizer(model)
-        step, calls = opt.step, []
-
-        def counted():
-            calls.append(1)
-            if len(calls) == 4:
-                raise KeyboardInterrupt
-            step()
-
-        opt.step = counted
-        return opt
-
     with monkeypatch.context() as m:
-        m.setattr(package, "build_optimizer", interrupted_in_step_4)
+        m.setattr(package, "build_optimizer", interrupted_in_step(package, 4))
         with pytest.raises(KeyboardInterrupt):
             train.run(tmp_path / "resumed")
     read.clear()

@@ -12,6 +12,7 @@ import torch
 import yaml
 from safetensors import safe_open
 from specs_for_tests import TINY, tiny_spec
+from test_adapters_peft import with_trained_adapters
 
 from conftest import subprocess_env
 from k2c.runtime.checkpoint import FP8_BLOCK, dequantize_fp8, load_hf_state_dict
@@ -34,18 +35,6 @@ def model_and_ids(spec, build_generated, hf_twin):
     package.load_hf_state_dict(model, hf_twin(spec).state_dict())
     ids = torch.randint(0, spec.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     return package, model, ids
-
-
-def with_trained_adapters(model, ids):
-    g = torch.Generator().manual_seed(2)
-    model.train()
-    model(ids, labels=ids).loss.backward()  # CE-LoRA's buffers now exist, as after training
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    model.zero_grad(set_to_none=True)
-    return model.eval()
 
 
 def hf_logits(folder, ids, adapter=None):

@@ -2,15 +2,15 @@
 whole batch. The processes are started with torchrun's environment, as `k2c train --nproc-per-node` starts them,
 and the runtime builds the mesh from the spec's parallel section."""
 
+import contextlib
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import import_generated
+from conftest import become_rank, free_port, import_generated
 
 from pydantic import ValidationError
 
@@ -74,37 +74,29 @@ def test_a_mesh_the_model_or_batch_cannot_take_is_a_spec_error(layout, field, ex
     assert field.split(".")[-1] in str(err.value) and expected in str(err.value)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def process(rank, world, package_dir, run_dir, port, steps, resume):
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    become_rank(rank, world, port)
     runtime_train.run(import_generated(Path(package_dir)), Path(run_dir), steps=steps, resume=resume)
 
 
 def launch(package, run_dir, world, steps=None, resume=False):
     if world == 1:
-        with runtime_train_quiet():
+        with one_thread():
             runtime_train.run(package, run_dir, steps=steps, resume=resume)
         return
     mp.spawn(process, args=(world, str(Path(package.__file__).parent), str(run_dir), free_port(), steps, resume),
              nprocs=world, join=True)
 
 
-class runtime_train_quiet:
+@contextlib.contextmanager
+def one_thread():
     """One thread, as each spawned process has: the single-process reference then sums in the same order."""
-
-    def __enter__(self):
-        self.threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.threads)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def metrics(run_dir):
@@ -201,9 +193,7 @@ def test_ce_lora_chooses_the_channels_of_the_whole_batch_when_sharded(build_gene
 
 def doomed_process(rank, world, package_dir, run_dir, port, report):
     """A rank of a 2-process run; rank 1 dies at its 7th micro-batch (step 4, after the checkpoint of step 3)."""
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), K2C_DIST_TIMEOUT_MINUTES="1")
+    become_rank(rank, world, port, K2C_DIST_TIMEOUT_MINUTES="1")
     draws, windows = [], runtime_train.windows
 
     def window(*args):

@@ -4,15 +4,13 @@ import functools
 import json
 from types import SimpleNamespace
 import math
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import import_generated
+from conftest import become_rank, free_port, import_generated
 from matplotlib.image import imread
 
 from k2c.runtime import train as runtime_train
@@ -45,6 +43,27 @@ def trainer(build_generated, **overrides):
         "optimizer.lr": 1e-2, "optimizer.schedule": {"decay": "constant"}, **overrides,
     }))
     return package, bound(package)
+
+
+def interrupted_in_step(package, step):
+    """package.build_optimizer, but its optimizer raises KeyboardInterrupt in step `step`, after that step's
+    backward and before its update."""
+    build_optimizer = package.build_optimizer
+
+    def build(model):
+        opt = build_optimizer(model)
+        update, calls = opt.step, []
+
+        def counted():
+            calls.append(1)
+            if len(calls) == step:
+                raise KeyboardInterrupt
+            update()
+
+        opt.step = counted
+        return opt
+
+    return build
 
 
 def read_metrics(run_dir):
@@ -94,23 +113,8 @@ def test_resume_is_bit_exact(build_generated, tmp_path, monkeypatch, case):
     # the clip must act after the checkpoint (step 2), so that what it did has to survive the resume
     assert any(r["clipped_heads"] > 0 for r in read_metrics(tmp_path / "straight") if r["step"] > 2)
 
-    build_optimizer = package.build_optimizer
-
-    def interrupted_in_step_4(model):
-        opt = build_optimizer(model)
-        step, calls = opt.step, []
-
-        def counted():
-            calls.append(1)
-            if len(calls) == 4:  # after step 4's backward, before its update
-                raise KeyboardInterrupt
-            step()
-
-        opt.step = counted
-        return opt
-
     with monkeypatch.context() as m:
-        m.setattr(package, "build_optimizer", interrupted_in_step_4)
+        m.setattr(package, "build_optimizer", interrupted_in_step(package, 4))
         with pytest.raises(KeyboardInterrupt):
             train.run(tmp_path / "resumed")
     assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 2
@@ -231,9 +235,7 @@ def test_unloadable_init_from_is_a_train_error(build_generated, tmp_path):
 def data_parallel_rank(rank, package_dir, run_dir, port):
     """One of two processes training the package together, started with torchrun's environment: the runtime
     starts the (gloo) process group itself and must leave it before it returns."""
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    become_rank(rank, 2, port)
     package = import_generated(Path(package_dir))
     rows, windows = [], runtime_train.windows
     runtime_train.windows = lambda tokens, starts, seq_len: rows.append(len(starts)) or windows(tokens, starts,
@@ -241,12 +243,6 @@ def data_parallel_rank(rank, package_dir, run_dir, port):
     runtime_train.run(package, Path(run_dir))
     assert not dist.is_initialized()
     (Path(run_dir) / f"rows.{rank}").write_text(json.dumps(rows))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_data_parallel_processes_take_the_single_process_steps(build_generated, tmp_path):

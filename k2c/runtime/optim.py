@@ -218,8 +218,7 @@ class MuonClip(torch.optim.Optimizer):
             if not isinstance(p, DTensor):
                 by_shape[tuple(sorted(p.shape[-2:]))].append(p)
         for (n, m), params in by_shape.items():
-            # an orthogonal n x m update has RMS 1/sqrt(max(n, m)); this brings it to AdamW's rms_scale
-            step = -lr * (self.plan.rms_scale * math.sqrt(m))
+            step = self._step_size(lr, m)
             for batch in ns_batches(params, n * m):
                 matrices = [self._matrices(p, first, end) for p, first, end in batch]
                 if use_triton(TRITON, batch[0][0]):
@@ -242,13 +241,16 @@ class MuonClip(torch.optim.Optimizer):
             update = None if full is None else newton_schulz(full, self.plan.ns_steps, self.plan.ns_coefficients,
                                                              ns_dtype(full.device)).float()
             for owner, p in enumerate(batch):
-                n, m = sorted(p.shape[-2:])
                 sent = update if owner == mine else local(p).new_empty(p.shape, dtype=torch.float32)
                 held = local(p)
                 master = held.float()  # the shard itself when fp32
-                step = -lr * (self.plan.rms_scale * math.sqrt(m))
+                step = self._step_size(lr, max(p.shape[-2:]))
                 master.mul_(1 - lr * decay).add_(scatter(sent, p, owner), alpha=step)
                 write_back([held], [master])
+
+    def _step_size(self, lr: float, larger_dim: int) -> float:
+        """An orthogonal n x m update has RMS 1/sqrt(max(n, m)); the step brings it to AdamW's rms_scale."""
+        return -lr * (self.plan.rms_scale * math.sqrt(larger_dim))
 
     def _matrices(self, p, first, end):
         """Matrices [first, end) of p [..., r, c] as [end - first, r, c]: views of the weight and the momentum (written

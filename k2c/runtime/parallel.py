@@ -40,8 +40,7 @@ class Layout:
 
     world: int
     rank: int
-    data_shard: int
-    expert: int
+    expert: int  # processes in a row of the mesh
     mesh: DeviceMesh  # all processes, 1-D: what the dense parameters are sharded over
     grid: DeviceMesh  # (data_shard, expert): a column shards a row's experts, a row exchanges tokens
     # the grid transposed, (expert, data_shard): a stack of all E experts is split over the columns first, then
@@ -62,7 +61,7 @@ def layout(plan: Plan, device_type: str) -> Layout:
     world, rank = dist.get_world_size(), dist.get_rank()
     data_shard, expert = mesh_shape(plan, world)
     ranks = torch.arange(world).view(data_shard, expert)
-    return Layout(world, rank, data_shard, expert, init_device_mesh(device_type, (world,)),
+    return Layout(world, rank, expert, init_device_mesh(device_type, (world,)),
                   init_device_mesh(device_type, (data_shard, expert), mesh_dim_names=("data_shard", "expert")),
                   DeviceMesh(device_type, ranks.T.contiguous(), mesh_dim_names=("expert", "data_shard")))
 
@@ -336,7 +335,7 @@ def load_shards(folder, model: CausalLM, opt, layout: Layout | None) -> None:
         opt.init_state()
     tensors = checkpoint_tensors(model, opt, layout)
     dcp.load(tensors, checkpoint_id=str(folder), no_dist=layout is None)
-    for name, (double_lora, _, _) in kept_channels(model).items():
-        state = tensors["kept_channels"][name]
-        double_lora.set_extra_state({"backwards": int(state["backwards"]), "kept": local(state["kept"]).clone()})
+    owners = dict(model.named_modules())
+    for name, state in tensors.get("kept_channels", {}).items():
+        owners[name].set_extra_state({"backwards": int(state["backwards"]), "kept": local(state["kept"]).clone()})
 
