@@ -59,17 +59,19 @@ def moe_layer(groups: int, load: str, dtype: torch.dtype, normalize: bool = True
     return moe
 
 
-def add_adapters(moe, kind: str, dropout: float = 0.0, names=("gate_proj", "up_proj", "down_proj")) -> None:
-    """LoRA on the named projections (random B, so that the adapters matter), CE-LoRA at keep 0.5 on up/down."""
+def add_adapters(moe, kind: str, dropout: float = 0.0, names=("gate_proj", "up_proj", "down_proj"),
+                 ce_names=("up_proj", "down_proj"), refresh_every: int = 1) -> None:
+    """LoRA on the named projections (random B, so that the adapters matter), CE-LoRA at keep 0.5 on ce_names."""
     from k2c.runtime.adapters import LoRAExperts
     from k2c.runtime.plan import AdapterPlan, AdapterSite
 
     moe.requires_grad_(False)
     moe.gate.weight.requires_grad_()  # still on the input's gradient path; checked too
-    plan = AdapterPlan(kind=kind, rank=RANK, alpha=8.0, rslora=False, dropout=dropout, refresh_every=1, sites=())
+    plan = AdapterPlan(kind=kind, rank=RANK, alpha=8.0, rslora=False, dropout=dropout, refresh_every=refresh_every,
+                       sites=())
     experts = LoRAExperts.adapt(moe.experts)
     for name in names:
-        ce = kind == "ce_lora" and name != "gate_proj"
+        ce = kind == "ce_lora" and name in ce_names
         site = AdapterSite(module="mlp.experts", param=name, kind="ce_lora" if ce else "lora", rank=RANK, alpha=8.0,
                            keep_ratio=0.5 if ce else 1.0, svd_rank=3 if ce else 0)
         experts.add_adapter(name, site, plan)
@@ -217,12 +219,17 @@ def check_lora() -> None:
 
 
 def check_celora() -> None:
-    """CE-LoRA at keep 0.5 on up and down: the kept channels packed per expert, the SVD pair in the epilogue. (The
-    fused wiring runs CE-LoRA per projection too: the dropout case of check_lora covers that dispatch.)"""
-    for dtype, load in ((torch.float32, "balanced"), (torch.float16, "empty")):
+    """CE-LoRA at keep 0.5: the kept channels packed per expert (and, in the fused down backward, gathered by token
+    and weighted), the SVD pair in the epilogue, both wirings; on up and down with an exact-LoRA gate, on all three,
+    and on down alone beside an unadapted gate and up. The combine weights' gradient stays exact (dOut . y)."""
+    cases = ((torch.float32, "balanced", ("gate_proj", "up_proj", "down_proj"), ("up_proj", "down_proj")),
+             (torch.float16, "empty", ("gate_proj", "up_proj", "down_proj"), ("gate_proj", "up_proj", "down_proj")),
+             (torch.float32, "skewed", ("down_proj",), ("down_proj",)),
+             (torch.float32, "balanced", ("gate_proj", "up_proj"), ("gate_proj",)))
+    for dtype, load, names, ce_names in cases:
         moe = moe_layer(1, load, dtype)
-        add_adapters(moe, "ce_lora")
-        compare(f"ce_lora {dtype} {load}", moe, dtype, ("per-op",))
+        add_adapters(moe, "ce_lora", names=names, ce_names=ce_names)
+        compare(f"ce_lora {dtype} {load} on {ce_names} of {names}", moe, dtype, twice=True)
 
 
 def check_errors() -> None:
@@ -242,11 +249,6 @@ def check_errors() -> None:
     with pytest.raises(RuntimeError, match="must be frozen"):
         kernels.grouped_linear(x, torch.randn(E, INTER, H, requires_grad=True), torch.zeros(E + 1, dtype=torch.int64),
                                adapter)
-    celora = kernels.ExpertAdapter(adapter.lora_A, adapter.lora_B, 1.0, residual=lambda norms: norms())
-    gate_up = torch.randn(E, INTER, H)
-    with pytest.raises(ValueError, match="CE-LoRA's input gradient runs through grouped_linear"):
-        kernels.swiglu_experts(x, torch.ones(16), torch.arange(16), torch.zeros(E + 1, dtype=torch.int64), K,
-                               gate_up, gate_up, torch.randn(E, H, INTER), {"up_proj": celora})
     print("ok errors")
 
 

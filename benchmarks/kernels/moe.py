@@ -4,7 +4,8 @@ One Moonlight-sized MoE layer: T = 16384 tokens, H = 2048, E = 64 experts, k = 6
 router (random weights, so the load is uneven as it is early in training). A step is the experts' forward and
 backward from the layer input x and the routing to the summed expert output, and back, from a fixed dOut, to dx, the
 combine weights' gradient and every expert weight's gradient (or, with LoRA r=16 on gate/up/down and the base
-frozen, every A's and B's). Variants, all on the same routing:
+frozen, every A's and B's; with CE-LoRA at keep 0.25 on all three, the same, its input gradients over each expert's
+kept channels). Variants, all on the same routing:
 
 - k2c fused: `Experts.forward` on the Triton path (`kernels.moe.swiglu_experts`) and `MoE.combine`'s slot sum.
 - k2c per-op: the wiring generated today (project, swiglu, project, combine) on the Triton path: grouped GEMMs
@@ -14,7 +15,9 @@ frozen, every A's and B's). Variants, all on the same routing:
 - loop: k2c's torch path, one F.linear per expert over a host copy of the counts (a synchronisation per layer).
 
 Every variant's output and gradients are checked against the loop path run in fp32 on the same routing, with the
-bf16 tolerance. Targets: the fused experts at most 0.8x the anchor's time (speed >= 1.25x) and at least 8x faster
+bf16 tolerance (CE-LoRA's on the same kept channels: a random set per expert, restored as a checkpoint restores it,
+so that bf16 and fp32 channel norms cannot choose different sets). CE-LoRA is timed against the fused exact LoRA on
+the same sites and against the LoRA anchor. Targets: the fused experts at most 0.8x the anchor's time (speed >= 1.25x) and at least 8x faster
 than the loop. Then the forward alone, and the router's epilogue (fused kernel against the torch ops).
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
@@ -33,17 +37,22 @@ from k2c.runtime.plan import TRITON, AdapterPlan, AdapterSite, MoEPlan, RouterPl
 
 TOKENS, HIDDEN, EXPERTS, TOP_K, INTER = 16384, 2048, 64, 6, 1408
 RANK, ALPHA = 16, 32
+KEEP, SVD_RANK = 0.25, 14  # CE-LoRA: the step benchmark's keep ratio, the released code's SVD rank (7r/8)
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 def run(h) -> None:
-    for rank in (0, RANK):
-        compare(h, TOKENS, HIDDEN, EXPERTS, TOP_K, INTER, rank, torch.device("cuda"), torch.bfloat16)
+    lora = {}
+    for kind in ("none", "lora", "ce_lora"):
+        times = compare(h, TOKENS, HIDDEN, EXPERTS, TOP_K, INTER, kind, torch.device("cuda"), torch.bfloat16, lora)
+        if kind == "lora":
+            lora = times
     router(h, TOKENS, HIDDEN, EXPERTS, TOP_K, torch.device("cuda"))
 
 
-def moe_layer(hidden: int, experts: int, top_k: int, inter: int, rank: int, device, dtype) -> MoE:
-    """Moonlight's router settings, weights ~ N(0, 1/fan_in); LoRA (B random, so that it matters) when rank > 0."""
+def moe_layer(hidden: int, experts: int, top_k: int, inter: int, kind: str, device, dtype) -> MoE:
+    """Moonlight's router settings, weights ~ N(0, 1/fan_in); LoRA or CE-LoRA of rank RANK (B random, so that it
+    matters) unless kind is "none"."""
     plan = MoEPlan(RouterPlan(hidden, experts, top_k, 1, 1, True, 2.446, 0.0), experts, hidden, inter, None, TRITON)
     torch.manual_seed(0)
     moe = MoE(plan, device, dtype)
@@ -51,14 +60,20 @@ def moe_layer(hidden: int, experts: int, top_k: int, inter: int, rank: int, devi
         for p in moe.parameters():
             p.normal_(0, p.shape[-1] ** -0.5)
         moe.gate.e_score_correction_bias.uniform_(-0.02, 0.02)
-    if rank:
+    if kind != "none":
         moe.requires_grad_(False)
-        adapter = AdapterPlan("lora", rank, ALPHA, False, 0.0, 1, ())
+        adapter = AdapterPlan(kind, RANK, ALPHA, False, 0.0, 10**9, ())
+        keep, svd_rank = (KEEP, SVD_RANK) if kind == "ce_lora" else (1.0, 0)
         stack = LoRAExperts.adapt(moe.experts)
         for name in PROJECTIONS:
-            stack.add_adapter(name, AdapterSite("mlp.experts", name, "lora", rank, ALPHA, 1.0, 0), adapter)
+            stack.add_adapter(name, AdapterSite("mlp.experts", name, kind, RANK, ALPHA, keep, svd_rank), adapter)
             with torch.no_grad():
                 stack.adapter(name)[1].normal_(0, 0.02)
+            if kind == "ce_lora":
+                # a fixed kept set, restored as from a checkpoint; refresh_every is past the benchmark's steps
+                rows = getattr(stack, name).shape[1]
+                kept = torch.rand(experts, rows, device=device).topk(math.ceil(keep * rows), dim=1).indices
+                stack.double_lora[name].set_extra_state({"backwards": 1, "kept": kept.sort(dim=1).values})
     return moe
 
 
@@ -100,9 +115,12 @@ def grouped_mm_composition(moe: MoE, base: Routing, scale: float):
     return forward, leaves
 
 
-def compare(h, tokens: int, hidden: int, experts: int, top_k: int, inter: int, rank: int, device, dtype) -> None:
-    """Check every variant against the fp32 loop, then time it; one shape, with or without LoRA."""
-    moe = moe_layer(hidden, experts, top_k, inter, rank, device, dtype)
+def compare(h, tokens: int, hidden: int, experts: int, top_k: int, inter: int, kind: str, device, dtype,
+            lora: dict[str, float]) -> dict[str, float]:
+    """Check every variant against the fp32 loop, then time it; one shape, without an adapter, with LoRA or with
+    CE-LoRA (timed against `lora`, the LoRA case's times). Returns the times."""
+    rank = 0 if kind == "none" else RANK
+    moe = moe_layer(hidden, experts, top_k, inter, kind, device, dtype)
     torch.manual_seed(1)
     x = torch.randn(tokens, hidden, device=device, dtype=dtype)
     dout = torch.randn(tokens, hidden, device=device, dtype=dtype)
@@ -159,7 +177,9 @@ def compare(h, tokens: int, hidden: int, experts: int, top_k: int, inter: int, r
         notes[name] = "; ".join(h.check(k, got[k], want[k], dtype=torch.bfloat16) for k in want)
 
     anchor = None
-    if hasattr(torch, "_grouped_mm"):
+    if kind == "ce_lora":
+        pass  # its anchor is exact LoRA's, timed in the LoRA case on the same layer and routing
+    elif hasattr(torch, "_grouped_mm"):
         try:
             forward, anchor_leaves = grouped_mm_composition(moe, base, scale)
             inverse = base.order.argsort()
@@ -183,13 +203,22 @@ def compare(h, tokens: int, hidden: int, experts: int, top_k: int, inter: int, r
 
     what = (f"MoE experts fwd+bwd, T={tokens}, H={hidden}, E={experts}, k={top_k}, I={inter}, "
             f"{str(dtype).removeprefix('torch.')}")
-    if rank:
+    if kind == "lora":
         what += f", LoRA r={rank} on gate/up/down (base frozen)"
-    # fwd: three GEMMs of 2 M H I FLOPs; bwd: their input gradients, and the weight gradients without adapters
+    if kind == "ce_lora":
+        what += f", CE-LoRA r={rank} keep {KEEP} SVD rank {SVD_RANK} on gate/up/down (base frozen)"
+    # fwd: three GEMMs of 2 M H I FLOPs; bwd: their input gradients (CE-LoRA's over the kept share), and the weight
+    # gradients without adapters
     m = tokens * top_k
-    flops = 2 * m * hidden * inter * 3 * (2 if rank else 3)
+    flops = round(2 * m * hidden * inter * 3 * {"none": 3, "lora": 2, "ce_lora": 1 + KEEP}[kind])
     t = {name: h.time(fn) for name, fn in variants.items()}
-    if anchor is not None:
+    if kind == "ce_lora" and lora:
+        record(h, what, "k2c fused Triton experts, CE-LoRA (vs k2c fused LoRA, same sites)", t["fused"],
+               lora["fused"], notes["fused"], flops)
+        if "anchor" in lora:
+            record(h, what, "k2c fused Triton experts, CE-LoRA (vs the grouped_mm LoRA anchor)", t["fused"],
+                   lora["anchor"], "", flops)
+    elif anchor is not None:
         t["anchor"] = h.time(anchor)
         record(h, what, "torch._grouped_mm composition (anchor)", t["anchor"], t["anchor"], notes["anchor"], flops)
         record(h, what, "k2c fused Triton experts (vs grouped_mm; target >= 1.25x)", t["fused"], t["anchor"],
@@ -197,7 +226,8 @@ def compare(h, tokens: int, hidden: int, experts: int, top_k: int, inter: int, r
     else:
         record(h, what, "torch._grouped_mm composition (anchor): not run", float("nan"), float("nan"),
                notes["anchor"], None)
-    record(h, what, "k2c fused Triton experts (vs the loop; target >= 8x)", t["fused"], t["loop"], "", flops)
+    record(h, what, "k2c fused Triton experts (vs the loop; target >= 8x)", t["fused"], t["loop"],
+           notes["fused"] if kind == "ce_lora" and not lora else "", flops)
     record(h, what, "k2c per-op wiring on the Triton kernels (vs the loop)", t["per-op"], t["loop"],
            notes["per-op"], flops)
     record(h, what, "k2c loop over experts, torch path (anchor for the loop rows)", t["loop"], t["loop"],
@@ -211,12 +241,13 @@ def compare(h, tokens: int, hidden: int, experts: int, top_k: int, inter: int, r
         tf = {name: h.time(fn) for name, fn in fwd.items()}
     reference = "anchor" if anchor is not None else "loop"
     record(h, what.replace("fwd+bwd", "forward only"), f"k2c fused Triton experts (vs {reference})", tf["fused"],
-           tf[reference], "", flops // (2 if rank else 3))
+           tf[reference], "", 2 * m * hidden * inter * 3)
+    return t
 
 
 def router(h, tokens: int, hidden: int, experts: int, top_k: int, device) -> None:
     """Routing of one layer, fwd+bwd from the router weight's GEMM to the combine weights: epilogue kernel vs torch."""
-    moe = moe_layer(hidden, experts, top_k, INTER, 0, device, torch.bfloat16)
+    moe = moe_layer(hidden, experts, top_k, INTER, "none", device, torch.bfloat16)
     torch.manual_seed(2)
     x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(tokens, top_k, device=device)

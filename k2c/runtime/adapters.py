@@ -405,9 +405,9 @@ class LoRAExperts(Experts):
         return moe_kernel.ExpertAdapter(lora_A, lora_B, self.scales[name], residual)
 
     def fused_adapters(self) -> dict[str, moe_kernel.ExpertAdapter] | None:
-        """Exact LoRA without dropout runs inside the fused experts; CE-LoRA's input gradient and dropout's separate
-        adapter input run per projection (`project`), still on the grouped kernels."""
-        if self.double_lora or any(not isinstance(d, nn.Identity) for d in self.lora_dropout.values()):
+        """LoRA and CE-LoRA without dropout run inside the fused experts; dropout's separate adapter input runs per
+        projection (`project`), still on the grouped kernels."""
+        if any(not isinstance(d, nn.Identity) for d in self.lora_dropout.values()):
             return None
         return {name: self.kernel_adapter(name) for name in self.sites}
 

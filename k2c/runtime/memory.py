@@ -324,9 +324,8 @@ class Forward:
         row_weights = self.new(k, logits.grad, FP32)
         adapters = {name: self.sites.get((f"{at}.experts", name)) for name in ("gate_proj", "up_proj", "down_proj")}
         adapted = [s for s in adapters.values() if s is not None]
-        # Experts.fused_adapters: CE-LoRA's input gradient and dropout's own adapter input run per projection
-        per_projection = not fused or any(s.kind == "ce_lora" for s in adapted) or (
-            self.plan.adapter.dropout > 0 and bool(adapted))
+        # Experts.fused_adapters: dropout's own adapter input runs per projection
+        per_projection = not fused or (self.plan.adapter.dropout > 0 and bool(adapted))
         if self.mesh.expert > 1:
             rows = self.exchange(x, row_weights, plan, adapters, per_projection)
         elif per_projection:
@@ -340,7 +339,8 @@ class Forward:
     def fused_experts(self, x: Tensor, row_weights: Tensor, order: Tensor, plan: MoEPlan,
                       adapters: dict[str, AdapterSite | None]) -> Tensor:
         """kernels/moe.py's fused Function: it keeps its input rows, their weights, order and experts' offsets, gate,
-        up and act [T*k, I], and each adapted projection's X A^T (gate's and up's in one tensor)."""
+        up and act [T*k, I], each adapted projection's X A^T (gate's and up's in one tensor), and under CE-LoRA on
+        down its output rows before their weight [T*k, H]."""
         k, inter = plan.router.top_k, plan.intermediate_size
         grad = x.grad or row_weights.grad or self.trains_base or any(adapters.values())
         if grad:
@@ -351,6 +351,8 @@ class Forward:
             down = adapters["down_proj"]
             if down is not None:
                 self.save(self.new(k * down.rank, True))
+            if down is not None and down.kind == "ce_lora":
+                self.save(self.new(k * plan.hidden_size, True))
         return self.new(k * plan.hidden_size, grad)
 
     def offsets(self, plan: MoEPlan) -> Tensor:

@@ -24,7 +24,11 @@ waits for the GPU, and it runs one small GEMM per expert. Here the counts stay o
   down input-gradient GEMM gathers the output gradient by token, and its epilogue applies the combine weight, the
   SwiGLU backward and the combine weight's gradient (dw = act . (dOut W_down), summed per column tile, no atomics);
   the gate/up input-gradient GEMM runs both products into one accumulator and stores each row at its (token, slot)
-  position. Exact LoRA rides in the same kernels. The k rows of a token are summed by the caller in slot order.
+  position. LoRA rides in the same kernels, and so does CE-LoRA: an input-gradient GEMM runs over each expert's
+  kept channels (packed per expert; for down, gathered by token and weighted as dY is), with the SVD pair's
+  (dY B0) A0 in the epilogue beside the adapter's term. Under CE-LoRA on down the forward also keeps the rows before
+  their weight, y, so that the combine weight's gradient dOut . y stays exact. The k rows of a token are summed by
+  the caller in slot order.
 - Weight gradients: `grouped_weight_grad` gives dW[e] = P_e^T Q_e over expert e's rows (a program per output tile
   per expert, looping over that expert's rows), reading gathered or weighted rows in place.
 
@@ -341,7 +345,7 @@ def _add_low_rank(acc, la_ptr, rows, stride_lam, stride_lar, lb_ptr, stride_lbr,
 
 
 @triton.autotune(configs=_configs(WIDE + THIN),
-                 key=["N", "K", "K2", "R", "GATHER", "TWO", "ROW_SCALE", "SCATTER", "LOW_RANK"],
+                 key=["N", "K", "K2", "R", "GATHER", "TWO", "ROW_SCALE", "SCATTER", "UNSCALED", "LOW_RANK"],
                  prune_configs_by={"early_config_prune": _prune_by_width})
 @triton.jit
 def _grouped_matmul_kernel(
@@ -355,6 +359,7 @@ def _grouped_matmul_kernel(
     scale_ptr,  # [M] fp32 (ROW_SCALE only): row i, rounded to C's dtype, times scale[i]
     out_rows_ptr,  # [M] int64 (SCATTER only): row i is stored at row out_rows[i] of C, else at row i
     c_ptr,  # C [*, N]
+    u_ptr,  # U [M, N] out (UNSCALED only): row i before the row scale and the scatter
     offsets_ptr,  # [E + 1] int64: expert e owns rows offsets[e] to offsets[e+1]
     M, N, K, K2, R, E,
     stride_am, stride_ak, stride_we, stride_wk, stride_wn,
@@ -366,6 +371,7 @@ def _grouped_matmul_kernel(
     TWO: tl.constexpr,
     ROW_SCALE: tl.constexpr,
     SCATTER: tl.constexpr,
+    UNSCALED: tl.constexpr,
     LOW_RANK: tl.constexpr,
     BLOCK_R: tl.constexpr,  # R rounded up to a power of two, at least 16 (tl.dot's smallest)
     BLOCK_E: tl.constexpr,  # E rounded up to a power of two, at least 16
@@ -393,12 +399,17 @@ def _grouped_matmul_kernel(
     if LOW_RANK:
         acc = _add_low_rank(acc, la_ptr, rows, stride_lam, stride_lar, lb_ptr + e * stride_lbe, stride_lbr,
                             stride_lbn, cols_w, R, lr_scale, BLOCK_R)
+    mask = row_in[:, None] & (cols[None, :] < N)
+    if UNSCALED:
+        # U is laid out as C is (the wrapper allocates both [*, N] contiguous)
+        tl.store(u_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn, acc.to(u_ptr.dtype.element_ty),
+                 mask=mask)
     if ROW_SCALE:
         row_scale = tl.load(scale_ptr + rows)
         acc = acc.to(c_ptr.dtype.element_ty).to(tl.float32) * row_scale[:, None]
     out_rows = _row_offsets(rows, out_rows_ptr, 1, SCATTER)
     c = c_ptr + out_rows[:, None] * stride_cm + cols[None, :] * stride_cn
-    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=row_in[:, None] & (cols[None, :] < N))
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- SwiGLU experts: gate/up and its backward
@@ -481,11 +492,11 @@ def _gate_up_kernel(
     tl.store(act_ptr + out, act, mask=mask)
 
 
-@triton.autotune(configs=_configs(DOWN_BACKWARD), key=["N", "K", "R", "LOW_RANK"])
+@triton.autotune(configs=_configs(DOWN_BACKWARD), key=["N", "K", "R", "GATHER", "LOW_RANK"])
 @triton.jit
 def _down_backward_kernel(
     dout_ptr,  # dOut [*, K]: the gradient of each (token, slot)'s weighted output
-    dout_rows_ptr,  # [M] int64: the row of dOut that holds each expert row's gradient
+    dout_rows_ptr,  # [M] int64 (GATHER only): the row of dOut that holds each expert row's gradient, else row i
     wd_ptr,  # down weights [E, K, N] ([E, H, I]: K is the hidden size, N the expert's intermediate size)
     lu_ptr,  # dOut B_d [M, R] (LOW_RANK only): the down adapter's low-rank gradient, before the combine weight
     ad_ptr,  # A_d [E, R, N]
@@ -494,13 +505,15 @@ def _down_backward_kernel(
     up_ptr,  # [M, N]: the forward's up projection
     dgate_ptr,  # [M, N] out
     dup_ptr,  # [M, N] out
-    dw_ptr,  # [M, cdiv(N, BLOCK_N)] fp32 out: this tile's share of act . (dOut W_d) for the combine weight
+    dw_ptr,  # [M, cdiv(N, BLOCK_N)] fp32 out (COMBINE only): this tile's share of act . (dOut W_d)
     offsets_ptr,  # [E + 1] int64
     M, N, K, R, E,
     stride_dm, stride_dk, stride_we, stride_wk, stride_wn,
     stride_lum, stride_lur, stride_ade, stride_adr, stride_adn,
     stride_gm, stride_gn, stride_dwm,
     scale_d,
+    GATHER: tl.constexpr,
+    COMBINE: tl.constexpr,
     LOW_RANK: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_E: tl.constexpr,
@@ -518,7 +531,7 @@ def _down_backward_kernel(
 
     # main loop: acc = dOut[(token, slot) of each row] @ W_d[e], the activations' gradient before the weight
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    dout_rows = _row_offsets(rows, dout_rows_ptr, stride_dm, True)
+    dout_rows = _row_offsets(rows, dout_rows_ptr, stride_dm, GATHER)
     acc = _dot_loop(acc, dout_ptr, dout_rows, stride_dk, wd_ptr + e * stride_we, stride_wk, stride_wn, cols_w, K,
                     BLOCK_K)
 
@@ -533,7 +546,8 @@ def _down_backward_kernel(
     act = (silu * u).to(dtype).to(tl.float32)
     # the combine weight's gradient is dOut . y = act . (dOut W_d) (+ the adapter's share, added by the caller);
     # masked columns have act = 0
-    tl.store(dw_ptr + rows * stride_dwm + tile_n, tl.sum(acc * act, axis=1), mask=row_in)
+    if COMBINE:
+        tl.store(dw_ptr + rows * stride_dwm + tile_n, tl.sum(acc * act, axis=1), mask=row_in)
     if LOW_RANK:
         acc = _add_low_rank(acc, lu_ptr, rows, stride_lum, stride_lur, ad_ptr + e * stride_ade, stride_adr,
                             stride_adn, cols_w, R, scale_d, BLOCK_R)
@@ -608,11 +622,15 @@ def _weight_grad_kernel(
 
 @triton.jit
 def _segment_sumsq_kernel(
-    x_ptr,  # X [M, C]: rows grouped by expert
+    x_ptr,  # X [*, C]: row x_rows[i] (GATHER), else row i, is the i-th, rows grouped by expert
+    x_rows_ptr,  # [M] int64 (GATHER only)
+    scale_ptr,  # [M] fp32 (ROW_SCALE only): row i times scale[i], rounded to X's dtype
     out_ptr,  # [E, C] fp32 out: sum over expert e's rows of X[:, c]^2
     offsets_ptr,  # [E + 1] int64
     C,
     stride_xm, stride_xc,
+    GATHER: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -625,20 +643,27 @@ def _segment_sumsq_kernel(
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xc,
-                    mask=(rows[:, None] < end) & col_in[None, :], other=0.0).to(tl.float32)
+        row_in = rows < end
+        rows = tl.minimum(rows, end - 1)
+        x = tl.load(x_ptr + _row_offsets(rows, x_rows_ptr, stride_xm, GATHER)[:, None] + cols[None, :] * stride_xc,
+                    mask=row_in[:, None] & col_in[None, :], other=0.0)
+        if ROW_SCALE:
+            x = (x.to(tl.float32) * tl.load(scale_ptr + rows)[:, None]).to(x_ptr.dtype.element_ty)
+        x = x.to(tl.float32)
         acc += tl.sum(x * x, axis=0)
     tl.store(out_ptr + e * C + cols, acc, mask=col_in)
 
 
 @triton.jit
 def _pack_columns_kernel(
-    x_ptr,  # X [M, C]: rows grouped by expert
+    x_ptr,  # X [*, C]: row x_rows[i] (GATHER), else row i, is the i-th, rows grouped by expert
+    x_rows_ptr,  # [M] int64 (GATHER only)
     kept_ptr,  # [E, S] int64: the columns each expert keeps
     out_ptr,  # [M, S] out: row i holds X[i, kept[e(i)]]
     offsets_ptr,  # [E + 1] int64
     M, S, E,
     stride_xm, stride_xc, stride_ke, stride_om,
+    GATHER: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -649,7 +674,8 @@ def _pack_columns_kernel(
     js = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     j_in = js < S
     kept = tl.load(kept_ptr + expert.to(tl.int64) * stride_ke + js, mask=j_in, other=0)
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + kept[None, :] * stride_xc, mask=j_in[None, :], other=0.0)
+    x_rows = _row_offsets(rows, x_rows_ptr, stride_xm, GATHER)
+    x = tl.load(x_ptr + x_rows[:, None] + kept[None, :] * stride_xc, mask=j_in[None, :], other=0.0)
     tl.store(out_ptr + rows[:, None] * stride_om + js[None, :], x, mask=row_in[:, None] & j_in[None, :])
 
 
@@ -692,14 +718,15 @@ LowRank = tuple[torch.Tensor, torch.Tensor, float]  # (L_a [M, R], L_b [E, R, N]
 def grouped_mm(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, a_rows: torch.Tensor | None = None,
                a2: torch.Tensor | None = None, w2: torch.Tensor | None = None, low: LowRank | None = None,
                row_scale: torch.Tensor | None = None, out_rows: torch.Tensor | None = None,
-               out_size: int | None = None) -> torch.Tensor:
+               out_size: int | None = None, unscaled: torch.Tensor | None = None) -> torch.Tensor:
     """C [M, N]: row i is A[i] W[e] for the expert e that owns row i (offsets [E+1], int64, on the device).
 
     a [*, K]; with a_rows [M] (int64) row i reads a's row a_rows[i] instead: a gather.
     w [E, K, N] any strides (`W.transpose(1, 2)` multiplies by W[e]^T). a2 [M, K2] and w2 [E, K2, N] add a second
     product; low = (L_a [M, R], L_b [E, R, N], s) adds s L_a[i] L_b[e]. row_scale [M] fp32 multiplies row i after
     rounding it to C's dtype. out_rows [M] int64 stores row i at row out_rows[i] of a C of out_size rows (default
-    M): a scatter. M is a_rows' length, else a's.
+    M): a scatter. unscaled, a contiguous [M, N] tensor of C's dtype, receives row i before the row scale and the
+    scatter. M is a_rows' length, else a's.
     """
     m = a_rows.shape[0] if a_rows is not None else a.shape[0]
     experts, k, n = w.shape
@@ -722,6 +749,9 @@ def grouped_mm(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, a_row
         raise ValueError(f"grouped_mm: row_scale must be fp32 of shape ({m},), found {row_scale.dtype} "
                          f"{tuple(row_scale.shape)}")
     c = torch.empty((m if out_size is None else out_size, n), device=a.device, dtype=a.dtype)
+    if unscaled is not None and (unscaled.shape != (m, n) or not unscaled.is_contiguous()
+                                 or unscaled.dtype != c.dtype or unscaled.device != c.device):
+        raise ValueError(f"grouped_mm: unscaled must be a contiguous {c.dtype} tensor of shape ({m}, {n})")
     if m == 0:
         return c
     la, lb, lr_scale = low if low is not None else (a, w, 1.0)
@@ -732,7 +762,8 @@ def grouped_mm(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, a_row
 
     _grouped_matmul_kernel[grid](
         a, a if a_rows is None else a_rows, w, a2_, w2_, la, lb,
-        a if row_scale is None else row_scale, a if out_rows is None else out_rows, c, offsets,
+        a if row_scale is None else row_scale, a if out_rows is None else out_rows, c,
+        c if unscaled is None else unscaled, offsets,
         m, n, k, a2_.shape[1] if two else 0, r, experts,
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
         a2_.stride(0), a2_.stride(1), w2_.stride(0), w2_.stride(1), w2_.stride(2),
@@ -740,7 +771,7 @@ def grouped_mm(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, a_row
         c.stride(0), c.stride(1),
         float(lr_scale),
         GATHER=a_rows is not None, TWO=two, ROW_SCALE=row_scale is not None, SCATTER=out_rows is not None,
-        LOW_RANK=low is not None, BLOCK_R=_block(r), BLOCK_E=_block_e(experts),
+        UNSCALED=unscaled is not None, LOW_RANK=low is not None, BLOCK_R=_block(r), BLOCK_E=_block_e(experts),
     )
     return c
 
@@ -779,34 +810,49 @@ def grouped_weight_grad(p: torch.Tensor, q: torch.Tensor, offsets: torch.Tensor,
     return c
 
 
-def segment_norms(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """[E, C] fp32: ||X_e[:, c]|| over each expert's rows of x [M, C] (CE-LoRA's channel scores)."""
+def segment_norms(x: torch.Tensor, offsets: torch.Tensor, *, rows: torch.Tensor | None = None,
+                  row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """[E, C] fp32: ||X_e[:, c]|| over each expert's rows of x [M, C] (CE-LoRA's channel scores).
+
+    rows [M] int64 reads x's row rows[i] as the i-th (a gather); row_scale [M] fp32 scales row i first, rounding it
+    to x's dtype as the weighted gradient it stands for is rounded.
+    """
     experts = offsets.shape[0] - 1
+    m = rows.shape[0] if rows is not None else x.shape[0]
     _check_offsets("segment_norms", offsets, experts, x)
+    _check_rows("segment_norms", "rows", rows, m, x)
+    if row_scale is not None and (row_scale.dtype != torch.float32 or row_scale.shape != (m,)):
+        raise ValueError(f"segment_norms: row_scale must be fp32 of shape ({m},)")
     out = torch.empty((experts, x.shape[1]), device=x.device, dtype=torch.float32)
     block_c = 16 if INTERPRETED else 128
     _segment_sumsq_kernel[(experts, triton.cdiv(x.shape[1], block_c))](
-        x, out, offsets, x.shape[1], x.stride(0), x.stride(1), BLOCK_M=16 if INTERPRETED else 64, BLOCK_C=block_c,
+        x, x if rows is None else rows, x if row_scale is None else row_scale, out, offsets, x.shape[1],
+        x.stride(0), x.stride(1), GATHER=rows is not None, ROW_SCALE=row_scale is not None,
+        BLOCK_M=16 if INTERPRETED else 64, BLOCK_C=block_c,
     )
     return out.sqrt_()
 
 
-def pack_columns(x: torch.Tensor, offsets: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """[M, S]: row i of x [M, C] at its expert's kept columns kept[e] ([E, S] int64).
+def pack_columns(x: torch.Tensor, offsets: torch.Tensor, kept: torch.Tensor, *,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
+    """[M, S]: row i of x [M, C] (or x's row rows[i], rows [M] int64) at its expert's kept columns kept[e]
+    ([E, S] int64).
 
     CE-LoRA's GEMM over the kept channels then reads dense rows: gathering the columns inside the GEMM's loads runs
     across x's contiguous dim, a scalar access per element (k2c/runtime/kernels/lora.py measures why it loses).
     """
     experts, s = kept.shape
+    m = rows.shape[0] if rows is not None else x.shape[0]
     _check_offsets("pack_columns", offsets, experts, x)
+    _check_rows("pack_columns", "rows", rows, m, x)
     if kept.dtype != torch.int64 or kept.stride(1) != 1:
         raise ValueError(f"pack_columns: kept must be int64 with contiguous rows, found {kept.dtype}")
-    m = x.shape[0]
     out = torch.empty((m, s), device=x.device, dtype=x.dtype)
     block_m, block_n = (16, 16) if INTERPRETED else (64, 64)
     grid = ((triton.cdiv(m, block_m) + experts) * triton.cdiv(s, block_n),)
-    _pack_columns_kernel[grid](x, kept, out, offsets, m, s, experts, x.stride(0), x.stride(1), kept.stride(0),
-                               out.stride(0), BLOCK_E=_block_e(experts), BLOCK_M=block_m, BLOCK_N=block_n)
+    _pack_columns_kernel[grid](x, x if rows is None else rows, kept, out, offsets, m, s, experts, x.stride(0),
+                               x.stride(1), kept.stride(0), out.stride(0), GATHER=rows is not None,
+                               BLOCK_E=_block_e(experts), BLOCK_M=block_m, BLOCK_N=block_n)
     return out
 
 
@@ -845,25 +891,28 @@ def gate_up_swiglu(x: torch.Tensor, x_rows: torch.Tensor, offsets: torch.Tensor,
     return gate, up, act
 
 
-def down_backward(dout: torch.Tensor, dout_rows: torch.Tensor, offsets: torch.Tensor, down_proj: torch.Tensor,
-                  weights: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, low: LowRank | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def down_backward(dout: torch.Tensor, dout_rows: torch.Tensor | None, offsets: torch.Tensor, down_proj: torch.Tensor,
+                  weights: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, low: LowRank | None = None,
+                  combine: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(d gate, d up, act . (dOut W_d)) for the rows of `swiglu_experts`: see `_down_backward_kernel`.
 
-    dout [*, H] read at the rows dout_rows [M]; down_proj [E, H, I]; weights [M] fp32; gate, up [M, I];
-    low = (dOut B_d [M, r], A_d [E, r, I], s). The third output [M] fp32 is the combine weight's gradient less the
-    adapter's share s (dOut B_d) . (act A_d^T).
+    dout [*, H] read at the rows dout_rows [M] (None: row i); down_proj [E, H, I]; weights [M] fp32; gate, up
+    [M, I]; low = (dOut B_d [M, r], A_d [E, r, I], s). The third output [M] fp32 (None unless `combine`) is the
+    combine weight's gradient less the adapter's share s (dOut B_d) . (act A_d^T).
+    CE-LoRA passes its packed kept channels dOut[:, S] as dout and R_S [E, |S|, I] as down_proj.
     """
-    m, (experts, hidden, inter) = dout_rows.shape[0], down_proj.shape
+    m, (experts, hidden, inter) = gate.shape[0], down_proj.shape
     _check_dtype("down_backward", gate, dout=dout, down_proj=down_proj, up=up)
     _check_offsets("down_backward", offsets, experts, gate)
     _check_rows("down_backward", "dout_rows", dout_rows, m, gate)
+    if dout_rows is None and dout.shape[0] != m:
+        raise ValueError(f"down_backward: dout must have M={m} rows without dout_rows, found {tuple(dout.shape)}")
     if gate.shape != (m, inter) or up.stride() != gate.stride() or dout.shape[1] != hidden:
         raise ValueError(f"down_backward: gate {tuple(gate.shape)}, up, dout {tuple(dout.shape)} and down_proj "
                          f"{tuple(down_proj.shape)} do not fit M={m}")
     dgate, dup = torch.empty_like(gate), torch.empty_like(up)
     tiles_n = triton.cdiv(inter, DOWN_BACKWARD_BLOCK_N)
-    dw = torch.empty((m, tiles_n), device=gate.device, dtype=torch.float32)
+    dw = torch.empty((m, tiles_n) if combine else (0, 1), device=gate.device, dtype=torch.float32)
     lu, ad, scale = low if low is not None else (gate, down_proj, 1.0)
     r = lu.shape[1] if low is not None else 0
 
@@ -871,15 +920,16 @@ def down_backward(dout: torch.Tensor, dout_rows: torch.Tensor, offsets: torch.Te
         return ((triton.cdiv(m, meta["BLOCK_M"]) + experts) * tiles_n,)
 
     _down_backward_kernel[grid](
-        dout, dout_rows, down_proj, lu, ad, weights, gate, up, dgate, dup, dw, offsets,
+        dout, dout if dout_rows is None else dout_rows, down_proj, lu, ad, weights, gate, up, dgate, dup, dw, offsets,
         m, inter, hidden, r, experts,
         dout.stride(0), dout.stride(1), down_proj.stride(0), down_proj.stride(1), down_proj.stride(2),
         lu.stride(0), lu.stride(1), ad.stride(0), ad.stride(1), ad.stride(2),
         gate.stride(0), gate.stride(1), dw.stride(0),
         float(scale),
-        LOW_RANK=low is not None, BLOCK_R=_block(r), BLOCK_E=_block_e(experts),
+        GATHER=dout_rows is not None, COMBINE=combine, LOW_RANK=low is not None, BLOCK_R=_block(r),
+        BLOCK_E=_block_e(experts),
     )
-    return dgate, dup, dw.sum(dim=1)
+    return dgate, dup, dw.sum(dim=1) if combine else None
 
 
 # --------------------------------------------------------------------------- autograd: one projection
@@ -975,11 +1025,12 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
 class _SwiGLUExperts(torch.autograd.Function):
     """x [N, H] (a row per token), weights [M] fp32 (each expert row's combine weight), W_gate, W_up [E, I, H],
     W_down [E, H, I], then each projection's (A, B) or (None, None) -> [N, k, H]: row (t, s) is the weighted output
-    of token t's s-th expert. `order` [M] int64 gives each expert row's (token, slot) position t*k + s."""
+    of token t's s-th expert. `order` [M] int64 gives each expert row's (token, slot) position t*k + s; `residuals`
+    holds each projection's CE-LoRA `Residual` (or None: its exact input gradient)."""
 
     @staticmethod
     def forward(ctx, x, weights, gate_proj, up_proj, down_proj, gate_A, gate_B, up_A, up_B, down_A, down_B,
-                order, offsets, top_k, scales):
+                order, offsets, top_k, scales, residuals):
         n, hidden = x.shape
         m = order.shape[0]
         scale_g, scale_u, scale_d = scales
@@ -1000,20 +1051,24 @@ class _SwiGLUExperts(torch.autograd.Function):
         if down_A is not None:
             xa_down = grouped_mm(act, down_A.transpose(1, 2), offsets)
             low_down = (xa_down, down_B.transpose(1, 2), scale_d)
+        # CE-LoRA on down approximates dOut W_d, so the combine weight's gradient dOut . y cannot come from it
+        # (as the exact path's act . (dOut W_d) does): keep y, the rows before their weight
+        y = x.new_empty((m, hidden)) if residuals[2] is not None else None
         out = grouped_mm(act, down_proj.transpose(1, 2), offsets, low=low_down, row_scale=weights, out_rows=order,
-                         out_size=m)
+                         out_size=m, unscaled=y)
         ctx.save_for_backward(x, weights, gate_proj, up_proj, down_proj, gate_A, gate_B, up_A, up_B, down_A, down_B,
-                              order, offsets, gate, up, act, xa_gate, xa_up, xa_down)
-        ctx.top_k, ctx.scales = top_k, scales
+                              order, offsets, gate, up, act, xa_gate, xa_up, xa_down, y)
+        ctx.top_k, ctx.scales, ctx.residuals = top_k, scales, residuals
         return out.view(n, top_k, hidden)
 
     @staticmethod
     def backward(ctx, dout):
         (x, weights, gate_proj, up_proj, down_proj, gate_A, gate_B, up_A, up_B, down_A, down_B, order, offsets,
-         gate, up, act, xa_gate, xa_up, xa_down) = ctx.saved_tensors
+         gate, up, act, xa_gate, xa_up, xa_down, y) = ctx.saved_tensors
         need = dict(zip(("x", "weights", "gate_proj", "up_proj", "down_proj", "gate_A", "gate_B", "up_A", "up_B",
                          "down_A", "down_B"), ctx.needs_input_grad, strict=False))
         scale_g, scale_u, scale_d = ctx.scales
+        residual_g, residual_u, residual_d = ctx.residuals
         k = ctx.top_k
         grads = dict.fromkeys(need)
         # dout [N, k, H] is usually the slot sum's gradient, expanded over the slots (stride 0): read in place, a
@@ -1026,12 +1081,23 @@ class _SwiGLUExperts(torch.autograd.Function):
 
         # down: d gate, d up and the combine weights' gradient from one GEMM over dOut gathered by (token, slot)
         lu = None
-        if down_A is not None:
-            lu = grouped_mm(dout, down_B, offsets, a_rows=dout_rows)  # dOut B_d, before the combine weight
-        dgate, dup, dw = down_backward(dout, dout_rows, offsets, down_proj, weights, gate, up,
-                                       low=(lu, down_A, scale_d) if lu is not None else None)
-        if lu is not None:
-            dw += scale_d * (lu.float() * xa_down.float()).sum(dim=1)
+        if residual_d is not None:
+            # CE-LoRA: dAct ~ (dY B0) A0 + dY[:, S] R_S with dY = weight * dOut, the weight applied in the epilogue
+            svd_B, svd_A, kept, kept_rows = residual_d(
+                lambda: segment_norms(dout, offsets, rows=dout_rows, row_scale=weights))
+            low_cols = grouped_mm(dout, torch.cat((svd_B, down_B), dim=2), offsets, a_rows=dout_rows)
+            lu = low_cols[:, svd_B.shape[2]:]  # dOut B_d
+            low = (low_cols, torch.cat((svd_A, down_A * scale_d), dim=1), 1.0)
+            dgate, dup, _ = down_backward(pack_columns(dout, offsets, kept, rows=dout_rows), None, offsets, kept_rows,
+                                          weights, gate, up, low=low, combine=False)
+            dw = (dout.index_select(0, dout_rows).float() * y.float()).sum(dim=1)
+        else:
+            if down_A is not None:
+                lu = grouped_mm(dout, down_B, offsets, a_rows=dout_rows)  # dOut B_d, before the combine weight
+            dgate, dup, dw = down_backward(dout, dout_rows, offsets, down_proj, weights, gate, up,
+                                           low=(lu, down_A, scale_d) if lu is not None else None)
+            if lu is not None:
+                dw += scale_d * (lu.float() * xa_down.float()).sum(dim=1)
         grads["weights"] = dw
         if need["down_proj"]:
             grads["down_proj"] = grouped_weight_grad(dout, act, offsets, p_rows=dout_rows, p_scale=weights)
@@ -1041,25 +1107,38 @@ class _SwiGLUExperts(torch.autograd.Function):
             grads["down_B"] = grouped_weight_grad(dout, xa_down, offsets, p_rows=dout_rows, p_scale=weights,
                                                   scale=scale_d)
 
-        # gate and up: dx from both products in one accumulator, each row stored at its (token, slot)
-        dg_B = grouped_mm(dgate, gate_B, offsets) if gate_A is not None else None
-        du_B = grouped_mm(dup, up_B, offsets) if up_A is not None else None
-        low = None
-        if dg_B is not None or du_B is not None:
-            pairs = [(d, a * s) for d, a, s in ((dg_B, gate_A, scale_g), (du_B, up_A, scale_u)) if d is not None]
-            low = (torch.cat([d for d, _ in pairs], dim=1), torch.cat([a for _, a in pairs], dim=1), 1.0)
+        # gate and up: dx from both products in one accumulator, each row stored at its (token, slot); an adapter's
+        # low-rank terms (and CE-LoRA's SVD pair) ride in the epilogue, CE-LoRA's product runs over its kept channels
+        products, low_a, low_b, d_Bs = [], [], [], {}
+        for name, d, weight, lora_A, lora_B, scale, residual in (
+                ("gate", dgate, gate_proj, gate_A, gate_B, scale_g, residual_g),
+                ("up", dup, up_proj, up_A, up_B, scale_u, residual_u)):
+            if residual is not None and need["x"]:
+                svd_B, svd_A, kept, kept_rows = residual(lambda d=d: segment_norms(d, offsets))
+                cols = grouped_mm(d, torch.cat((svd_B, lora_B), dim=2), offsets)  # [dY B0 | dY B], one pass
+                d_Bs[name] = cols[:, svd_B.shape[2]:]
+                products.append((pack_columns(d, offsets, kept), kept_rows))
+                low_a.append(cols)
+                low_b.append(torch.cat((svd_A, lora_A * scale), dim=1))
+                continue
+            products.append((d, weight))
+            if lora_A is not None:
+                d_Bs[name] = grouped_mm(d, lora_B, offsets)
+                low_a.append(d_Bs[name])
+                low_b.append(lora_A * scale)
         if need["x"]:
-            dx_slots = grouped_mm(dgate, gate_proj, offsets, a2=dup, w2=up_proj, low=low, out_rows=order,
-                                  out_size=order.shape[0])
+            low = (torch.cat(low_a, dim=1), torch.cat(low_b, dim=1), 1.0) if low_a else None
+            (a, w), (a2, w2) = products
+            dx_slots = grouped_mm(a, w, offsets, a2=a2, w2=w2, low=low, out_rows=order, out_size=order.shape[0])
             grads["x"] = dx_slots.view(-1, k, x.shape[1]).sum(dim=1)
-        for name, d, d_B, xa, scale in (("gate", dgate, dg_B, xa_gate, scale_g), ("up", dup, du_B, xa_up, scale_u)):
+        for name, d, xa, scale in (("gate", dgate, xa_gate, scale_g), ("up", dup, xa_up, scale_u)):
             if need[f"{name}_proj"]:
                 grads[f"{name}_proj"] = grouped_weight_grad(d, x, offsets, q_rows=x_rows)
-            if d_B is not None and need[f"{name}_A"]:
-                grads[f"{name}_A"] = grouped_weight_grad(d_B, x, offsets, q_rows=x_rows, scale=scale)
-            if d_B is not None and need[f"{name}_B"]:
+            if name in d_Bs and need[f"{name}_A"]:
+                grads[f"{name}_A"] = grouped_weight_grad(d_Bs[name], x, offsets, q_rows=x_rows, scale=scale)
+            if name in d_Bs and need[f"{name}_B"]:
                 grads[f"{name}_B"] = grouped_weight_grad(d, xa, offsets, scale=scale)
-        return (*grads.values(), None, None, None, None)
+        return (*grads.values(), None, None, None, None, None)
 
 
 def swiglu_experts(x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, top_k: int,
@@ -1069,13 +1148,11 @@ def swiglu_experts(x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, 
     (token, slot) position order[i] = t*k + s; summing over the slots gives the routed experts' output.
 
     x [N, H], a row per token; weights [M] fp32; order [M] int64; offsets [E+1] int64 (rows grouped by expert, as
-    `MoE.route` groups them); W_gate, W_up [E, I, H], W_down [E, H, I]. adapters: exact LoRA (no residual) by
-    projection name (`gate_proj`, `up_proj`, `down_proj`), their input x itself (no dropout). Differentiable in x,
-    weights, the weights without an adapter, and every A and B.
+    `MoE.route` groups them); W_gate, W_up [E, I, H], W_down [E, H, I]. adapters: LoRA by projection name
+    (`gate_proj`, `up_proj`, `down_proj`), their input x itself (no dropout), with CE-LoRA's input gradient where
+    an adapter has a residual. Differentiable in x, weights, the weights without an adapter, and every A and B.
     """
     adapters = adapters or {}
-    if any(a.residual is not None for a in adapters.values()):
-        raise ValueError("swiglu_experts: CE-LoRA's input gradient runs through grouped_linear, per projection")
     if x.ndim != 2 or order.shape != weights.shape or order.shape[0] != x.shape[0] * top_k:
         raise ValueError(f"swiglu_experts: x {tuple(x.shape)}, weights {tuple(weights.shape)} and order "
                          f"{tuple(order.shape)} do not fit top_k={top_k}")
@@ -1085,5 +1162,8 @@ def swiglu_experts(x: torch.Tensor, weights: torch.Tensor, order: torch.Tensor, 
         if adapter is not None and weight.requires_grad:
             raise RuntimeError(f"swiglu_experts: {name} has an adapter, so it must be frozen (requires_grad=False)")
         factors += (adapter.lora_A, adapter.lora_B) if adapter is not None else (None, None)
-    scales = tuple(adapters[name].scale if name in adapters else 1.0 for name in ("gate_proj", "up_proj", "down_proj"))
-    return _SwiGLUExperts.apply(x, weights, gate_proj, up_proj, down_proj, *factors, order, offsets, top_k, scales)
+    names = ("gate_proj", "up_proj", "down_proj")
+    scales = tuple(adapters[name].scale if name in adapters else 1.0 for name in names)
+    residuals = tuple(adapters[name].residual if name in adapters else None for name in names)
+    return _SwiGLUExperts.apply(x, weights, gate_proj, up_proj, down_proj, *factors, order, offsets, top_k, scales,
+                                residuals)
