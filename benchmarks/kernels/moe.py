@@ -17,8 +17,9 @@ kept channels). Variants, all on the same routing:
 Every variant's output and gradients are checked against the loop path run in fp32 on the same routing, with the
 bf16 tolerance (CE-LoRA's on the same kept channels: a random set per expert, restored as a checkpoint restores it,
 so that bf16 and fp32 channel norms cannot choose different sets). CE-LoRA is timed against the fused exact LoRA on
-the same sites and against the LoRA anchor. Targets: the fused experts at most 0.8x the anchor's time (speed >= 1.25x) and at least 8x faster
-than the loop. Then the forward alone, and the router's epilogue (fused kernel against the torch ops).
+the same sites and against the LoRA anchor. Targets: the fused experts at most 0.8x the anchor's time (speed
+>= 1.25x) and at least 8x faster than the loop. Then the forward alone, and the router's epilogue (fused kernel
+against the torch ops).
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from k2c.runtime.model import Attention, CausalLM, RopeTables
+from k2c.runtime import ops
+from k2c.runtime.model import Attention, CausalLM, RopeTables, Rotary
 
 
 class KVCache:
@@ -55,19 +56,16 @@ class KVCache:
         return RopeTables(full.cos[self.length:], full.sin[self.length:])
 
     def _core_of(self, attention: Attention):
-        def core(q: torch.Tensor, kv: torch.Tensor, rotated: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        def core(q: torch.Tensor, kv: torch.Tensor, rotary: Rotary) -> torch.Tensor:
             """Attention.core's inputs and output, over the cached keys and values too."""
             b, t, _ = q.shape
-            heads, dn, dv = attention.heads, attention.dn, attention.dv
-            q_rot, k_rot = rotated
-            q_nope = q.view(b, t, heads, dn + attention.dr).transpose(1, 2)[..., :dn]
-            k_nope, v = kv.view(b, t, heads, dn + dv).transpose(1, 2).split([dn, dv], dim=-1)
-            k = torch.cat([k_nope, k_rot.expand(-1, heads, -1, -1)], dim=-1)  # one rotary key for all heads
+            heads, dv, rope = attention.heads, attention.dv, attention.plan.rope
+            q, k, v = ops.attention_inputs(q, rotary.k, kv, rotary.tables.cos, rotary.tables.sin, heads,
+                                           rope.interleaved, rope.kernel)
             if attention in self.keys:
                 k = torch.cat([self.keys[attention], k], dim=2)
                 v = torch.cat([self.values[attention], v], dim=2)
             self.keys[attention], self.values[attention] = k, v
-            q = torch.cat([q_nope, q_rot], dim=-1)
             if attention.qk_scale is not None:  # QK-Clip's per-head logit scale, applied to q: the same logits
                 q = q * attention.qk_scale.to(q.dtype).view(-1, 1, 1)
             # query i sits at position length + i and sees the keys up to it

@@ -99,6 +99,18 @@ def rope_frequencies(plan: RopePlan) -> tuple[torch.Tensor, float]:
 # --------------------------------------------------------------------------- attention
 
 
+@dataclass(frozen=True)
+class Rotary:
+    """What `Attention.rope` hands to `core`: the one rotary key all heads share, not rotated yet, and the tables.
+
+    `core` rotates it and q's rotary dims while it lays out q, k and v (`ops.attention_inputs`: on the Triton path one
+    fused pass each way instead of two RoPE passes, two concatenations and the zero-filled gradients of the slices).
+    """
+
+    k: torch.Tensor  # [b, t, dr]: a view of kv_a, its last dr dims
+    tables: RopeTables
+
+
 class Attention(nn.Module):
     """Multi-head latent attention (MLA): its projections, and the two steps between them (`rope`, `core`)."""
 
@@ -131,24 +143,16 @@ class Attention(nn.Module):
         self.register_buffer("last_max_logit", no_logit, persistent=False)
         self.register_buffer("step_max_logit", no_logit.clone(), persistent=False)
 
-    def rope(self, q: torch.Tensor, kv_a: torch.Tensor, rope: RopeTables) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rotary parts: q [b, t, h*(dn+dr)] -> [b, h, t, dr]; kv_a's last dr dims -> one key [b, 1, t, dr]."""
-        b, t, _ = q.shape
-        q_rot = q.view(b, t, self.heads, self.dn + self.dr).transpose(1, 2)[..., self.dn :]
-        k_rot = kv_a[..., self.plan.kv_lora_rank :].unsqueeze(1)
-        interleaved, kernel = self.plan.rope.interleaved, self.plan.rope.kernel
-        return (ops.apply_rope(q_rot, rope.cos, rope.sin, interleaved, kernel),
-                ops.apply_rope(k_rot, rope.cos, rope.sin, interleaved, kernel))
+    def rope(self, q: torch.Tensor, kv_a: torch.Tensor, rope: RopeTables) -> Rotary:
+        """The rotary key, kv_a's last dr dims, with the tables; `core` rotates it, and q's rotary dims where they lie
+        in q [b, t, h*(dn+dr)]."""
+        return Rotary(kv_a[..., self.plan.kv_lora_rank :], rope)
 
-    def core(self, q: torch.Tensor, kv: torch.Tensor, rotated: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def core(self, q: torch.Tensor, kv: torch.Tensor, rotary: Rotary) -> torch.Tensor:
         """Causal attention of q [b, t, h*(dn+dr)] over kv [b, t, h*(dn+dv)] -> [b, t, h*dv]; records max logits."""
         b, t, _ = q.shape
-        q_rot, k_rot = rotated
-        q_nope = q.view(b, t, self.heads, self.dn + self.dr).transpose(1, 2)[..., : self.dn]
-        kv = kv.view(b, t, self.heads, self.dn + self.dv).transpose(1, 2)  # [b, h, t, dn+dv]
-        k_nope, v = kv.split([self.dn, self.dv], dim=-1)
-        q = torch.cat([q_nope, q_rot], dim=-1)
-        k = torch.cat([k_nope, k_rot.expand(-1, self.heads, -1, -1)], dim=-1)  # one rotary key for all heads
+        cos, sin, rope = rotary.tables.cos, rotary.tables.sin, self.plan.rope
+        q, k, v = ops.attention_inputs(q, rotary.k, kv, cos, sin, self.heads, rope.interleaved, rope.kernel)
         out, max_logit = ops.causal_attention(q, k, v, self.plan.softmax_scale, self.qk_scale, self.plan.kernel)
         self.record_max_logit(max_logit)
         return out.transpose(1, 2).reshape(b, t, self.heads * self.dv)

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from k2c.runtime.kernels import attention as attention_kernel
+from k2c.runtime.kernels import attention_inputs as attention_inputs_kernel
 from k2c.runtime.kernels import rmsnorm as rmsnorm_kernel
-from k2c.runtime.kernels import rope as rope_kernel
 from k2c.runtime.kernels import swiglu as swiglu_kernel
 from k2c.runtime.plan import TORCH, TRITON
 
@@ -44,13 +44,16 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, kernel: str = TORCH) -> torch.T
     return swiglu_kernel.swiglu_reference(gate, up)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
-               kernel: str = TORCH) -> torch.Tensor:
-    """Rotate the pairs of x [..., seq, dr] by cos/sin [seq, dr/2], returned as [firsts of the pairs, seconds]: q
-    and k get the same permutation, so their dot products do not change."""
-    if use_triton(kernel, x):
-        return rope_kernel.rope(x, cos, sin, interleaved)
-    return rope_kernel.rope_reference(x, cos, sin, interleaved)
+def attention_inputs(q: torch.Tensor, k_rot: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     heads: int, interleaved: bool,
+                     kernel: str = TORCH) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MLA's q [b, t, h*(dn+dr)], rotary key k_rot [b, t, dr] and kv [b, t, h*(dn+dv)] -> q, k [b, h, t, dn+dr] and
+    v [b, h, t, dv] for `causal_attention`: q's rotary dims and the key, which all heads share, rotated by cos/sin
+    [t, dr/2] and returned as [firsts of the pairs, seconds] (q and k get the same permutation, so their dot
+    products do not change). The Triton kernel does it in one pass each way."""
+    if use_triton(kernel, q):
+        return attention_inputs_kernel.attention_inputs(q, k_rot, kv, cos, sin, heads, interleaved)
+    return attention_inputs_kernel.attention_inputs_reference(q, k_rot, kv, cos, sin, heads, interleaved)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
