@@ -102,7 +102,7 @@ def compare(h, tokens: int, n_in: int, n_out: int, device: str, dtype: torch.dty
 
     # the pieces: each GEMM-sized product of ours against torch's way to the same result
     pieces = [
-        ("forward: X' A^T, then X W^T + s XA B^T in one GEMM", "torch X W^T alone (cuBLAS)",
+        ("forward: X' A^T, then X W^T (cuBLAS) + s XA B^T added in", "torch X W^T alone (cuBLAS)",
          lambda: K.lora_forward(x, x, weight, lora_A, lora_B, scale), lambda: x @ weight.T),
         ("exact dX: dY W + s dYB A in one GEMM, dY B given", "torch dY W alone (cuBLAS)",
          lambda: K.lora_input_grad(dy, weight, lora_A, lora_B, scale, dy_B=dy_B), lambda: dy @ weight),

@@ -1,15 +1,21 @@
-"""The LoRA / CE-LoRA linear on a Triton kernel and cuBLAS, each piece beside the torch reference it must match.
+"""The LoRA / CE-LoRA linear on Triton kernels and cuBLAS, each piece beside the torch reference it must match.
 
 A site computes Y = X W^T + s (X' A^T) B^T with W [m, n] frozen, A [r, n], B [m, r], X [T, n] and X' = dropout(X)
 (often X itself). W gets no gradient, so besides the forward the one large product is the input gradient dY W;
-CE-LoRA replaces it by dY[:, S] R_S + (dY B0) A0 (shared/reference/celora.md). Two functions do all of it:
+CE-LoRA replaces it by dY[:, S] R_S + (dY B0) A0 (shared/reference/celora.md). Two kernels do most of it:
 
 - `thin_matmul`: X [T, K] @ V [K, R] for a small R: X' A^T in the forward, dY B or dY [B0 | B] in the backward. It
   streams X once and is memory-bound, so CE-LoRA's per-channel sums ||dY[:, i]||^2 (for choosing S) ride along at
   no extra read.
-- `matmul_plus_low_rank`: C = P Q + s L_a L_b, the large product (cuBLAS) with a low-rank term added into C. It is
-  the forward (X W^T + s XA B^T), the exact input gradient (dY W + s dYB A) and CE-LoRA's (dY[:, S] R_S +
+- `matmul_plus_low_rank`: C = P Q + s L_a L_b, the large product with a low-rank term added to the same fp32
+  accumulator, so C is written once. It is the exact input gradient (dY W + s dYB A) and CE-LoRA's (dY[:, S] R_S +
   [dYB0 | dYB] [A0; sA], the two low-rank terms as one of rank k + r).
+
+The forward X W^T + s XA B^T is cuBLAS's GEMM with the low-rank term added into its output by a second cuBLAS call
+(beta = 1): there this Triton GEMM ran at 0.71x cuBLAS, which costs more than reading and writing Y once more
+(H200, bf16, T=16384: 0.84 against 0.98 ms at 7168 -> 2048, 0.98 against 1.02 ms at 2048 -> 7168). The backward's
+products keep the kernel: with cuBLAS plus the extra pass, CE-LoRA's dX took 0.54 / 0.43 ms against 0.36 / 0.39 ms
+(its GEMM over the kept channels is small, so the extra pass weighs more), and the exact dX was no faster overall.
 
 CE-LoRA's GEMM runs over a packed copy dY[:, S] (torch's index_select), not over dY with its columns gathered inside
 the GEMM's loads. That gather runs along dY's contiguous dim: each load is a scalar 2-byte access whose 32-byte sector
@@ -23,9 +29,9 @@ The weight gradients dA = s (dY B)^T X' and dB = s dY^T XA stay torch matmuls (c
 side of rank r that streams X' or dY once, which a Triton kernel would only repeat. `LoRALinearKernel` puts the
 pieces together as an autograd.Function.
 
-Numerics: every product accumulates in fp32 and rounds into its output's dtype; the low-rank term is added to the
-rounded large product, as the torch path adds it. XA and dY B are rounded to the input dtype, as torch's matmuls
-round them. fp32 operands multiply in full
+Numerics: every product accumulates in fp32 and rounds once into its output's dtype, but for the forward, which adds
+the low-rank term to the rounded X W^T, as the torch path does. XA and dY B are rounded to the input dtype before
+the large product adds them in, as torch's matmuls round them. fp32 operands multiply in full
 precision (torch's default), not in tf32.
 """
 
@@ -77,6 +83,79 @@ def lora_weight_grads_reference(dy, x_adapter, xa, lora_B, scale):
 
 
 # --------------------------------------------------------------------------- kernels
+
+
+def _matmul_configs() -> list[triton.Config]:
+    if INTERPRETED:  # small tiles, so that the tests' shapes cross tile edges in every dim; two tile rows a group
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2})]
+    # bf16 / fp16 on Hopper: 128 x 256 or 256 x 128 tiles keep two warpgroups of wgmma busy; 128 x 128 for small N
+    return [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
+        triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+        triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    ]
+
+
+@triton.autotune(configs=_matmul_configs(), key=["M", "N", "K"])
+@triton.jit
+def _matmul_plus_low_rank_kernel(
+    p_ptr,  # P [M, K]
+    q_ptr,  # Q [K, N]
+    la_ptr,  # L_a [M, R] (LOW_RANK only)
+    lb_ptr,  # L_b [R, N] (LOW_RANK only)
+    c_ptr,  # C [M, N] = P Q + scale * L_a L_b
+    M, N, K, R,
+    stride_pm, stride_pk, stride_qk, stride_qn, stride_lam, stride_lar, stride_lbr, stride_lbn, stride_cm, stride_cn,
+    scale,
+    LOW_RANK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # R rounded up to a power of two, at least 16 (tl.dot's smallest)
+    GROUP_M: tl.constexpr,  # tile rows per group: the programs of a group share Q's column tiles in L2
+):
+    # program id -> tile (pid_m, pid_n), walking GROUP_M tile rows column by column
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * grid_n
+    first_m = (pid // group_size) * GROUP_M
+    group_m = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_n = (pid % group_size) // group_m
+
+    # rows (tokens) in int64: M * stride_pm can pass 2**31. Indices wrap, so loads need no row or column mask; the
+    # wrapped duplicates are never stored.
+    rows = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
+    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    ks = tl.arange(0, BLOCK_K)
+
+    # main loop: acc += P[rows, k-block] @ Q[k-block, cols]
+    p_tile = p_ptr + rows[:, None] * stride_pm + ks[None, :] * stride_pk
+    q_tile = q_ptr + ks[:, None] * stride_qk + cols[None, :] * stride_qn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(tl.cdiv(K, BLOCK_K)):
+        k_in = ks < K - k * BLOCK_K
+        p = tl.load(p_tile, mask=k_in[None, :], other=0.0)
+        q = tl.load(q_tile, mask=k_in[:, None], other=0.0)
+        acc = tl.dot(p, q, acc, input_precision="ieee")
+        p_tile += BLOCK_K * stride_pk
+        q_tile += BLOCK_K * stride_qk
+
+    # epilogue: the low-rank term into the same accumulator; s scales the [BLOCK_M, R] factor, the cheap side. (Loading
+    # the factors before the loop instead, to hide their latency, made the forward GEMM 4-16% slower on an H200.)
+    if LOW_RANK:
+        rs = tl.arange(0, BLOCK_R)
+        la = tl.load(la_ptr + rows[:, None] * stride_lam + rs[None, :] * stride_lar, mask=rs[None, :] < R, other=0.0)
+        lb = tl.load(lb_ptr + rs[:, None] * stride_lbr + cols[None, :] * stride_lbn, mask=rs[:, None] < R, other=0.0)
+        acc = tl.dot((la.to(tl.float32) * scale).to(lb.dtype), lb, acc, input_precision="ieee")
+
+    out_rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    out_cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = c_ptr + out_rows[:, None] * stride_cm + out_cols[None, :] * stride_cn
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=(out_rows[:, None] < M) & (out_cols[None, :] < N))
 
 
 def _thin_configs() -> list[triton.Config]:
@@ -177,13 +256,10 @@ def thin_matmul(x, v, channel_norms=False):
 
 
 def matmul_plus_low_rank(p, q, low_a=None, low_b=None, scale=1.0):
-    """C [M, N] = P Q + scale * L_a L_b, in P's dtype: cuBLAS's GEMM, then the low-rank term added into C by a
-    second cuBLAS call with beta = 1.
+    """C [M, N] = P Q + scale * L_a L_b, in P's dtype; one kernel, C written once.
 
     P [M, K], Q [K, N], L_a [M, R], L_b [R, N] (both None: no low-rank term). Any strides: Q may be a transposed view
-    (W^T). The second call reads and writes C once more (at T=16384, N=2048, bf16: 128 MB, about 0.04 ms on an
-    H200); a Triton GEMM with the term in its epilogue wrote C once but ran at 0.71x cuBLAS's speed (0.98 against
-    0.70 ms for 16384 x 2048 x 7168), which costs more.
+    (W^T).
     """
     low_rank = low_a is not None
     if low_rank != (low_b is not None):
@@ -192,12 +268,24 @@ def matmul_plus_low_rank(p, q, low_a=None, low_b=None, scale=1.0):
     _check("matmul_plus_low_rank", p, p=p, q=q, **factors)
     M, (K, N) = p.shape[0], q.shape
     _shape("matmul_plus_low_rank", "p", p, (M, K))
-    c = p @ q
+    R = low_a.shape[1] if low_rank else 0
     if low_rank:
-        R = low_a.shape[1]
         _shape("matmul_plus_low_rank", "low_a", low_a, (M, R))
         _shape("matmul_plus_low_rank", "low_b", low_b, (R, N))
-        c.addmm_(low_a, low_b, alpha=scale)
+    else:  # unused pointers: any tensor will do
+        low_a = low_b = p
+    c = torch.empty((M, N), device=p.device, dtype=p.dtype)
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _matmul_plus_low_rank_kernel[grid](
+        p, q, low_a, low_b, c,
+        M, N, K, R,
+        p.stride(0), p.stride(1), q.stride(0), q.stride(1), low_a.stride(0), low_a.stride(1),
+        low_b.stride(0), low_b.stride(1), c.stride(0), c.stride(1),
+        float(scale),
+        LOW_RANK=low_rank, BLOCK_R=_block_r(R),
+    )
     return c
 
 
@@ -223,14 +311,14 @@ def _check_celora(what, like, m, n, kept, kept_rows, svd_B, svd_A) -> None:
 
 
 def lora_forward(x, x_adapter, weight, lora_A, lora_B, scale):
-    """(Y [T, m], XA [T, r]): XA = X' A^T first (thin, r columns), then Y = X W^T + s XA B^T in one GEMM."""
+    """(Y [T, m], XA [T, r]): XA = X' A^T first (thin, r columns), then Y = X W^T (cuBLAS) + s XA B^T added in."""
     _check("lora_forward", x, x=x, x_adapter=x_adapter, weight=weight, lora_A=lora_A, lora_B=lora_B)
     m, n = weight.shape
     _lora_shapes("lora_forward", m, n, lora_A, lora_B)
     _shape("lora_forward", "x", x, (x.shape[0], n))
     _shape("lora_forward", "x_adapter", x_adapter, tuple(x.shape))
     xa = thin_matmul(x_adapter, lora_A.T)[0]
-    return matmul_plus_low_rank(x, weight.T, xa, lora_B.T, scale), xa
+    return (x @ weight.T).addmm_(xa, lora_B.T, alpha=scale), xa
 
 
 def lora_input_grad(dy, weight, lora_A, lora_B, scale, dy_B=None):
