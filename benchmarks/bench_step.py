@@ -6,6 +6,10 @@ its own torch path over a short training run.
 Steps (bf16, random token ids, labels = inputs; wall time over `--steps` steps after `--warmup`):
 - k2c: the full MuonClip step (forward, backward, Muon + AdamW, QK-Clip), with the spec's kernels and with
   K2C_KERNELS=torch; LoRA r=16 and CE-LoRA keep 0.25 on every linear and the routed experts.
+- k2c, CUDA graph: `k2c train`'s step (the above with gradient clipping, k2c.runtime.train.training_step) replayed
+  from a CUDA graph (k2c.runtime.graph.CudaGraphStep), full, LoRA and CE-LoRA; first `--check-steps` steps of it
+  and of the same step run eagerly, from the same weights, must give losses and weights that agree within bf16
+  rounding (BF16_AGREEMENT), then both are timed (the eager time is in the row's note).
 - anchors: transformers' DeepseekV3ForCausalLM (SDPA) built from k2c's config.json export, with torch.optim.Muon
   on its 2D hidden weights and AdamW on the rest; and with PEFT LoRA r=16 on the attention and dense/shared-expert
   linears (PEFT cannot target the fused 3D experts by module name).
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import gc
 import json
 import math
@@ -30,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -38,13 +44,16 @@ sys.path.insert(0, str(REPO))
 
 from k2c.codegen import build_package  # noqa: E402
 from k2c.runtime import data as runtime_data  # noqa: E402
+from k2c.runtime.graph import CudaGraphStep  # noqa: E402
 from k2c.runtime.hf_config import hf_config  # noqa: E402
 from k2c.runtime.packages import import_package  # noqa: E402
+from k2c.runtime.train import training_step  # noqa: E402
 from k2c.spec import Spec, load_spec  # noqa: E402
 
 DEV = torch.device("cuda")
 BF16 = torch.bfloat16
 LORA_TARGETS = ["attn.*", "mlp.*", "shared.*", "experts.*"]
+BF16_AGREEMENT = 1e-2  # graphed against eager: |a - b| <= this x |b|, for the losses and each weight tensor
 
 
 @dataclasses.dataclass
@@ -113,6 +122,47 @@ def k2c_row(variant: str, package, ids: torch.Tensor, args, kernels: str | None 
     finally:
         os.environ.pop("K2C_KERNELS", None)
     return Row(variant, ms, ids.numel() / ms * 1e3, peak)
+
+
+def checked_and_timed(package, batch: torch.Tensor, args, graphed: bool):
+    """(losses of the first args.check_steps steps, the trainable weights after them, ms per step, peak GiB) of
+    `k2c train`'s step on `batch` (labels = inputs) from seed 0's weights, eager or replayed from a CUDA graph."""
+    torch.manual_seed(0)
+    model = package.build_model(DEV, BF16)
+    model.train()
+    opt = package.build_optimizer(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    max_norm = package.PLAN.optimizer.grad_clip or math.inf
+
+    def eager(ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return training_step(model, opt, params, ids, labels, max_norm)
+
+    graph = CudaGraphStep(eager, model, opt) if graphed else None
+    step = graph or eager
+    losses = torch.stack([step(batch, batch)["loss"] for _ in range(args.check_steps)])
+    if graph is not None and graph.graph is None:
+        raise RuntimeError(f"none of {args.check_steps} steps was captured: ask for more --check-steps")
+    weights = [p.detach().clone() for p in params]
+    ms, peak = timed(lambda: step(batch, batch)["loss"], args.steps, args.warmup)
+    return losses, weights, ms, peak
+
+
+def graph_row(variant: str, package, ids: torch.Tensor, args) -> Row:
+    """`k2c train`'s step replayed from a CUDA graph against the same step run eagerly, from the same weights:
+    their first args.check_steps steps must agree (BF16_AGREEMENT) before either time counts."""
+    batch = ids[None]  # [micro-batches, batch, seq]: one micro-batch
+    eager_losses, eager_weights, eager_ms, _ = checked_and_timed(package, batch, args, graphed=False)
+    release()
+    losses, weights, ms, peak = checked_and_timed(package, batch, args, graphed=True)
+    pairs = [("loss", losses, eager_losses), *(("weight", a, b) for a, b in zip(weights, eager_weights))]
+    far = [name for name, a, b in pairs if (a.float() - b.float()).norm() > BF16_AGREEMENT * b.float().norm()]
+    if far:
+        raise AssertionError(f"the graphed step departs from the eager one in {args.check_steps} steps: {len(far)} "
+                             f"of the loss and weights beyond {BF16_AGREEMENT:g} ({far[0]} first); losses "
+                             f"{losses.tolist()} against {eager_losses.tolist()}")
+    return Row(variant, ms, ids.numel() / ms * 1e3, peak,
+               f"eager {eager_ms:.1f} ms for the same step; its first {args.check_steps} steps equal the eager "
+               f"ones within {BF16_AGREEMENT:g}")
 
 
 def hf_model(plan):
@@ -219,7 +269,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--loss-steps", type=int, default=50)
     ap.add_argument("--loss-batch", type=int, default=4)
-    ap.add_argument("--only", default="k2c,k2c_torch,hf,lora,celora,hf_lora,loss")
+    ap.add_argument("--check-steps", type=int, default=8)  # past CE-LoRA's two eager steps and the warm-up
+    ap.add_argument("--only", default="k2c,k2c_torch,graph,hf,lora,celora,lora_graph,celora_graph,hf_lora,loss")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -234,16 +285,22 @@ def main() -> None:
         work = Path(tmp)
         base = package_of(spec, work)
         plan = base.PLAN
+
+        @functools.cache
+        def adapted(kind: str) -> ModuleType:
+            keep = 0.25 if kind == "ce_lora" else None
+            return package_of(with_adapter(spec, kind, keep, f"bench_{kind.replace('_', '')}"), work)
+
         jobs: list[tuple[str, Callable[[], Row]]] = [
             ("hf", lambda: hf_full_row(plan, ids, args)),
             ("k2c", lambda: k2c_row("k2c MuonClip step, fused kernels", base, ids, args)),
             ("k2c_torch", lambda: k2c_row("k2c MuonClip step, torch path", base, ids, args, "torch")),
+            ("graph", lambda: graph_row("k2c MuonClip step, CUDA graph", base, ids, args)),
             ("hf_lora", lambda: hf_lora_row(plan, ids, args)),
-            ("lora", lambda: k2c_row("k2c LoRA r16 (routed experts too)",
-                                     package_of(with_adapter(spec, "lora", None, "bench_lora"), work), ids, args)),
-            ("celora", lambda: k2c_row("k2c CE-LoRA keep 0.25 (same sites)",
-                                       package_of(with_adapter(spec, "ce_lora", 0.25, "bench_celora"), work),
-                                       ids, args)),
+            ("lora", lambda: k2c_row("k2c LoRA r16 (routed experts too)", adapted("lora"), ids, args)),
+            ("celora", lambda: k2c_row("k2c CE-LoRA keep 0.25 (same sites)", adapted("ce_lora"), ids, args)),
+            ("lora_graph", lambda: graph_row("k2c LoRA r16, CUDA graph", adapted("lora"), ids, args)),
+            ("celora_graph", lambda: graph_row("k2c CE-LoRA keep 0.25, CUDA graph", adapted("ce_lora"), ids, args)),
         ]
         for key, job in jobs:
             if key in only:

@@ -318,11 +318,13 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
-def load_run(run_dir: Path, spec_file: str | None, what: str):
+def load_run(run_dir: Path, spec_file: str | None, what: str, allocate: bool = True):
     """(package, model with the run's last checkpoint, the checkpoint's state, the spec's folder) of a run folder.
 
     The run's package is generated/<name>/ (what `k2c train` built); `spec_file` builds it from the spec instead.
-    `what` the command does with the run, for the message when there is no checkpoint."""
+    `what` the command does with the run, for the message when there is no checkpoint. Without `allocate`, the
+    model of a sharded checkpoint stays on the meta device, unread: for a reader that reads it a piece at a time
+    (k2c.runtime.parallel.tensor_loader)."""
     import torch
 
     from k2c.runtime import train
@@ -358,6 +360,8 @@ def load_run(run_dir: Path, spec_file: str | None, what: str):
     if changed:
         raise UsageError(f"{checkpoint} was trained under other settings than {package_dir}/ "
                          f"({', '.join(changed[:5])}); pass --spec SPEC (the spec it was trained with)")
+    if not allocate and train.shards_of(state) is not None:
+        return package, package.build_model("meta", getattr(torch, package.PLAN.training.dtype)), state, spec_dir
     model = package.build_model(dtype=getattr(torch, package.PLAN.training.dtype))
     try:
         train.load_model(checkpoint, state, model)
@@ -377,7 +381,16 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not args.force:
         raise UsageError(f"{out} is not empty; export into a new folder, or pass --force to write over it")
-    package, model, state, spec_dir = load_run(run_dir, args.spec, "export")
+    from k2c.runtime import parallel, train
+
+    # a sharded run's model may not fit one process: it is read and written a piece at a time
+    package, model, state, spec_dir = load_run(run_dir, args.spec, "export", allocate=False)
+    load = None
+    if (folder := train.shards_of(state)) is not None:
+        try:
+            load = parallel.tensor_loader(run_dir / folder, model)
+        except (ValueError, OSError) as err:
+            raise UsageError(f"{run_dir / train.CHECKPOINT}: the model's tensors cannot be read ({err})") from None
     plan = package.PLAN
     # the tokenizer trained with, else the fine-tuning base's (a published checkpoint folder holds its tokenizer)
     tokenizer = plan.training.tokenizer if plan.training.tokenizer != BYTES else plan.training.init_from
@@ -387,8 +400,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     created = not out.exists()
     try:
         with writing(out):
-            notes = package.export_hf(model, out, peft=args.peft, fp8=args.fp8, max_shard_bytes=shard_bytes,
-                                      tokenizer_from=tokenizer_from, force=args.force)
+            notes = export.export_hf(model, plan, out, peft=args.peft, fp8=args.fp8, max_shard_bytes=shard_bytes,
+                                     tokenizer_from=tokenizer_from, force=args.force, load=load)
     except export.ExportError as err:
         if created:
             export.remove_partial(out)

@@ -291,3 +291,18 @@ def test_loads_into_a_bfloat16_model(setup, tmp_path):
     for name, tensor in package.hf_state_dict(model).items():
         assert torch.equal(tensor, published[name].to(tensor.dtype)), name
     assert model.model.layers[1].mlp.experts.up_proj.dtype == torch.bfloat16
+
+
+def test_a_shard_of_rows_reads_its_fp8_blocks(tmp_path):
+    """What a process of a sharded model reads of a block-scaled FP8 weight: its rows, dequantised by the block
+    rows that cover them, as the whole weight would be (rows that start or end inside a block too)."""
+    from k2c.runtime.checkpoint import Checkpoint
+    from k2c.runtime.export import quantize_fp8
+
+    weight, scale = quantize_fp8(torch.randn(300, 200, generator=torch.Generator().manual_seed(0)))
+    save_file({"a.weight": weight, "a.weight_scale_inv": scale}, tmp_path / "fp8.safetensors")
+    for checkpoint in (Checkpoint(tmp_path / "fp8.safetensors"), Checkpoint({"a.weight": weight,
+                                                                            "a.weight_scale_inv": scale})):
+        whole = checkpoint.get("a.weight")
+        for rows in (range(100, 260), range(128, 256), range(255, 300), range(5, 6)):
+            assert torch.equal(checkpoint.get("a.weight", rows), whole[rows.start : rows.stop]), rows

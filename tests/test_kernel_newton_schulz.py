@@ -119,7 +119,7 @@ def check_muon_passes() -> None:
         weight = torch.randn(e, r, c).to(dtype)
         update = out.mT if r > c else out
         want = weight.double() * decay + step * update.double()
-        muon_update(weight, out, decay, step)
+        muon_update(weight, out, torch.tensor(decay), torch.tensor(step))
         if dtype == torch.float32:
             assert_close(f"muon_update {what}", weight, want, torch.float32)
         else:  # computed in fp32 and rounded once: within half a unit in the last place, 2^-11 relative

@@ -172,10 +172,11 @@ def test_stacked_experts_get_what_a_loop_over_experts_gets(g):
         momentum.mul_(cfg.momentum).add_(w.grad)
         u = w.grad.add(momentum, alpha=cfg.momentum)  # Nesterov, rounded as the optimizer rounds it
         scale = update_scale(g, lr, w.shape)
+        # the optimizer's arithmetic: fp32 factors (it computes them from the lr on the device), a product, a sum
+        decay, step = torch.tensor(1 - lr * cfg.weight_decay), torch.tensor(-scale)
         loop = torch.stack([
-            before[e].mul(1 - lr * cfg.weight_decay).add(
-                optim.newton_schulz(u[e], cfg.ns_steps, cfg.ns_coefficients, optim.ns_dtype(w.device)).float(),
-                alpha=-scale)
+            before[e].mul(decay).add(
+                optim.newton_schulz(u[e], cfg.ns_steps, cfg.ns_coefficients, optim.ns_dtype(w.device)).float() * step)
             for e in range(w.shape[0])
         ])
         # torch.optim.Muon on each expert as a 2D matrix of its own

@@ -5,16 +5,24 @@ and the runtime builds the mesh from the spec's parallel section."""
 import contextlib
 import json
 import os
+import re
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import become_rank, free_port, import_generated
+from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from pydantic import ValidationError
 
+from k2c.runtime import parallel
 from k2c.runtime import train as runtime_train
+from k2c.runtime.export import export_hf, pieces
 from k2c.runtime.mesh import LayoutError, mesh_shape
 from k2c.runtime.plan import ParallelPlan
 from specs_for_tests import tiny_spec
@@ -136,10 +144,129 @@ def test_sharded_runs_take_the_single_process_steps(build_generated, tmp_path, w
     launch(package, tmp_path / "sharded", world)
     assert_same_run(single, metrics(tmp_path / "sharded"))
     a = torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=True)["model"]
-    b = load_sharded(package, tmp_path / "sharded").state_dict()
+    model = load_sharded(package, tmp_path / "sharded")
+    b = model.state_dict()
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_streamed_export(package, tmp_path / "sharded", model, tmp_path)
+
+
+def assert_streamed_export(package, run_dir, model, tmp_path):
+    """`k2c export` of a sharded run reads and writes the model a piece at a time (and a shard file, here a tenth of
+    the model): its folder is that of the whole model loaded in one process."""
+    state = runtime_train.read_checkpoint(Path(run_dir) / "checkpoint.pt")
+    meta = package.build_model("meta")
+    load = parallel.tensor_loader(Path(run_dir) / runtime_train.shards_of(state), meta)
+    sizes = [sum(t.numel() * t.element_size() for t in piece.state_dict().values()) for _, piece in pieces(model)]
+    size = sum(sizes)
+    with PeakBytes() as memory:
+        export_hf(meta, package.PLAN, tmp_path / "streamed", max_shard_bytes=size // 10, load=load)
+    # a piece, its read buffers and its converted copy, and a shard file's worth: less than the model
+    assert memory.peak < 3 * max(sizes) + size // 10 < size
+    export_hf(model, package.PLAN, tmp_path / "whole", max_shard_bytes=size // 10)
+    files = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert sorted(p.name for p in (tmp_path / "streamed").iterdir()) == files and len(files) > 5
+    for file in files:
+        if file.endswith(".safetensors"):
+            whole, streamed = load_file(tmp_path / "whole" / file), load_file(tmp_path / "streamed" / file)
+            assert whole.keys() == streamed.keys() and all(torch.equal(whole[k], streamed[k]) for k in whole)
+        else:
+            assert (tmp_path / "whole" / file).read_text() == (tmp_path / "streamed" / file).read_text()
+
+
+class PeakBytes(TorchDispatchMode):
+    """The most bytes that tensors made under it held at once: a storage counts from the op that made it until it is
+    freed (a DTensor's, its local shard's), but for a file mapped into memory (safetensors' tensors), which pages in
+    only what is read."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.counted: set[int] = set()
+
+    def free(self, key, nbytes):
+        self.counted.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            t = t._local_tensor if isinstance(t, DTensor) else t
+            if isinstance(t, torch.Tensor) and not t.is_meta and id(t.untyped_storage()) not in self.counted:
+                storage = t.untyped_storage()
+                nbytes = 0 if func is torch.ops.aten.set_.source_Storage else storage.nbytes()
+                self.counted.add(id(storage))
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self.free, id(storage), nbytes)
+        return out
+
+
+def build_process(rank, world, package_dirs, out_dir, port):
+    """Build each package's model as `k2c train` does; write its tensors (gathered, on rank 0) and this process's
+    peak memory while building."""
+    become_rank(rank, world, port)
+    runtime_train.process_group(torch.device("cpu"))
+    try:
+        for i, package_dir in enumerate(package_dirs):
+            package = import_generated(Path(package_dir))
+            layout = parallel.layout(package.PLAN, "cpu")
+            with PeakBytes() as memory:
+                model = runtime_train.build_model(package, torch.device("cpu"), layout)
+            tensors = parallel.checkpoint_tensors(model, None, layout)["model"]
+            tensors = {name: t.full_tensor() if isinstance(t, DTensor) else t for name, t in tensors.items()}
+            if rank == 0:
+                torch.save(tensors, Path(out_dir) / f"{i}.pt")
+            (Path(out_dir) / f"{i}-{rank}.peak").write_text(str(memory.peak))
+    finally:
+        runtime_train.leave_process_group()
+
+
+def fused_experts(published: dict) -> dict:
+    """Published tensors with each layer's experts in transformers 5.x's fused layout: gate_up_proj [E, 2I, H]."""
+    out, stacks = {}, {}
+    for name, t in published.items():
+        if m := re.fullmatch(r"(.+\.mlp\.experts)\.\d+\.(\w+)\.weight", name):
+            stacks.setdefault(m[1], {}).setdefault(m[2], []).append(t)  # in expert order
+        else:
+            out[name] = t
+    for prefix, p in stacks.items():
+        out[f"{prefix}.gate_up_proj"] = torch.cat([torch.stack(p["gate_proj"]), torch.stack(p["up_proj"])], dim=1)
+        out[f"{prefix}.down_proj"] = torch.stack(p["down_proj"])
+    return out
+
+
+@pytest.mark.parametrize("world,layout,published", [
+    (2, {"expert": 2}, "fp8"),  # published per expert, FP8 with block scales
+    (4, {"expert": 2, "data_shard": 2}, "fused"),
+], ids=["expert_fp8", "fsdp_x_expert_fused"])
+def test_a_sharded_build_draws_and_reads_only_its_shards(build_generated, tmp_path, world, layout, published):
+    """Each process allocates, draws and reads only its shards (and one whole tensor at a time), not the model, and
+    the values are the single process's: drawn from the seed, LoRA adapters too, or read from training.init_from."""
+    lora = {"kind": "lora", "rank": 4, "alpha": 8.0, "targets": [{"match": "attn.o"}, {"match": "experts.up"}]}
+    source = build(build_generated)
+    torch.manual_seed(1)
+    base = source.build_model()
+    if published == "fp8":
+        source.export_hf(base, tmp_path / "base", fp8=True)
+    else:
+        (tmp_path / "base").mkdir()
+        save_file({k: v.contiguous() for k, v in fused_experts(source.hf_state_dict(base)).items()},
+                  tmp_path / "base" / "model.safetensors")
+    packages = [build(build_generated, parallel=layout, adapter=lora),
+                build(build_generated, parallel=layout, adapter=lora, **{"training.init_from": str(tmp_path / "base")})]
+    mp.spawn(build_process, args=(world, [str(Path(p.__file__).parent) for p in packages], str(tmp_path),
+                                  free_port()), nprocs=world, join=True)
+    for i, package in enumerate(packages):
+        single = runtime_train.build_model(package, torch.device("cpu")).state_dict()
+        sharded = torch.load(tmp_path / f"{i}.pt", weights_only=True)
+        assert sharded.keys() == single.keys()
+        for name, tensor in single.items():
+            assert torch.equal(sharded[name], tensor), name
+        sizes = [t.numel() * t.element_size() for t in single.values()]
+        for rank in range(world):  # the old whole-model build peaked above sum(sizes)
+            assert int((tmp_path / f"{i}-{rank}.peak").read_text()) < sum(sizes) / world + 2 * max(sizes)
 
 
 def test_lora_trains_alike_when_sharded(build_generated, tmp_path):
@@ -192,13 +319,14 @@ def test_ce_lora_chooses_the_channels_of_the_whole_batch_when_sharded(build_gene
 
 
 def doomed_process(rank, world, package_dir, run_dir, port, report):
-    """A rank of a 2-process run; rank 1 dies at its 7th micro-batch (step 4, after the checkpoint of step 3)."""
+    """A rank of a 2-process run; rank 1 dies as it reads its 4th batch (all of a step's micro-batches at once: step
+    4, after the checkpoint of step 3)."""
     become_rank(rank, world, port, K2C_DIST_TIMEOUT_MINUTES="1")
     draws, windows = [], runtime_train.windows
 
     def window(*args):
         draws.append(1)
-        if rank == 1 and len(draws) == 7:
+        if rank == 1 and len(draws) == 4:
             os._exit(3)
         return windows(*args)
 

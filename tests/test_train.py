@@ -251,9 +251,9 @@ def test_two_data_parallel_processes_take_the_single_process_steps(build_generat
     train.run(tmp_path / "single")
     mp.spawn(data_parallel_rank, args=(str(Path(package.__file__).parent), str(tmp_path / "parallel"), free_port()),
              nprocs=2, join=True)
-    for rank in range(2):  # 3 steps x 2 micro-batches of half the batch each, then the held-out batches
-        rows = json.loads((tmp_path / "parallel" / f"rows.{rank}").read_text())
-        assert rows[:6] == [2] * 6 and set(rows[6:]) == {4}
+    for rank in range(2):  # 3 steps of 2 micro-batches of half the batch (one process takes 8 rows a step), then
+        rows = json.loads((tmp_path / "parallel" / f"rows.{rank}").read_text())  # the held-out batches
+        assert rows[:3] == [2 * 2] * 3 and set(rows[3:]) == {4}
     single, parallel = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "parallel")
     assert [r["step"] for r in parallel] == [1, 2, 3]
     for a, b in zip(single, parallel):

@@ -22,7 +22,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -33,8 +35,10 @@ from k2c.runtime import ops
 from k2c.runtime.files import write_atomic
 from k2c.runtime.kernels import lora as lora_kernel
 from k2c.runtime.kernels import moe as moe_kernel
-from k2c.runtime.model import Experts, Routing
+from k2c.runtime.model import CausalLM, Experts, Routing, SeededInit, local
 from k2c.runtime.plan import AdapterPlan, AdapterSite
+
+T = TypeVar("T")
 
 
 def lora_scale(site: AdapterSite, plan: AdapterPlan) -> float:
@@ -45,9 +49,23 @@ def adapter_dropout(plan: AdapterPlan) -> nn.Module:
     return nn.Dropout(plan.dropout) if plan.dropout > 0 else nn.Identity()
 
 
-def init_lora_A(lora_A: torch.Tensor) -> None:
+def init_lora_A(lora_A: torch.Tensor, generator: torch.Generator | None = None) -> None:
     """PEFT's init of A [r, in] or [E, r, in]: kaiming-uniform with a = sqrt(5), i.e. U(+-1/sqrt(in))."""
-    nn.init.kaiming_uniform_(lora_A.view(-1, lora_A.shape[-1]), a=math.sqrt(5))
+    nn.init.kaiming_uniform_(lora_A.view(-1, lora_A.shape[-1]), a=math.sqrt(5), generator=generator)
+
+
+@torch.no_grad()
+def init_adapter_pair(init: SeededInit | None, name: str, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                      first_expert: int | None = None) -> None:
+    """PEFT's init: A (the model's tensor `name`) as init_lora_A draws it, B zeros. A comes from a generator of its
+    own (k2c.runtime.model.SeededInit; a stack of experts expert by expert, from `first_expert` on), or from torch's
+    global one for a module built on its own (`init` None)."""
+    if init is None:
+        init_lora_A(lora_A)
+        lora_B.zero_()
+    else:
+        init.draw(name, lora_A, init_lora_A, first_expert)
+        init.constant(lora_B, 0.0)
 
 
 @torch.no_grad()
@@ -67,6 +85,13 @@ class DoubleLoRA(nn.Module):
     Every buffer derives from W and stays out of state dicts; only the refresh position and the kept set travel
     (as extra state), so a resumed run keeps choosing channels exactly when an uninterrupted one would.
     """
+
+    # None until the first backward
+    svd_B: torch.Tensor
+    svd_A: torch.Tensor
+    residual_norm: torch.Tensor
+    kept: torch.Tensor
+    kept_rows: torch.Tensor
 
     def __init__(self, svd_rank: int, keep_ratio: float, refresh_every: int):
         super().__init__()
@@ -93,13 +118,23 @@ class DoubleLoRA(nn.Module):
         root = sigma[..., : self.svd_rank].sqrt()
         svd_B = u[..., : self.svd_rank] * root.unsqueeze(-2)
         svd_A = root.unsqueeze(-1) * vh[..., : self.svd_rank, :]
-        self.svd_B, self.svd_A = svd_B.to(weight.dtype), svd_A.to(weight.dtype)
-        self.residual_norm = torch.linalg.vector_norm(w - svd_B @ svd_A, dim=-1)
+        self.store("svd_B", svd_B.to(weight.dtype))
+        self.store("svd_A", svd_A.to(weight.dtype))
+        self.store("residual_norm", torch.linalg.vector_norm(w - svd_B @ svd_A, dim=-1))
         self.weight_version = weight._version
         self.backwards = 0
 
+    def store(self, name: str, value: torch.Tensor) -> None:
+        """Set buffer `name`, in place once it exists: a captured CUDA graph of a step reads it where it is."""
+        held = getattr(self, name)
+        if held is None:
+            setattr(self, name, value)
+        else:
+            held.copy_(value)
+
     def get_extra_state(self) -> dict:
-        return {"backwards": self.backwards, "kept": self.kept}
+        # a copy: the buffer is rewritten in place at the next refresh
+        return {"backwards": self.backwards, "kept": None if self.kept is None else self.kept.clone()}
 
     def set_extra_state(self, state: dict) -> None:
         self.restored = (state["backwards"], state["kept"])
@@ -133,9 +168,10 @@ class DoubleLoRA(nn.Module):
     @torch.no_grad()
     def keep(self, weight: torch.Tensor, kept: torch.Tensor) -> None:
         """Make S the kept channels and cache their residual rows R[S, :] = W[S, :] - B0[S, :] A0."""
-        self.kept = kept
+        self.store("kept", kept)
         rows = kept.unsqueeze(-1)
-        self.kept_rows = weight.take_along_dim(rows, dim=-2) - self.svd_B.take_along_dim(rows, dim=-2) @ self.svd_A
+        self.store("kept_rows",
+                   weight.take_along_dim(rows, dim=-2) - self.svd_B.take_along_dim(rows, dim=-2) @ self.svd_A)
 
     def residual(self) -> tuple[torch.Tensor, ...]:
         return self.svd_B, self.svd_A, self.kept, self.kept_rows
@@ -278,15 +314,15 @@ class LoRALinear(nn.Module):
     The base weight stays `.weight`, so state dict keys are the checkpoint's.
     """
 
-    def __init__(self, base: nn.Linear, site: AdapterSite, plan: AdapterPlan):
+    def __init__(self, base: nn.Linear, site: AdapterSite, plan: AdapterPlan, init: SeededInit | None = None):
         super().__init__()
         self.site = site
         self.out_features, self.in_features = base.weight.shape
         self.weight = base.weight.requires_grad_(False)
         device, dtype = self.weight.device, self.weight.dtype
         self.lora_A = nn.Parameter(torch.empty(site.rank, self.in_features, device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, site.rank, device=device, dtype=dtype))
-        init_lora_A(self.lora_A)
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, site.rank, device=device, dtype=dtype))
+        init_adapter_pair(init, f"{site.module}.lora_A", self.lora_A, self.lora_B)
         self.scale = lora_scale(site, plan)
         self.lora_dropout = adapter_dropout(plan)
         self.double_lora = (
@@ -295,6 +331,9 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.site.rank}"
+
+    def init_adapter(self, init: SeededInit, prefix: str) -> None:
+        init_adapter_pair(init, f"{prefix}.lora_A", self.lora_A, self.lora_B)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -356,16 +395,17 @@ class LoRAExperts(Experts):
             experts.double_lora = nn.ModuleDict()
         return experts
 
-    def add_adapter(self, name: str, site: AdapterSite, plan: AdapterPlan) -> None:
-        """An adapter on projection `name` (`gate_proj`, `up_proj` or `down_proj`) of every expert."""
+    def add_adapter(self, name: str, site: AdapterSite, plan: AdapterPlan, init: SeededInit | None = None) -> None:
+        """An adapter on projection `name` (`gate_proj`, `up_proj` or `down_proj`) of every expert; `init` draws
+        it as the model's (init_adapter_pair)."""
         weight = getattr(self, name).requires_grad_(False)
         experts, out_features, in_features = weight.shape
         device, dtype = weight.device, weight.dtype
         lora_A = nn.Parameter(torch.empty(experts, site.rank, in_features, device=device, dtype=dtype))
-        init_lora_A(lora_A)
+        lora_B = nn.Parameter(torch.empty(experts, out_features, site.rank, device=device, dtype=dtype))
+        init_adapter_pair(init, f"{site.module}.{name}_lora_A", lora_A, lora_B, self.first_expert)
         self.register_parameter(f"{name}_lora_A", lora_A)
-        lora_B = torch.zeros(experts, out_features, site.rank, device=device, dtype=dtype)
-        self.register_parameter(f"{name}_lora_B", nn.Parameter(lora_B))
+        self.register_parameter(f"{name}_lora_B", lora_B)
         self.sites[name] = site
         self.scales[name] = lora_scale(site, plan)
         self.lora_dropout[name] = adapter_dropout(plan)
@@ -375,6 +415,10 @@ class LoRAExperts(Experts):
     def adapter(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A [E, r, in] and B [E, out, r] of projection `name`."""
         return getattr(self, f"{name}_lora_A"), getattr(self, f"{name}_lora_B")
+
+    def init_adapter(self, init: SeededInit, prefix: str) -> None:
+        for name in self.sites:
+            init_adapter_pair(init, f"{prefix}.{name}_lora_A", *self.adapter(name), self.first_expert)
 
     def project(self, name: str, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         if name not in self.sites:
@@ -422,14 +466,67 @@ class LoRAExperts(Experts):
         return self
 
 
+def ce_lora_sites(model: nn.Module) -> list[tuple[DoubleLoRA, torch.Tensor]]:
+    """Every CE-LoRA site of `model`: its DoubleLoRA and the frozen weight that it stands in for."""
+    sites = []
+    for module in model.modules():
+        if isinstance(module, LoRALinear) and module.double_lora is not None:
+            sites.append((module.double_lora, module.weight))
+        elif isinstance(module, LoRAExperts):
+            for name, double_lora in module.double_lora.items():
+                assert isinstance(double_lora, DoubleLoRA)
+                sites.append((double_lora, getattr(module, name)))
+    return sites
+
+
+class RefreshSteps:
+    """The one place that says which training steps CE-LoRA chooses its kept channels in, seen from whole steps.
+
+    Each site counts its own backward passes and chooses S (or factorises a W that changed) in the pass its count
+    says (`DoubleLoRA.refresh_due`), in the step's Python. A step in which no site does either runs the same device
+    work every time, so a CUDA graph of it may stand in for it (k2c.runtime.graph); the others must run eagerly
+    (`eager_due`). A replayed step runs no Python, so `replayed` counts its passes for the sites. How many passes a
+    step makes at a site (one per micro-batch, or none where the site's input needs no gradient) is measured on an
+    eager step; until it is, every step runs eagerly.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.sites = ce_lora_sites(model)
+        self.passes: list[int | None] = [None] * len(self.sites)  # per site, per step
+
+    def eager_due(self) -> bool:
+        """Whether the next step must run its Python: a site refreshes or factorises in it, or is not measured."""
+        return any(n is None or (n > 0 and (d.weight_version != w._version or (-d.backwards) % d.refresh_every < n))
+                   for (d, w), n in zip(self.sites, self.passes))
+
+    def run_eager(self, step: Callable[[], T]) -> T:
+        """Run one training step eagerly, measuring the passes of each site that does not factorise in it (which
+        resets its count)."""
+        before = [(d.weight_version, d.backwards) for d, _ in self.sites]
+        out = step()
+        for i, ((d, _), (version, backwards)) in enumerate(zip(self.sites, before)):
+            if d.weight_version == version:
+                self.passes[i] = d.backwards - backwards
+        return out
+
+    def replayed(self) -> None:
+        """Count the passes of a step that a CUDA graph replayed (never one that `eager_due` sent to run eagerly)."""
+        for (d, _), n in zip(self.sites, self.passes):
+            assert n is not None, "a step was replayed before its passes were measured"
+            d.backwards += n
+
+
 def apply_adapters(model: nn.Module, plan: AdapterPlan) -> nn.Module:
     """Freeze the model and put an adapter on every `lora` / `ce_lora` site of the plan, in place.
 
-    Sites that already have their adapter are left alone, so applying twice changes nothing.
+    Sites that already have their adapter are left alone, so applying twice changes nothing. A new adapter of a
+    CausalLM is drawn as `model.init_weights` draws it, from the model's seed.
     """
     if plan.kind == "none":
         return model
     model.requires_grad_(False)
+    materialised = not any(local(p).is_meta for p in model.parameters())  # on meta, init_weights draws them later
+    init = SeededInit(model.init_seed, model.plan.init_std) if isinstance(model, CausalLM) and materialised else None
     for site in plan.sites:
         if site.kind not in ("lora", "ce_lora"):
             continue
@@ -437,13 +534,13 @@ def apply_adapters(model: nn.Module, plan: AdapterPlan) -> nn.Module:
             parent_name, _, child = site.module.rpartition(".")
             parent = model.get_submodule(parent_name)
             if not isinstance(getattr(parent, child), LoRALinear):
-                setattr(parent, child, LoRALinear(getattr(parent, child), site, plan))
+                setattr(parent, child, LoRALinear(getattr(parent, child), site, plan, init))
         else:
             stack = model.get_submodule(site.module)
             assert isinstance(stack, Experts)
             experts = LoRAExperts.adapt(stack)
             if site.param not in experts.sites:
-                experts.add_adapter(site.param, site, plan)
+                experts.add_adapter(site.param, site, plan, init)
     return model
 
 

@@ -14,12 +14,13 @@ import json
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from k2c.runtime.model import CausalLM
+from k2c.runtime.model import CausalLM, Experts, held_rows, local
 from k2c.runtime.plan import ModelPlan
 
 FP8_BLOCK = 128
@@ -62,14 +63,15 @@ def _weight_map(index: Path) -> dict[str, str]:
 class Checkpoint:
     """Tensors by name from a dict, a .safetensors file, or a folder (sharded with an index, or one file).
 
-    Files are read one tensor at a time, so a checkpoint larger than memory can be checked and loaded.
+    Files are read one tensor at a time, or only some rows of one (`get`'s `rows`), so a checkpoint larger than
+    memory can be checked and loaded, and a process that holds a shard of the model reads only that shard.
     """
 
     def __init__(self, sd_or_path: Mapping[str, torch.Tensor] | str | Path):
         if isinstance(sd_or_path, Mapping):
             self.shapes = {name: tuple(t.shape) for name, t in sd_or_path.items()}
             self.fp8 = {name for name, t in sd_or_path.items() if t.dtype == torch.float8_e4m3fn}
-            self._read = sd_or_path.__getitem__
+            self._read = lambda name, rows: sd_or_path[name] if rows is None else sd_or_path[name][rows]
             return
         path = Path(sd_or_path)
         index = path / "model.safetensors.index.json"
@@ -88,20 +90,26 @@ class Checkpoint:
         self.shapes = {name: tuple(s.get_shape()) for name, s in slices.items()}
         self.fp8 = {name for name, s in slices.items() if s.get_dtype() == "F8_E4M3"}
 
-        def read(name: str) -> torch.Tensor:
+        def read(name: str, rows: slice | None) -> torch.Tensor:
             try:
-                return handles[files[name]].get_tensor(name)
+                handle = handles[files[name]]
+                return handle.get_tensor(name) if rows is None else handle.get_slice(name)[rows]
             except SafetensorError as err:
                 raise CheckpointError(f"{files[name]}: tensor {name} cannot be read ({err})") from None
 
         self._read = read
 
-    def get(self, name: str) -> torch.Tensor:
-        """The tensor, dequantised to fp32 when it comes with block scales."""
-        tensor = self._read(name)
-        if scale_name(name) in self.shapes:
-            return dequantize_fp8(tensor, self._read(scale_name(name)))
-        return tensor
+    def get(self, name: str, rows: range | None = None) -> torch.Tensor:
+        """The tensor, or its `rows` along dim 0 alone, dequantised to fp32 when it comes with block scales."""
+        if rows is None or rows == range(self.shapes[name][0]):
+            tensor = self._read(name, None)
+            scale = self._read(scale_name(name), None) if scale_name(name) in self.shapes else None
+            return tensor if scale is None else dequantize_fp8(tensor, scale)
+        tensor = self._read(name, slice(rows.start, rows.stop))
+        if scale_name(name) not in self.shapes:
+            return tensor
+        blocks = slice(rows.start // FP8_BLOCK, -(-rows.stop // FP8_BLOCK))  # the block rows that cover `rows`
+        return dequantize_fp8(tensor, self._read(scale_name(name), blocks), rows.start)
 
 
 def scale_name(name: str) -> str:
@@ -109,11 +117,13 @@ def scale_name(name: str) -> str:
     return f"{name}_scale_inv"
 
 
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
-    """weight [R, C] times its block's scale; scale_inv [ceil(R/128), ceil(C/128)], edge blocks partial."""
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, first_row: int = 0) -> torch.Tensor:
+    """weight [R, C] times its block's scale; scale_inv [ceil(R/128), ceil(C/128)], edge blocks partial. A piece of
+    a weight, rows first_row to first_row + R, comes with the block rows of scale_inv that cover it."""
     rows, cols = weight.shape
-    scale = scale_inv.float().repeat_interleave(FP8_BLOCK, 0)[:rows].repeat_interleave(FP8_BLOCK, 1)[:, :cols]
-    return weight.float() * scale
+    skip = first_row % FP8_BLOCK
+    scale = scale_inv.float().repeat_interleave(FP8_BLOCK, 0)[skip : skip + rows]
+    return weight.float() * scale.repeat_interleave(FP8_BLOCK, 1)[:, :cols]
 
 
 def checkpoint_tensors(model: CausalLM) -> dict[str, torch.Tensor]:
@@ -121,14 +131,41 @@ def checkpoint_tensors(model: CausalLM) -> dict[str, torch.Tensor]:
 
     Module extra state (CE-LoRA's refresh position) is training state, not a tensor of the published layout.
     """
+    return _checkpoint_tensors(model.state_dict(keep_vars=True), model.plan)
+
+
+def _checkpoint_tensors(state: Mapping[str, object], plan: ModelPlan) -> dict[str, torch.Tensor]:
     return {
         name: tensor
-        for name, tensor in model.state_dict(keep_vars=True).items()
-        if torch.is_tensor(tensor)
+        for name, tensor in state.items()
+        if isinstance(tensor, torch.Tensor)
         and "lora_" not in name
         and not name.endswith(".qk_scale")
-        and not (model.plan.tie_embeddings and name == "lm_head.weight")
+        and not (plan.tie_embeddings and name == "lm_head.weight")
     }
+
+
+@dataclass(frozen=True)
+class Target:
+    """A model tensor that a checkpoint fills: its shape in the whole model, and which of its indices along dim 0
+    (the experts, for a stack of them) this process holds; all of them in a single process."""
+
+    tensor: torch.Tensor  # plain, or this process's DTensor shard (of its experts, for a stack)
+    shape: tuple[int, ...]
+    rows: range
+
+
+def load_targets(model: CausalLM) -> dict[str, Target]:
+    """What a checkpoint fills: checkpoint_tensors, each with its whole shape and this process's rows."""
+    owners = dict(model.named_modules())
+    found = {}
+    for name, tensor in checkpoint_tensors(model).items():
+        module, rows, shape = owners[name.rpartition(".")[0]], held_rows(tensor), tuple(tensor.shape)
+        if isinstance(module, Experts):  # a stack of this process's experts, from module.first_expert on
+            rows = range(rows.start + module.first_expert, rows.stop + module.first_expert)
+            shape = (module.plan.experts, *shape[1:])
+        found[name] = Target(tensor, shape, rows)
+    return found
 
 
 def _skipped(name: str, plan: ModelPlan) -> bool:
@@ -139,23 +176,23 @@ def _skipped(name: str, plan: ModelPlan) -> bool:
     return plan.tie_embeddings and name == "lm_head.weight"
 
 
-def _route(name: str, targets: dict[str, torch.Tensor]) -> tuple[list[tuple], tuple[int, ...]] | None:
+def _route(name: str, targets: dict[str, Target]) -> tuple[list[tuple], tuple[int, ...]] | None:
     """Where checkpoint tensor `name` goes: [(model name, expert index or None, slice of dim 1 or None)] and the
     shape it must have; None when the model has no place for it."""
     if m := PER_EXPERT.fullmatch(name):
         target, expert = f"{m[1]}.{m[3]}", int(m[2])
         if target in targets and expert < targets[target].shape[0]:
-            return [(target, expert, None)], tuple(targets[target].shape[1:])
+            return [(target, expert, None)], targets[target].shape[1:]
         return None
     if (m := FUSED_GATE_UP.fullmatch(name)) and f"{m[1]}.gate_proj" in targets:
         e, i, h = targets[f"{m[1]}.gate_proj"].shape
         return [(f"{m[1]}.gate_proj", None, slice(0, i)), (f"{m[1]}.up_proj", None, slice(i, 2 * i))], (e, 2 * i, h)
     if name in targets:
-        return [(name, None, None)], tuple(targets[name].shape)
+        return [(name, None, None)], targets[name].shape
     return None
 
 
-def _pieces(target: str, expert: int | None, targets: dict[str, torch.Tensor]) -> set[tuple[str, int | None]]:
+def _pieces(target: str, expert: int | None, targets: dict[str, Target]) -> set[tuple[str, int | None]]:
     """What a copy into `target` (one expert, or all of it) loads; stacked tensors are tracked expert by expert."""
     if STACKED.fullmatch(target):
         experts = range(targets[target].shape[0]) if expert is None else (expert,)
@@ -180,10 +217,11 @@ def load_hf_state_dict(model: CausalLM, sd_or_path: Mapping[str, torch.Tensor] |
     """Copy a checkpoint into the model's tensors (any model dtype; values are converted on copy).
 
     Everything is checked before anything is copied: on a CheckpointError the model is unchanged. A file that is
-    not a readable safetensors file (cut short, empty, garbage) is a CheckpointError that names it.
+    not a readable safetensors file (cut short, empty, garbage) is a CheckpointError that names it. A sharded model
+    (k2c.runtime.parallel) reads only what this process holds: its rows of each tensor, its experts of each stack.
     """
     checkpoint = Checkpoint(sd_or_path)
-    targets = checkpoint_tensors(model)
+    targets = load_targets(model)
     plan: list[tuple[str, list[tuple]]] = []
     problems: list[str] = []
     loaded: set[tuple[str, int | None]] = set()
@@ -220,10 +258,15 @@ def load_hf_state_dict(model: CausalLM, sd_or_path: Mapping[str, torch.Tensor] |
 
     with torch.no_grad():
         for name, copies in plan:
-            tensor = checkpoint.get(name)
-            for target, expert, part in copies:
-                destination = targets[target] if expert is None else targets[target][expert]
-                destination.copy_(tensor if part is None else tensor[:, part])
+            held = targets[copies[0][0]].rows  # the copies of one tensor are of the same rows
+            expert = copies[0][1]
+            if expert is not None:  # one expert of a stack, copied where this process holds it
+                if expert in held:
+                    local(targets[copies[0][0]].tensor)[expert - held.start].copy_(checkpoint.get(name))
+            elif held:
+                tensor = checkpoint.get(name, held)
+                for target, _, part in copies:
+                    local(targets[target].tensor).copy_(tensor if part is None else tensor[:, part])
         # the loaded weights define the logits: any clip scale from before no longer applies
         for name, buffer in model.state_dict(keep_vars=True).items():
             if name.endswith(".qk_scale"):
@@ -234,18 +277,23 @@ def load_hf_state_dict(model: CausalLM, sd_or_path: Mapping[str, torch.Tensor] |
 
 
 def hf_state_dict(model: CausalLM) -> dict[str, torch.Tensor]:
-    """The published layout: one entry per expert linear, no adapter tensors, QK-Clip scales folded into q rows.
+    """The published layout: one entry per expert linear, no adapter tensors, QK-Clip scales folded into q rows."""
+    return published_tensors(model.state_dict(keep_vars=True), model.plan)
+
+
+def published_tensors(state: Mapping[str, object], plan: ModelPlan) -> dict[str, torch.Tensor]:
+    """The published layout of a state dict, or of a part of one (a decoder layer's, under its full names): what
+    hf_state_dict gives, a piece of the model at a time for an export that holds one piece at a time.
 
     Folding multiplies all dn+dr query rows of head h by qk_scale[h], so every logit of the head scales by it.
     """
-    tensors = checkpoint_tensors(model)
     scales = {
         name.removesuffix(".qk_scale"): buffer.detach()
-        for name, buffer in model.state_dict(keep_vars=True).items()
-        if name.endswith(".qk_scale")
+        for name, buffer in state.items()
+        if name.endswith(".qk_scale") and isinstance(buffer, torch.Tensor)
     }
     out = {}
-    for name, tensor in tensors.items():
+    for name, tensor in _checkpoint_tensors(state, plan).items():
         tensor = tensor.detach()
         if m := STACKED.fullmatch(name):
             for j, expert in enumerate(tensor.unbind(0)):

@@ -28,11 +28,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from collections.abc import Callable
+
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from k2c.runtime.adapters import export_peft_adapter, merge_adapters
-from k2c.runtime.checkpoint import FP8_BLOCK, hf_state_dict, scale_name
+from k2c.runtime.checkpoint import FP8_BLOCK, published_tensors, scale_name
 from k2c.runtime.files import write_atomic
 from k2c.runtime.hf_config import hf_config
 from k2c.runtime.model import CausalLM
@@ -50,6 +53,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tiktoken.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
                    "generation_config.json")
 DEFAULT_SHARD_BYTES = 5 * 10**9
+# fills tensors of a model, given by their state-dict names, in place (k2c.runtime.parallel.tensor_loader)
+Loader = Callable[[dict[str, torch.Tensor]], None]
 
 
 class ExportError(ValueError):
@@ -116,10 +121,64 @@ def tokenizer_files(source: Path | None) -> list[Path]:
     return found + sorted(folder.glob("tokenization_*.py"))
 
 
+def pieces(model: CausalLM) -> list[tuple[str, nn.Module]]:
+    """The parts of the model that an export converts one at a time, by name, in state-dict order: the embedding,
+    each decoder layer, the final norm and the head (left out when tied: the published layout has none)."""
+    decoder = model.model
+    found: list[tuple[str, nn.Module]] = [("model.embed_tokens", decoder.embed_tokens)]
+    found += [(f"model.layers.{i}", layer) for i, layer in enumerate(decoder.layers)]
+    found.append(("model.norm", decoder.norm))
+    return found if model.plan.tie_embeddings else [*found, ("lm_head", model.lm_head)]
+
+
+def _published(state: dict, model: CausalLM, fp8: bool) -> dict[str, torch.Tensor]:
+    """A state dict's tensors (the model's, or a piece's under their full names) in the published layout, FP8
+    weights followed by their scales when `fp8`."""
+    tensors = published_tensors(state, model.plan)
+    if not fp8:
+        return tensors
+    quantized: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if fp8_quantized(name, tensor):
+            quantized[name], quantized[scale_name(name)] = quantize_fp8(tensor)
+        else:
+            quantized[name] = tensor
+    return quantized
+
+
+def _filled(piece: nn.Module, prefix: str, load: Loader | None, merge: bool) -> nn.Module:
+    """The piece with its values: for a model on the meta device, a copy allocated on the CPU and filled by `load`;
+    with `merge`, (a copy of) it with its adapters merged."""
+    if load is not None:
+        piece = copy.deepcopy(piece).to_empty(device="cpu")  # a meta piece copies for free
+        load({f"{prefix}.{name}": t for name, t in piece.state_dict().items() if isinstance(t, torch.Tensor)})
+    elif merge:
+        piece = copy.deepcopy(piece)
+    return merge_adapters(piece) if merge else piece
+
+
+def _with_adapters(model: CausalLM, load: Loader) -> CausalLM:
+    """A copy of a model on the meta device with only its adapters allocated and filled, for the PEFT folder."""
+    model = copy.deepcopy(model)
+    adapters: dict[str, torch.Tensor] = {}
+    for name, param in list(model.named_parameters()):
+        if "lora_" in name:
+            module_name, _, attr = name.rpartition(".")
+            adapters[name] = nn.Parameter(torch.empty_like(param, device="cpu"), requires_grad=False)
+            setattr(model.get_submodule(module_name), attr, adapters[name])
+    load(adapters)
+    return model
+
+
 def export_hf(model: CausalLM, plan: Plan, directory, *, peft: bool = False, fp8: bool = False,
-              max_shard_bytes: int = DEFAULT_SHARD_BYTES, tokenizer_from=None, force: bool = False) -> list[str]:
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES, tokenizer_from=None, force: bool = False,
+              load: Loader | None = None) -> list[str]:
     """Write `model` (not changed) to `directory` as a Hugging Face model folder; see the module docstring.
 
+    The model is converted and written a piece at a time (`pieces`), so that no more than a piece and a shard file
+    are held at once beside it. `load`: for a model on the meta device (one larger than this process's memory, of
+    a sharded run), fills tensors by their state-dict names (k2c.runtime.parallel.tensor_loader); each piece is
+    then allocated, filled, written and freed in turn, and the whole model is never allocated.
     `tokenizer_from`: a checkpoint folder (or file) whose tokenizer files to copy, the fine-tuning base.
     Returns notes on what the folder leaves out (no tokenizer, say), for the caller to show.
     """
@@ -130,41 +189,41 @@ def export_hf(model: CausalLM, plan: Plan, directory, *, peft: bool = False, fp8
     adapted = any("lora_" in name for name, _ in model.named_parameters())
     if peft and not adapted:
         raise ExportError("the model has no adapters to export as a PEFT folder (leave out --peft)")
+    if load is None and any(p.is_meta for p in model.parameters()):
+        raise ExportError("the model is on the meta device: give the `load` that fills its tensors")
     notes: list[str] = []
-    if adapted and not peft:
-        model = merge_adapters(copy.deepcopy(model))  # type: ignore[assignment]
-    tensors = hf_state_dict(model)
-    dtype = next(iter(tensors.values())).dtype
-    if fp8:
-        quantized: dict[str, torch.Tensor] = {}
-        ragged = []
-        for name, tensor in tensors.items():
-            if fp8_quantized(name, tensor):
-                quantized[name], quantized[scale_name(name)] = quantize_fp8(tensor)
-                if any(size > FP8_BLOCK and size % FP8_BLOCK for size in tensor.shape):
-                    ragged.append(f"{name} {list(tensor.shape)}")
-            else:
-                quantized[name] = tensor
-        tensors = quantized
-        if ragged:
-            # k2c's loader reads partial edge blocks (DeepSeek's ceil-divided grid); other readers assume whole ones
-            notes.append(f"{len(ragged)} FP8 weights have a size above {FP8_BLOCK} that is not a multiple of it "
-                         f"(such as {ragged[0]}): k2c reads them back, but transformers and serving engines' "
-                         f"block-FP8 kernels expect whole {FP8_BLOCK}x{FP8_BLOCK} blocks, as in the published models")
+    merge = adapted and not peft
+    # every published tensor on the meta device, for the shard files' names and contents before any is written
+    meta = {name: t.to("meta") for name, t in model.state_dict().items() if isinstance(t, torch.Tensor)}
+    layout = _published(meta, model, fp8)
+    dtype = next(iter(layout.values())).dtype  # the embedding's, never FP8
+    ragged = [f"{name} {list(t.shape)}" for name, t in layout.items()
+              if scale_name(name) in layout and any(size > FP8_BLOCK and size % FP8_BLOCK for size in t.shape)]
+    if ragged:
+        # k2c's loader reads partial edge blocks (DeepSeek's ceil-divided grid); other readers assume whole ones
+        notes.append(f"{len(ragged)} FP8 weights have a size above {FP8_BLOCK} that is not a multiple of it "
+                     f"(such as {ragged[0]}): k2c reads them back, but transformers and serving engines' "
+                     f"block-FP8 kernels expect whole {FP8_BLOCK}x{FP8_BLOCK} blocks, as in the published models")
     config = hf_config(plan)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     if fp8:
         config["quantization_config"] = dict(QUANTIZATION_CONFIG)
 
     directory.mkdir(parents=True, exist_ok=True)
-    parts = shards(tensors, max_shard_bytes)
+    parts = shards(layout, max_shard_bytes)
     names = [f"model-{i:05d}-of-{len(parts):05d}.safetensors" for i in range(1, len(parts) + 1)]
     weight_map = {}
-    for file, part in zip(names, parts):
-        contiguous = {name: t.detach().contiguous() for name, t in part.items()}
-        write_atomic(directory / file, functools.partial(_save_shard, contiguous))
-        weight_map.update(dict.fromkeys(part, file))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    pending: dict[str, torch.Tensor] = {}  # converted, not yet written
+    files = list(zip(names, parts))  # written in order, each once all of its tensors are converted
+    for prefix, piece in pieces(model):
+        pending.update(_published(_filled(piece, prefix, load, merge).state_dict(prefix=f"{prefix}."), model, fp8))
+        while files and files[0][1].keys() <= pending.keys():
+            file, part = files.pop(0)
+            contiguous = {name: pending.pop(name).detach().contiguous() for name in part}
+            write_atomic(directory / file, functools.partial(_save_shard, contiguous))
+            weight_map.update(dict.fromkeys(part, file))
+    assert not files, f"no piece of the model holds {sorted(files[0][1].keys() - pending.keys())[:3]}"
+    total = sum(t.numel() * t.element_size() for t in layout.values())
     write_atomic(directory / INDEX, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                indent=2) + "\n")
     write_atomic(directory / "config.json", json.dumps(config, indent=2) + "\n")
@@ -175,7 +234,8 @@ def export_hf(model: CausalLM, plan: Plan, directory, *, peft: bool = False, fp8
     adapter = directory / ADAPTER
     if peft:
         with tempfile.TemporaryDirectory(dir=directory, prefix=".adapter.") as tmp:
-            export_peft_adapter(model, tmp, plan.adapter, base_model_name_or_path=os.fspath(directory.resolve()))
+            export_peft_adapter(model if load is None else _with_adapters(model, load), tmp, plan.adapter,
+                                base_model_name_or_path=os.fspath(directory.resolve()))
             adapter.mkdir(exist_ok=True)
             for written in Path(tmp).iterdir():
                 os.replace(written, adapter / written.name)

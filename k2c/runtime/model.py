@@ -12,14 +12,17 @@ head, the RoPE tables and the statistics MuonClip reads.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from k2c.runtime import ops
 from k2c.runtime.kernels import moe as moe_kernel
@@ -260,6 +263,7 @@ class Experts(nn.Module):
     # Under expert parallelism (k2c.runtime.parallel), the exchange that sends rows to the process holding their
     # expert and brings the outputs back; this module then holds only that process's experts.
     exchange: Callable[[Experts, Routing], torch.Tensor] | None = None
+    first_expert: int = 0  # the index among all the layer's experts of the first one this module holds
 
     def __init__(self, plan: MoEPlan, device=None, dtype=None):
         super().__init__()
@@ -355,6 +359,80 @@ class MoE(nn.Module):
             self.gate.e_score_correction_bias.add_(torch.sign(load.mean() - load), alpha=self.plan.router.bias_rate)
 
 
+# --------------------------------------------------------------------------- initialisation
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (a view: writes land in the DTensor), or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def held_rows(t: torch.Tensor) -> range:
+    """The indices along dim 0 of the whole of `t` that this process holds: all of them for a plain tensor, those
+    of the local shard for a DTensor (sharded along dim 0 only, as FSDP2 shards)."""
+    if not isinstance(t, DTensor):
+        return range(t.shape[0])
+    if any(isinstance(p, Shard) and p.dim != 0 for p in t.placements):
+        raise ValueError(f"a tensor sharded as {t.placements}: only sharding along dim 0 is supported here")
+    index = distribute_tensor(torch.arange(t.shape[0]), t.device_mesh, t.placements, src_data_rank=None).to_local()
+    return range(int(index[0]), int(index[-1]) + 1) if len(index) else range(0)
+
+
+class SeededInit:
+    """Draws each parameter from a generator of its own, seeded from the model's seed and the parameter's name, and
+    each expert of a stack from one seeded with its index among all of its layer's experts.
+
+    A process that holds a shard of a parameter, or some experts of a stack, so draws the values a single process's
+    model holds there, without drawing the other experts. A sharded parameter that is not a stack is drawn whole
+    and cut: the largest, the embedding, is a few GB at Kimi K2's size.
+    """
+
+    def __init__(self, seed: int, std: float):
+        self.seed, self.std = seed, std
+        self.done: set[int] = set()  # ids of the tensors given their values
+
+    def generator(self, name: str, device: torch.device, expert: int | None = None) -> torch.Generator:
+        key = f"{self.seed}:{name}" if expert is None else f"{self.seed}:{name}:{expert}"
+        seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+        return torch.Generator(device).manual_seed(seed)
+
+    def draw(self, name: str, tensor: torch.Tensor, fill: Callable[[torch.Tensor, torch.Generator], object],
+             first_expert: int | None = None) -> None:
+        """Fill `tensor` (the model's `name`) with fill(whole tensor, generator), in place; with `first_expert`, a
+        stack of experts from that one on, each expert's matrix filled apart."""
+        piece = local(tensor)
+        if first_expert is not None:
+            for i, row in enumerate(held_rows(tensor)):
+                fill(piece[i], self.generator(name, piece.device, first_expert + row))
+        elif isinstance(tensor, DTensor):
+            whole = torch.empty(tensor.shape, dtype=piece.dtype, device=piece.device)
+            fill(whole, self.generator(name, piece.device))
+            rows = held_rows(tensor)
+            piece.copy_(whole[rows.start : rows.stop])
+        else:
+            fill(piece, self.generator(name, piece.device))
+        self.done.add(id(tensor))
+
+    def normal(self, name: str, tensor: torch.Tensor, first_expert: int | None = None) -> None:
+        self.draw(name, tensor, lambda t, g: t.normal_(0.0, self.std, generator=g), first_expert)
+
+    def constant(self, tensor: torch.Tensor, value: float) -> None:
+        local(tensor).fill_(value)
+        self.done.add(id(tensor))
+
+
+def draw_seed() -> int:
+    """A model's seed from torch's global generator, which torch.manual_seed sets."""
+    return int(torch.randint(2**62, (), device="cpu"))
+
+
+@runtime_checkable
+class Adapted(Protocol):
+    """A module with adapter tensors beside its base weights (k2c.runtime.adapters): it draws those itself."""
+
+    def init_adapter(self, init: SeededInit, prefix: str) -> None: ...
+
+
 # --------------------------------------------------------------------------- the model
 
 
@@ -392,8 +470,12 @@ class CausalLM(nn.Module):
     `layer_types[i]` is the class (emitted per spec) whose forward wires layer i.
     """
 
+    init_seed: int  # what init_weights drew from
+
     def __init__(self, plan: ModelPlan, layer_types: Sequence[type[DecoderLayer]], device=None, dtype=None):
         super().__init__()
+        # drawn first: torch's own modules draw their default init from the global generator when not on meta
+        seed = draw_seed()
         self.plan = plan
         self.model = Decoder(plan, layer_types, device, dtype)
         self.lm_head = linear(plan.hidden_size, plan.vocab_size, device, dtype)
@@ -402,32 +484,56 @@ class CausalLM(nn.Module):
         # a constant of the plan, kept off the module's buffers so that meta construction and `to_empty`
         # cannot leave it uninitialised
         self.inv_freq, self.attention_factor = rope_frequencies(plan.layers[0].attention.rope)
-        self.init_weights()
+        self.init_weights(seed)
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """normal(0, init_std) for every matrix, ones for norm gains and QK-Clip scales, zero router bias."""
-        std = self.plan.init_std
-        for module in self.modules():
-            if isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
-            elif isinstance(module, (nn.Linear, nn.Embedding)):
-                module.weight.normal_(0.0, std)
-            elif isinstance(module, Router):
-                module.weight.normal_(0.0, std)
+    def init_weights(self, seed: int | None = None) -> None:
+        """Initial values for every tensor: normal(0, init_std) for the matrices (each routed expert's apart), ones
+        for norm gains and QK-Clip scales, a zero router bias, PEFT's init for adapters; see SeededInit.
+
+        `seed` None draws one from torch's global generator, so that torch.manual_seed decides the model. It is
+        kept as `init_seed`: `init_weights(model.init_seed)` gives the same values again, which is how a model built
+        on the meta device, sharded and materialised with `to_empty` gets the values of one built whole.
+        """
+        self.init_seed = draw_seed() if seed is None else seed
+        if any(local(p).is_meta for p in self.parameters()):
+            return
+        init = SeededInit(self.init_seed, self.plan.init_std)
+        for prefix, module in self.named_modules():
+            if isinstance(module, Adapted):
+                module.init_adapter(init, prefix)
+            for name, param in module.named_parameters(prefix, recurse=False):
+                if id(param) in init.done:  # an adapter's, or the tied head (the embedding)
+                    continue
+                if isinstance(module, RMSNorm):
+                    init.constant(param, 1.0)
+                elif isinstance(module, Experts):
+                    init.normal(name, param, module.first_expert)
+                else:
+                    init.normal(name, param)
+            if isinstance(module, Router):
                 module.e_score_correction_bias.zero_()
-            elif isinstance(module, Experts):
-                for weight in (module.gate_proj, module.up_proj, module.down_proj):
-                    weight.normal_(0.0, std)
-            elif isinstance(module, Attention) and module.qk_scale is not None:
-                module.qk_scale.fill_(1.0)
+            elif isinstance(module, Attention):
+                if module.qk_scale is not None:
+                    module.qk_scale.fill_(1.0)
+                module.last_max_logit.fill_(-math.inf)
         self.reset_step_stats()
+
+    def to_empty(self, *, device, recurse: bool = True):
+        """nn.Module.to_empty, the head kept tied to the embedding: leaving the meta device makes new parameters."""
+        super().to_empty(device=device, recurse=recurse)
+        if self.plan.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        return self
 
     def rope(self, input_ids: torch.Tensor) -> RopeTables:
         """cos and sin for positions 0..seq-1, computed in fp32 then cast to the model's dtype, as the reference."""
         device, dtype = input_ids.device, self.lm_head.weight.dtype
         positions = torch.arange(input_ids.shape[1], device=device, dtype=torch.float32)
-        angles = positions[:, None] * self.inv_freq.to(device)[None, :]
+        if self.inv_freq.device != device:
+            # moved once: a copy from the host in every forward would wait for the device (and cannot be captured)
+            self.inv_freq = self.inv_freq.to(device)
+        angles = positions[:, None] * self.inv_freq[None, :]
         cos = angles.cos() * self.attention_factor
         sin = angles.sin() * self.attention_factor
         return RopeTables(cos.to(dtype), sin.to(dtype))

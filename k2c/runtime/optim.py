@@ -157,16 +157,54 @@ class MuonClip(torch.optim.Optimizer):
     Group "kind" is "muon" or "adamw". PyTorch's conventions hold: each step uses its group's `lr`, which starts at
     the plan's peak lr and changes only when something sets it, a `torch.optim.lr_scheduler` (the spec's schedule is
     `build_scheduler`) or a user's own code. The step counter is kept in `state["step"]`, so that a state_dict round
-    trip resumes exactly. Moments are fp32 whatever the parameter dtype. After each step `last_report` holds the
-    learning rate the step used (the first group's), the number of clipped heads and each layer's max logit.
+    trip resumes exactly. Moments are fp32 whatever the parameter dtype.
+
+    A step never waits for the device, so that a CUDA graph can capture it (k2c.runtime.graph). Each group's lr is
+    a 0-dim fp64 tensor on its parameters' device, the same one for the whole life of the optimizer (`lrs`), which
+    torch's schedulers fill in place. The step's report stays on the device too: `stats` holds the learning rate
+    the last step used (the first group's), the number of heads it clipped and each layer's max logit, and
+    `last_report` reads them back to the host for whoever logs them.
     """
 
     def __init__(self, model: CausalLM, groups, plan: OptimizerPlan):
+        self._lrs: list[torch.Tensor] = []  # each group's lr tensor, in group order (`add_param_group` appends)
         super().__init__(groups, {"lr": plan.lr})
         self.model = model
         self.plan = plan
         self.state["step"] = 0  # type: ignore[index]  # the optimizer-wide counter beside per-tensor state
-        self.last_report: dict = {}
+        # written in place by every step, eager or replayed: lr (fp64), clipped_heads (int64), max_logits [layers]
+        self.stats: dict[str, torch.Tensor] | None = None
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        # fp64, so that the tensor holds the number a scheduler computed to the bit; filled on the device (a fill,
+        # not a copy from the host)
+        self._lrs.append(torch.full((), float(group["lr"]), dtype=torch.float64, device=group["params"][0].device))
+        group["lr"] = self._lrs[-1]
+
+    def lrs(self) -> list[torch.Tensor]:
+        """Each group's lr tensor, the one the step reads (and a captured CUDA graph of it). A number, or another
+        tensor, that a user's code put in a group in its place is copied into it, and the group holds it again."""
+        for group, lr in zip(self.param_groups, self._lrs):
+            if group["lr"] is not lr:
+                lr.fill_(group["lr"])
+                group["lr"] = lr
+        return self._lrs
+
+    @property
+    def last_report(self) -> dict:
+        """The last step's `stats` on the host (empty before the first step): reading them waits for the device,
+        so read them where they are logged, not in the step."""
+        if self.stats is None:
+            return {}
+        return {"step": self.state["step"], "lr": self.stats["lr"].item(),  # type: ignore[index]
+                "clipped_heads": int(self.stats["clipped_heads"].item()),
+                "max_logits": self.stats["max_logits"].tolist()}
+
+    def count_replayed_step(self) -> None:
+        """Count a step that a CUDA graph replayed: its device work ran, its Python (which counts steps) did not."""
+        self.state["step"] += 1  # type: ignore[index]
 
     def state_of(self, p: torch.Tensor, kind: str) -> dict:
         """p's state, zeros on first use: Muon's fp32 momentum, or AdamW's step count and fp32 moments."""
@@ -192,23 +230,21 @@ class MuonClip(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        step = self.state["step"]
-        lr = self.param_groups[0]["lr"] if self.param_groups else 0.0
-        for group in self.param_groups:
+        for group, lr in zip(self.param_groups, self.lrs()):
             if group["kind"] == "muon":
-                self._muon(group)
+                self._muon(group, lr)
             else:
-                self._adamw(group)
-        self.state["step"] = step + 1
+                self._adamw(group, lr)
+        self.state["step"] += 1
         self._update_router_bias()
-        self.last_report = {"step": step + 1, "lr": lr, **self._qk_clip()}
+        self._qk_clip()
         self.model.reset_step_stats()
         return loss
 
-    def _muon(self, group):
+    def _muon(self, group, lr: torch.Tensor):
         """Muon over the group, batch by batch: on the Triton kernels where `use_triton` says (CUDA tensors, or
         K2C_KERNELS=triton), else in torch (the CPU, or K2C_KERNELS=torch)."""
-        lr, decay = group["lr"], group["weight_decay"]
+        decay = group["weight_decay"]
         params = [p for p in group["params"] if p.grad is not None]
         sharded = [p for p in params if isinstance(p, DTensor)]
         if sharded:
@@ -217,14 +253,16 @@ class MuonClip(torch.optim.Optimizer):
         for p in params:
             if not isinstance(p, DTensor):
                 by_shape[tuple(sorted(p.shape[-2:]))].append(p)
+        # the factors on the device, in fp64 from the lr and rounded once to fp32, as a number argument would be
+        shrink = (1 - lr * decay).float()
         for (n, m), params in by_shape.items():
-            step = self._step_size(lr, m)
+            step = self._step_size(lr, m).float()
             for batch in ns_batches(params, n * m):
                 matrices = [self._matrices(p, first, end) for p, first, end in batch]
                 if use_triton(TRITON, batch[0][0]):
-                    self._muon_fused(matrices, n, m, 1 - lr * decay, step)
+                    self._muon_fused(matrices, n, m, shrink, step)
                 else:
-                    self._muon_reference(matrices, 1 - lr * decay, step)
+                    self._muon_reference(matrices, shrink, step)
 
     def _muon_sharded(self, params, lr, decay):
         """Muon over FSDP2-sharded matrices: momentum on the local shards; each whole matrix (or stack of experts) is
@@ -244,11 +282,11 @@ class MuonClip(torch.optim.Optimizer):
                 sent = update if owner == mine else local(p).new_empty(p.shape, dtype=torch.float32)
                 held = local(p)
                 master = held.float()  # the shard itself when fp32
-                step = self._step_size(lr, max(p.shape[-2:]))
-                master.mul_(1 - lr * decay).add_(scatter(sent, p, owner), alpha=step)
+                step = self._step_size(lr, max(p.shape[-2:])).float()
+                master.mul_((1 - lr * decay).float()).addcmul_(scatter(sent, p, owner), step)
                 write_back([held], [master])
 
-    def _step_size(self, lr: float, larger_dim: int) -> float:
+    def _step_size(self, lr: torch.Tensor, larger_dim: int) -> torch.Tensor:
         """An orthogonal n x m update has RMS 1/sqrt(max(n, m)); the step brings it to AdamW's rms_scale."""
         return -lr * (self.plan.rms_scale * math.sqrt(larger_dim))
 
@@ -260,7 +298,7 @@ class MuonClip(torch.optim.Optimizer):
         return (p.view(-1, r, c)[first:end], state["momentum"].view(-1, r, c)[first:end],
                 p.grad.reshape(-1, r, c)[first:end])
 
-    def _muon_fused(self, matrices, n, m, decay, step):
+    def _muon_fused(self, matrices, n, m, decay: torch.Tensor, step: torch.Tensor):
         """The batch on the Triton kernels: a fused pass in, Newton-Schulz on the whole batch, a fused pass out.
 
         The passes launch once per piece (all or part of one stacked parameter), Newton-Schulz once for the batch.
@@ -276,7 +314,7 @@ class MuonClip(torch.optim.Optimizer):
         for (weight, _, _), update in zip(matrices, x.split(counts)):
             ns_kernels.muon_update(weight, update, decay, step)
 
-    def _muon_reference(self, matrices, decay, step):
+    def _muon_reference(self, matrices, decay: torch.Tensor, step: torch.Tensor):
         """The batch in torch: the momentum M = mu M + G (a plain sum) and W - lr (O + wd W) as foreach ops."""
         weights, momenta = [w for w, _, _ in matrices], [mom for _, mom, _ in matrices]
         grads = [g.float() for _, _, g in matrices]
@@ -291,10 +329,11 @@ class MuonClip(torch.optim.Optimizer):
         # W - lr * (O + wd * W): decoupled weight decay with the unscaled learning rate, in fp32
         masters = [w.float() for w in weights]  # the weights themselves when fp32
         torch._foreach_mul_(masters, decay)
-        torch._foreach_add_(masters, updates, alpha=step)
+        torch._foreach_mul_(updates, step)  # a tensor factor: foreach's alpha takes only numbers
+        torch._foreach_add_(masters, updates)
         write_back(weights, masters)
 
-    def _adamw(self, group):
+    def _adamw(self, group, lr: torch.Tensor):
         """torch's fused AdamW: one kernel for all of the group's tensors, with fp32 moments (and fp32 arithmetic on
         an fp32 copy of any lower-precision parameter, written back rounded once)."""
         params = [p for p in group["params"] if p.grad is not None]
@@ -304,10 +343,12 @@ class MuonClip(torch.optim.Optimizer):
         held = [local(p) for p in params]  # the element-wise update runs on each process's shards
         masters = [p.float() for p in held]  # the parameters themselves when fp32
         beta1, beta2 = self.plan.adamw_betas
+        # the fused kernel reads a tensor lr on the GPU as fp32, where the CPU's reads the double it holds
+        lr = lr if lr.device.type == "cpu" else lr.float()
         fused_adamw(
             masters, [local(p.grad).float() for p in params], [local(s["exp_avg"]) for s in states],
             [local(s["exp_avg_sq"]) for s in states], [], [s["step"] for s in states], fused=True, amsgrad=False,
-            beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=self.plan.adamw_eps,
+            beta1=beta1, beta2=beta2, lr=lr, weight_decay=group["weight_decay"], eps=self.plan.adamw_eps,
             maximize=False,
         )
         write_back(held, masters)
@@ -322,23 +363,37 @@ class MuonClip(torch.optim.Optimizer):
                 dist.all_reduce(load)  # every rank must move its biases alike
             moe.balance(load)
 
-    def _qk_clip(self):
+    def _qk_clip(self) -> None:
+        """Clip every head over tau, and write this step's `stats`."""
         # [layers, heads]: max over the micro-batches since the last step, and over ranks
         max_logits = self.model.step_max_logits().to(torch.float32, copy=True)
         if distributed():
             dist.all_reduce(max_logits, op=dist.ReduceOp.MAX)
-        clipped = 0
+        if self.stats is None:
+            self.stats = {"lr": torch.zeros_like(self._lrs[0]),
+                          "clipped_heads": torch.zeros((), dtype=torch.int64, device=max_logits.device),
+                          "max_logits": max_logits.new_empty(max_logits.shape[0])}
+        clipped = self.stats["clipped_heads"].zero_()
         for attention, logits in zip(self.model.attentions(), max_logits):
             clip = attention.plan.clip
             if clip.mode == "off":
                 continue
             over = logits > clip.tau
-            clip_heads(attention, torch.where(over, clip.tau / logits, torch.ones_like(logits)))
-            clipped += int(over.sum())
-        return {"clipped_heads": clipped, "max_logits": max_logits.amax(dim=1).tolist()}
+            clip_heads(attention, torch.where(over, clip.tau / logits, 1.0))
+            clipped += over.sum()
+        self.stats["lr"].copy_(self._lrs[0])
+        torch.amax(max_logits, dim=1, out=self.stats["max_logits"])
+
+    def state_dict(self):
+        state = super().state_dict()
+        # numbers, as before the lr was a tensor: a checkpoint is the same whatever device wrote it
+        state["param_groups"] = [{k: v.item() if torch.is_tensor(v) else v for k, v in group.items()}
+                                 for group in state["param_groups"]]
+        return state
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
+        self.lrs()  # the loaded numbers into the optimizer's own lr tensors
         # torch casts floating state to its parameter's dtype; put back the fp32 moments of bf16 parameters
         saved = state_dict["state"]
         indices = (i for g in state_dict["param_groups"] for i in g["params"])
@@ -373,6 +428,10 @@ class Schedule(torch.optim.lr_scheduler.LambdaLR):
             # a step replaced by a plain function (a wrapper around the method): torch's schedulers wrap a method
             optimizer.step = types.MethodType(  # type: ignore[method-assign]
                 lambda _, *args, **kwargs: step(*args, **kwargs), optimizer)
+        for group in optimizer.param_groups:
+            # the base lrs as numbers (torch would keep a copy of a tensor lr): the schedule is computed on the host
+            # and each value filled into the group's lr tensor, which waits for nothing
+            group.setdefault("initial_lr", float(group["lr"]))
         super().__init__(optimizer, lambda step: self.factor(step))
         optimizer.register_state_dict_post_hook(self._save_with)
         optimizer.register_load_state_dict_pre_hook(self._load_with)
@@ -401,6 +460,7 @@ class Schedule(torch.optim.lr_scheduler.LambdaLR):
     def state_dict(self) -> dict:
         state = super().state_dict()
         state.pop("plan", None)  # the schedule itself comes from the plan it is built with, not from the file
+        state["_last_lr"] = [float(lr) for lr in state["_last_lr"]]  # copies of the lr tensors: numbers on file
         return state
 
     def jump_to(self, step: int) -> None:

@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from k2c.runtime.mesh import mesh_shape
-from k2c.runtime.model import CausalLM, Experts, Routing
+from k2c.runtime.model import CausalLM, Experts, Routing, local
 from k2c.runtime.plan import ParallelPlan, Plan
 
 # A collective that waits longer than this for a process is taken as that process lost: the others stop with an
@@ -137,6 +140,7 @@ def split_experts(model: CausalLM, layout: Layout) -> None:
                     else:
                         setattr(module, name, piece)
         experts.exchange = ExpertExchange(group, layout.expert, per)
+        experts.first_expert = first
 
 
 # --------------------------------------------------------------------------- sharding
@@ -177,11 +181,6 @@ def share_kept_channels(model: CausalLM, layout: Layout) -> None:
             single.group = everyone
 
 
-def local(t: torch.Tensor) -> torch.Tensor:
-    """This process's shard of a DTensor (a view: writes land in the DTensor), or the tensor itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def rows_of(t: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """The rows of `full` (laid out like t's first dim) that t's local shard holds; all of them for a plain t."""
     if not isinstance(t, DTensor):
@@ -198,15 +197,16 @@ def grad_norm(params) -> torch.Tensor:
     return squares.sqrt()
 
 
-def clip_grads(params, max_norm: float) -> float:
-    """Scale every gradient so that their norm is at most max_norm (inf: measure only); the norm before."""
+def clip_grads(params, max_norm: float) -> torch.Tensor:
+    """Scale every gradient so that their norm is at most max_norm (inf: measure only); the norm before, on the
+    device. The scale is min(1, max_norm / (norm + 1e-6)), as torch's clip_grad_norm_ takes it, computed on the
+    device: deciding on the host whether to clip would wait for the norm."""
     norm = grad_norm(params)
-    if norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
-        for p in params:
-            if p.grad is not None:
-                local(p.grad).mul_(scale)
-    return norm.item()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    grads = [local(p.grad) for p in params if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, scale)
+    return norm
 
 
 def owner_rounds(params):
@@ -334,8 +334,46 @@ def load_shards(folder, model: CausalLM, opt, layout: Layout | None) -> None:
     if opt is not None:
         opt.init_state()
     tensors = checkpoint_tensors(model, opt, layout)
-    dcp.load(tensors, checkpoint_id=str(folder), no_dist=layout is None)
+    if layout is None:
+        _load_in_one_process(tensors, folder)
+    else:
+        dcp.load(tensors, checkpoint_id=str(folder))
     owners = dict(model.named_modules())
     for name, state in tensors.get("kept_channels", {}).items():
         owners[name].set_extra_state({"backwards": int(state["backwards"]), "kept": local(state["kept"]).clone()})
+
+
+def tensor_loader(folder, model: CausalLM) -> Callable[[dict[str, torch.Tensor]], None]:
+    """load(tensors): fill tensors of `model`, given by their state-dict names, in place from what save_shards wrote
+    to `folder`, in one process and reading those tensors alone: how k2c.runtime.export writes a model larger than
+    memory a piece at a time. A checkpoint that lacks a tensor of the model, or holds one of another shape, is a
+    ValueError that names them, before anything is read."""
+    import torch.distributed.checkpoint as dcp
+
+    saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    problems = []
+    for name, tensor in model.state_dict().items():
+        if not isinstance(tensor, torch.Tensor):
+            continue  # CE-LoRA's kept channels: training state, stored apart
+        found = saved.get(f"model.{name}")
+        if not isinstance(found, TensorStorageMetadata):
+            problems.append(f"no tensor {name}")
+        elif found.size != tensor.shape:
+            problems.append(f"{name}: expected shape {tuple(tensor.shape)}, found {tuple(found.size)}")
+    if problems:
+        more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise ValueError(f"{folder} does not fit the model: {'; '.join(problems[:5])}{more}")
+
+    def load(tensors: dict[str, torch.Tensor]) -> None:
+        _load_in_one_process({"model": tensors}, folder)
+
+    return load
+
+
+def _load_in_one_process(tensors: dict, folder) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():  # that no process group is used is the point here, not a mistake to warn of
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load(tensors, checkpoint_id=str(folder), no_dist=True)
 

@@ -27,6 +27,11 @@ training.steps it is the spec's schedule exactly. The schedule is fixed when the
 checkpoint: a resume follows it whatever `steps` it asks for, so an interrupted run resumed gives the uninterrupted
 run's steps. A resume without `steps` goes on to the run's own end; with more steps than the schedule spans, the
 steps past its end run at the schedule's final learning rate (lr x final_lr_ratio; the peak lr when constant).
+
+A step (`training_step`) never waits for the device: the host reads the loss and the rest of a step's record back
+only on the steps it logs, evaluates or saves, and checks then that the losses since the last read are finite. On
+a GPU, with one process and the fused kernels, the step is captured in a CUDA graph and replayed
+(k2c.runtime.graph; K2C_CUDA_GRAPH=0 runs it eagerly instead).
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ from k2c.runtime.files import (
     write_checksummed,
 )
 from k2c.runtime import parallel
+from k2c.runtime.graph import CudaGraphStep, capturable
 from k2c.runtime.mesh import LayoutError
 from k2c.runtime.optim import lr_at
 from k2c.runtime.plan import OptimizerPlan, Plan, TrainingPlan
@@ -78,6 +84,7 @@ SHARDS_SUFFIX = ".shards"  # the folder of a sharded checkpoint's tensors, besid
 CHECKPOINT_FORMAT = 1  # what `state["format"]` says; a checkpoint of another format is refused, not misread
 CHECKPOINT_KEYS = ("format", "step", "run", "model", "optimizer", "batches", "torch_rng", "cuda_rng", "plan")
 SIGNAL_NAMES: dict[int, str] = {int(signal.SIGINT): "SIGINT", int(signal.SIGTERM): "SIGTERM"}
+CUDA_GRAPH = "K2C_CUDA_GRAPH"  # "0": run every step eagerly, also where it could be replayed from a CUDA graph
 _clock = time.monotonic  # wall time for the checkpoint period (tests move it)
 
 
@@ -98,9 +105,13 @@ class Interrupted(Exception):
 
 
 def batch(part: Part, picks: torch.Tensor, seq_len: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
-    """The token ids and labels of a part's windows `picks`, gathered where the part lies and moved to `dev`."""
+    """The token ids and labels of a part's windows `picks`, gathered where the part lies and moved to `dev`; to a
+    GPU from pinned memory, so that the copy queues behind the steps in flight instead of waiting for them."""
     ids = windows(part.tokens, part.starts(picks), seq_len)
-    return ids.to(dev), part.labels(ids, picks).to(dev)
+    labels = part.labels(ids, picks)
+    if dev.type == "cuda" and ids.device.type == "cpu":
+        return ids.pin_memory().to(dev, non_blocking=True), labels.pin_memory().to(dev, non_blocking=True)
+    return ids.to(dev), labels.to(dev)
 
 
 @torch.no_grad()
@@ -111,6 +122,44 @@ def evaluate(model, part: Part, picks, t: TrainingPlan, dev):
     model.train()
     model.reset_step_stats()  # held-out logits must not count toward the next step's QK-Clip
     return torch.stack(losses).mean().item()
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def training_step(model, opt, params, ids: torch.Tensor, labels: torch.Tensor, max_norm: float,
+                  processes: int = 1) -> dict[str, torch.Tensor]:
+    """One optimizer step on the micro-batches ids, labels [micro-batches, batch, seq]: the forward and backward of
+    each, the gradients of `params` clipped to norm max_norm (inf: measured only), the optimizer's step, and every
+    gradient set to None.
+
+    Returns the loss (the mean over the micro-batches and the processes) and the gradient norm before clipping, on
+    the device. Nothing in it waits for the device (tests/test_step_sync_free.py), so that the host can queue the
+    next step while this one runs, and a CUDA graph can capture it whole (k2c.runtime.graph).
+    """
+    step_loss = torch.zeros((), device=ids.device)
+    for micro_ids, micro_labels in zip(ids, labels):
+        micro_loss = model(micro_ids, labels=micro_labels).loss / len(ids)
+        micro_loss.backward()
+        step_loss += micro_loss.detach()
+    if processes > 1:  # the gradients are averaged already, by FSDP2's reduce-scatter
+        dist.all_reduce(step_loss)
+        step_loss /= processes
+    grad_norm = (parallel.clip_grads(params, max_norm) if processes > 1 else
+                 torch.nn.utils.clip_grad_norm_(params, max_norm))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return {"loss": step_loss, "grad_norm": grad_norm}
+
+
+def checked_losses(unread: list[tuple[int, torch.Tensor]]) -> list[float]:
+    """The losses of (step, loss) pairs, read back to the host at once; TrainError for the first one that is not
+    finite."""
+    losses = torch.stack([loss for _, loss in unread]).tolist()
+    for (step, _), loss in zip(unread, losses):
+        if not math.isfinite(loss):
+            raise TrainError(f"the loss is {loss} at step {step}; try a lower optimizer.lr")
+    return losses
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -307,7 +356,8 @@ def clock(seconds):
 
 
 def show_progress(step, steps, record, eval_loss, eta_s, log_every):
-    """One status line on stderr: redrawn in place on a terminal, every log_every steps in a log file."""
+    """One status line on stderr, for a step whose values the host read (logged, evaluated or saved): redrawn in
+    place on a terminal, every log_every steps in a log file."""
     width = 24
     filled = width * step // steps
     line = (
@@ -493,6 +543,31 @@ def run(package: ModuleType, run_dir, steps=None, resume=False, *, checkpoint_mi
             leave_process_group()
 
 
+def build_model(package: ModuleType, dev, placement=None, spec_dir: Path | None = None):
+    """The run's model on `dev`: what `package.build_model(dev)` gives after torch.manual_seed(training.seed), with
+    its base weights from training.init_from when that is set.
+
+    It is built on the meta device, sharded there over the processes of `placement` (k2c.runtime.parallel) when
+    there are several, and only then allocated: each process draws (k2c.runtime.model.SeededInit) and reads
+    (k2c.runtime.checkpoint) its own shards alone, so that none ever holds the whole model.
+    """
+    plan: Plan = package.PLAN
+    t = plan.training
+    torch.manual_seed(t.seed)
+    model = package.build_model("meta", getattr(torch, t.dtype))
+    if placement is not None:
+        parallel.shard(model, plan.parallel, placement)
+    model.to_empty(device=dev)
+    model.init_weights(model.init_seed)
+    if t.init_from is not None:
+        try:
+            package.load_hf_state_dict(model, spec_path(t.init_from, spec_dir))
+        except (OSError, ValueError) as err:  # CheckpointError is a ValueError
+            reason = str(err) if isinstance(err, CheckpointError) else f"{err.__class__.__name__}: {err}"
+            raise TrainError(f"training.init_from {t.init_from!r} cannot be loaded: {reason}") from None
+    return model
+
+
 def _train(package, run_dir: Path, data: tuple[Part, Part], steps, resume, checkpoint_minutes, spec_dir, dev, rank,
            size):
     plan: Plan = package.PLAN
@@ -501,26 +576,18 @@ def _train(package, run_dir: Path, data: tuple[Part, Part], steps, resume, check
     checkpoint_path, metrics_path, plot_path = run_dir / CHECKPOINT, run_dir / METRICS, run_dir / PLOT
     train_part, eval_part = data  # they stay where they lie (memory-mapped); each batch is moved to dev
     held_out = eval_picks(eval_part, t.batch_size)
-    torch.manual_seed(t.seed)
-    model = package.build_model(dev, getattr(torch, t.dtype))
-    if t.init_from is not None:
-        try:
-            package.load_hf_state_dict(model, spec_path(t.init_from, spec_dir))
-        except (OSError, ValueError) as err:  # CheckpointError is a ValueError
-            reason = str(err) if isinstance(err, CheckpointError) else f"{err.__class__.__name__}: {err}"
-            raise TrainError(f"training.init_from {t.init_from!r} cannot be loaded: {reason}") from None
-    elif plan.adapter.kind != "none" and lead and not resume:
-        print(f"warning: adapter kind {plan.adapter.kind!r} without training.init_from: the adapters train on a "
-              "randomly initialised base model; set training.init_from to the base checkpoint to fine-tune it",
-              file=sys.stderr, flush=True)
-    model.train()
     placement = None
     if size > 1:
         try:
             placement = parallel.layout(plan, dev.type)
         except LayoutError as err:
             raise TrainError(str(err)) from None
-        parallel.shard(model, plan.parallel, placement)
+    model = build_model(package, dev, placement, spec_dir)
+    if t.init_from is None and plan.adapter.kind != "none" and lead and not resume:
+        print(f"warning: adapter kind {plan.adapter.kind!r} without training.init_from: the adapters train on a "
+              "randomly initialised base model; set training.init_from to the base checkpoint to fine-tune it",
+              file=sys.stderr, flush=True)
+    model.train()
     opt = package.build_optimizer(model)
     params = [p for p in model.parameters() if p.requires_grad]
     batches = Batches(train_part, t.seed)
@@ -558,6 +625,16 @@ def _train(package, run_dir: Path, data: tuple[Part, Part], steps, resume, check
     if checkpoint_minutes is None:
         checkpoint_minutes = 0.0 if t.checkpoint_every else DEFAULT_CHECKPOINT_MINUTES
     period_s = checkpoint_minutes * 60 if checkpoint_minutes > 0 else math.inf
+    max_norm = plan.optimizer.grad_clip or math.inf  # inf scales by exactly 1: the norm is measured all the same
+
+    def eager_step(ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return training_step(model, opt, params, ids, labels, max_norm, size)
+
+    # Whether the step is replayed from a CUDA graph is decided here, as the run starts, not by a compiler pass: the
+    # plan cannot know which device a run lands on. It takes a GPU, one process and the fused MoE kernels
+    # (graph.capturable); K2C_CUDA_GRAPH=0 turns it off. The steps in which CE-LoRA refreshes still run eagerly.
+    graphed = os.environ.get(CUDA_GRAPH, "1") != "0" and capturable(model, dev, size)
+    train_step = CudaGraphStep(eager_step, model, opt) if graphed else eager_step
     tokens_per_step = t.grad_accum * t.batch_size * t.seq_len
     began, train_time, eval_loss = time.perf_counter(), 0.0, None
     saved_at = _clock()
@@ -604,44 +681,18 @@ def _train(package, run_dir: Path, data: tuple[Part, Part], steps, resume, check
                 raise _write_error(metrics_path, err, last_checkpoint) from None
             stack.callback(_close_quietly, metrics)  # on the way out of an error: that error is the one to report
         step = start  # for a failure before the first step
+        unread: list[tuple[int, torch.Tensor]] = []  # (step, loss) of the steps whose loss the host has not read
+        window_steps, window_time = 0, 0.0  # the steps since the last record, and their wall time
         try:
             for step in range(start + 1, steps + 1):
                 t0 = time.perf_counter()
-                step_loss = torch.zeros((), device=dev)
                 # every rank draws the whole batch from the same generator and keeps its share of it
-                picks = batches.draw(t.grad_accum, t.batch_size)
-                for micro in picks[:, rank * share : (rank + 1) * share]:
-                    ids, labels = batch(train_part, micro, t.seq_len, dev)
-                    micro_loss = model(ids, labels=labels).loss / t.grad_accum
-                    micro_loss.backward()
-                    step_loss += micro_loss.detach()
-                if size > 1:  # the gradients are averaged already, by FSDP2's reduce-scatter
-                    dist.all_reduce(step_loss)
-                    step_loss /= size
-                loss = step_loss.item()
-                if not math.isfinite(loss):
-                    raise TrainError(f"the loss is {loss} at step {step}; try a lower optimizer.lr")
-                # max_norm inf scales by exactly 1: the norm is still measured when clipping is off
-                max_norm = plan.optimizer.grad_clip or math.inf
-                grad_norm = (parallel.clip_grads(params, max_norm) if size > 1 else
-                             torch.nn.utils.clip_grad_norm_(params, max_norm).item())
-                opt.step()
+                picks = batches.draw(t.grad_accum, t.batch_size)[:, rank * share : (rank + 1) * share]
+                ids, labels = batch(train_part, picks.flatten(), t.seq_len, dev)
+                values = train_step(ids.view(*picks.shape, -1), labels.view(*picks.shape, -1))
                 scheduler.step()  # the learning rate of the next step
-                opt.zero_grad(set_to_none=True)
-                report = opt.last_report  # learning rate, clipped heads and max logit per layer of this step
-                took = time.perf_counter() - t0
-                train_time += took
-                record = {
-                    "step": step,
-                    "loss": loss,
-                    "lr": report["lr"],
-                    "grad_norm": grad_norm,
-                    "max_logits": report["max_logits"],
-                    "clipped_heads": report["clipped_heads"],
-                    "tokens_per_s": tokens_per_step / took,  # all ranks together
-                }
-                if step % t.eval_every == 0 or step == steps:
-                    eval_loss = record["eval_loss"] = evaluate(model, eval_part, held_out, t, dev)
+                unread.append((step, values["loss"]))
+                evaluating = step % t.eval_every == 0 or step == steps
                 stopping = stop.signum is not None
                 every = t.checkpoint_every and step % t.checkpoint_every == 0
                 saving = step == steps or every or _clock() - saved_at >= period_s
@@ -649,19 +700,44 @@ def _train(package, run_dir: Path, data: tuple[Part, Part], steps, resume, check
                     flags = torch.tensor([float(stopping), float(saving)], device=dev)
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
                     stopping, saving = bool(flags[0].item()), bool(flags[1].item())
-                if metrics is not None and (step % t.log_every == 0 or "eval_loss" in record or stopping):
-                    try:
-                        metrics.write(json.dumps(record) + "\n")
-                        metrics.flush()
-                    except OSError as err:
-                        raise _write_error(metrics_path, err, last_checkpoint) from None
+                logging = step % t.log_every == 0 or evaluating or stopping
+                # The host reads a step's values back, and so waits for the device, only on a step that is logged or
+                # saved (on every rank alike, and the losses of the steps before it are checked then, before anything
+                # is saved); on the others it goes on to queue the next step while the device works.
+                record = None
+                if logging or saving:
+                    report = opt.last_report  # learning rate, clipped heads and max logit per layer of this step
+                    record = {
+                        "step": step,
+                        "loss": checked_losses(unread)[-1],
+                        "lr": report["lr"],
+                        "grad_norm": values["grad_norm"].item(),
+                        "max_logits": report["max_logits"],
+                        "clipped_heads": report["clipped_heads"],
+                    }
+                    unread.clear()
+                took = time.perf_counter() - t0
+                train_time += took
+                window_steps, window_time = window_steps + 1, window_time + took
+                if record is not None:
+                    # all ranks together, over the steps since the last record: a step's own time is the host's
+                    # until one waits for the device
+                    record["tokens_per_s"] = tokens_per_step * window_steps / window_time
+                    window_steps, window_time = 0, 0.0
+                    if evaluating:
+                        eval_loss = record["eval_loss"] = evaluate(model, eval_part, held_out, t, dev)
+                    if metrics is not None and logging:
+                        try:
+                            metrics.write(json.dumps(record) + "\n")
+                            metrics.flush()
+                        except OSError as err:
+                            raise _write_error(metrics_path, err, last_checkpoint) from None
                 if saving or stopping:
                     save(step)
-                if metrics is not None:  # the lead process
-                    if not stopping:
-                        done = step - start
-                        eta = (time.perf_counter() - began) / done * (steps - step)
-                        show_progress(step, steps, record, eval_loss, eta, t.log_every)
+                if metrics is not None and record is not None and not stopping:  # the lead process
+                    done = step - start
+                    eta = (time.perf_counter() - began) / done * (steps - step)
+                    show_progress(step, steps, record, eval_loss, eta, t.log_every)
                 if stopping:
                     if metrics is not None:
                         close_metrics(metrics)

@@ -221,9 +221,9 @@ def _momentum_kernel(
 def _update_kernel(
     w_ptr,  # W [E, R, C]: updated in place to W * decay + step * O
     o_ptr,  # O [E, N, K] with N K = R C: entry (r, c) of matrix e at r * stride_or + c * stride_oc
+    decay_ptr, step_ptr,  # [] fp32 each: read on the device, so that a replayed CUDA graph sees each step's lr
     R, C,
     stride_or, stride_oc,
-    decay, step,
     BLOCK: tl.constexpr,
 ):
     # program id -> tile (tr, tc) of the [R, C] matrix, row by row; program id 1 -> matrix
@@ -234,6 +234,7 @@ def _update_kernel(
     inside = (rows[:, None] < R) & (cols[None, :] < C)
     w = w_ptr + e * R * C + rows[:, None] * C + cols[None, :]
     o = tl.load(o_ptr + e * R * C + rows[:, None] * stride_or + cols[None, :] * stride_oc, mask=inside)
+    decay, step = tl.load(decay_ptr), tl.load(step_ptr)
     new = tl.load(w, mask=inside).to(tl.float32) * decay + step * o.to(tl.float32)
     tl.store(w, new.to(w_ptr.dtype.element_ty), mask=inside)
 
@@ -399,15 +400,20 @@ def muon_input(momentum: torch.Tensor, grad: torch.Tensor, mu: float, nesterov: 
     return sumsq.sum(1).sqrt_().add_(EPS).reciprocal_()
 
 
-def muon_update(weight: torch.Tensor, update: torch.Tensor, decay: float, step: float) -> None:
+def muon_update(weight: torch.Tensor, update: torch.Tensor, decay: torch.Tensor, step: torch.Tensor) -> None:
     """weight [E, R, C] <- weight * decay + step * O, in fp32 and rounded once to weight's dtype.
 
     update [E, n, m] holds each O wide (n <= m), as `muon_input` wrote the matrices: transposed back if R > C.
+    decay and step are 0-dim fp32 tensors on weight's device (they follow the learning rate).
     """
     _check("muon_update", weight=weight, update=update)
     e, r, c = weight.shape
     if tuple(update.shape) != (e, min(r, c), max(r, c)):
         raise ValueError(f"muon_update: update must have shape {(e, min(r, c), max(r, c))}, found "
                          f"{tuple(update.shape)}")
+    for name, factor in (("decay", decay), ("step", step)):
+        if factor.shape != () or factor.dtype != torch.float32 or factor.device != weight.device:
+            raise ValueError(f"muon_update: {name} must be a 0-dim fp32 tensor on {weight.device}, found "
+                             f"{factor.dtype} of shape {tuple(factor.shape)} on {factor.device}")
     _update_kernel[(triton.cdiv(r, TILE) * triton.cdiv(c, TILE), e)](
-        weight, update, r, c, *_orientation(r, c, update), float(decay), float(step), BLOCK=TILE)
+        weight, update, decay, step, r, c, *_orientation(r, c, update), BLOCK=TILE)
