@@ -78,12 +78,14 @@ def package_of(spec: Spec, workdir: Path):
     return import_package(workdir / spec.name, f"bench_{spec.name}")
 
 
-def timed(step: Callable[[], torch.Tensor], steps: int, warmup: int) -> tuple[float, float]:
-    """(ms per step, peak GiB) over `steps` steps after `warmup`."""
+def timed(step: Callable[[], torch.Tensor], steps: int, warmup: int, reset: bool = True) -> tuple[float, float]:
+    """(ms per step, peak GiB) over `steps` steps after `warmup`; the peak since the last reset of the peak stats if
+    not `reset`."""
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    if reset:
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(steps):
         loss = step()
@@ -126,7 +128,11 @@ def k2c_row(variant: str, package, ids: torch.Tensor, args, kernels: str | None 
 
 def checked_and_timed(package, batch: torch.Tensor, args, graphed: bool):
     """(losses of the first args.check_steps steps, the trainable weights after them, ms per step, peak GiB) of
-    `k2c train`'s step on `batch` (labels = inputs) from seed 0's weights, eager or replayed from a CUDA graph."""
+    `k2c train`'s step on `batch` (labels = inputs) from seed 0's weights, eager or replayed from a CUDA graph.
+
+    A replay allocates nothing: the step's memory was taken at capture into the graph's pool. So the peak is read
+    over the whole variant, capture and the eager steps before it included."""
+    torch.cuda.reset_peak_memory_stats()
     torch.manual_seed(0)
     model = package.build_model(DEV, BF16)
     model.train()
@@ -143,7 +149,7 @@ def checked_and_timed(package, batch: torch.Tensor, args, graphed: bool):
     if graph is not None and graph.graph is None:
         raise RuntimeError(f"none of {args.check_steps} steps was captured: ask for more --check-steps")
     weights = [p.detach().clone() for p in params]
-    ms, peak = timed(lambda: step(batch, batch)["loss"], args.steps, args.warmup)
+    ms, peak = timed(lambda: step(batch, batch)["loss"], args.steps, args.warmup, reset=False)
     return losses, weights, ms, peak
 
 

@@ -218,10 +218,10 @@ def test_a_chat_run_killed_and_resumed_reads_the_same_batches(tokenizer_dir, cha
             train.run(tmp_path / "resumed")
     read.clear()
     train.run(tmp_path / "resumed", resume=True)
-    # straight: steps 1-3 (2 micro-batches each), step 3's evaluation, steps 4-6, step 6's evaluation
-    evaluation = (len(straight) - 12) // 2
-    assert read == straight[2 * 2:]  # from step 3 on, the very windows, evaluations included
-    assert evaluation > 0 and straight[6:6 + evaluation] == straight[-evaluation:]
+    # straight: steps 1-3 (one read of both micro-batches each), step 3's evaluation, steps 4-6, step 6's evaluation
+    evaluation = (len(straight) - 6) // 2
+    assert read == straight[2:]  # from step 3 on, the very windows, evaluations included
+    assert evaluation > 0 and straight[3:3 + evaluation] == straight[-evaluation:]
     assert without_timing(read_metrics(tmp_path / "resumed")) == without_timing(read_metrics(tmp_path / "straight"))
 
 
