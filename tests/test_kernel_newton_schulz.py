@@ -10,8 +10,10 @@ on a small model.
 The kernels run on the CPU under TRITON_INTERPRET=1, which Triton reads when a kernel is decorated, at import; a
 pytest worker may already have imported the kernel module without it, so every check runs this file as a script in
 a fresh process (`TRITON_INTERPRET=1 python tests/test_kernel_newton_schulz.py check_gram` runs one by hand).
-Shapes are small and ragged (24 x 40, 40 x 24, 33 x 33) so that they cross the edges of the interpreter's 16 x 32
-tiles in every dim. fp32 and fp16 only: the interpreter's tl.dot on bf16 operands is wrong.
+Shapes are small and ragged (24 x 40, 40 x 24, 40 x 40) so that they cross the edges of the interpreter's 16 x 32
+tiles in every dim, with Gram tiles on the diagonal and wholly above it; their rows are whole multiples of 16 bytes,
+as the kernels' tensor descriptors need (other shapes take the torch path: check_errors, check_optimizer). fp32 and
+fp16 only: the interpreter's tl.dot on bf16 operands is wrong.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from kernel_checks import DTYPES, assert_close
 from conftest import subprocess_env
 
 COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Muon's quintic
-SHAPES = [(3, 24, 40), (3, 40, 24), (2, 33, 33)]  # wide, tall, square
+SHAPES = [(3, 24, 40), (3, 40, 24), (2, 40, 40)]  # wide, tall, square
 
 
 
@@ -134,8 +136,11 @@ def check_optimizer() -> None:
     from k2c.runtime.packages import import_package
     from specs_for_tests import tiny_spec
 
+    from k2c.runtime.kernels.newton_schulz import fits
+
+    # experts of 18 (72 bytes a row in fp32): they take the torch path, the other matrices the kernels
     spec = tiny_spec(**{"model.hidden_size": 32, "model.layers": 2, "model.moe.routed_experts": 4,
-                        "optimizer.muon.ns_steps": 2})
+                        "model.moe.expert_intermediate_size": 18, "optimizer.muon.ns_steps": 2})
     with tempfile.TemporaryDirectory() as tmp:
         build_package(spec, Path(tmp) / "pkg")
         g = import_package(Path(tmp) / "pkg", "ns_tiny")
@@ -157,6 +162,8 @@ def check_optimizer() -> None:
         results[kernels] = {name: p.detach() - before[name] for name, p in muon.items()}
         results[kernels] |= {f"{name} momentum": opt.state[p]["momentum"] for name, p in muon.items()}
     assert any(w.ndim == 3 for w in results["torch"].values())  # stacked experts among them
+    takes = {fits(*sorted(w.shape[-2:]), torch.float32) for name, w in muon.items()}
+    assert takes == {True, False}, "both paths must be exercised"
     for name, want in results["torch"].items():  # in units of the largest entry, so that atol is relative too
         scale = want.abs().max()
         assert_close(name, results["triton"][name] / scale, want / scale, torch.float32)
@@ -182,6 +189,8 @@ def check_errors() -> None:
         muon_input(torch.randn(2, 16, 8), torch.randn(2, 16, 8), 0.95, True, torch.empty(2, 16, 8))
     with pytest.raises(ValueError, match=r"scale must be fp32 of shape \(2,\)"):
         newton_schulz_(x, 5, COEFFICIENTS, torch.ones(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"x's rows must .* a multiple of 16 bytes .* rows of 18 x torch.float16"):
+        newton_schulz_(torch.randn(2, 8, 18, dtype=torch.float16), 5, COEFFICIENTS)
 
 
 # --------------------------------------------------------------------------- the tests: one fresh Python each

@@ -243,7 +243,7 @@ class MuonClip(torch.optim.Optimizer):
 
     def _muon(self, group, lr: torch.Tensor):
         """Muon over the group, batch by batch: on the Triton kernels where `use_triton` says (CUDA tensors, or
-        K2C_KERNELS=triton), else in torch (the CPU, or K2C_KERNELS=torch)."""
+        K2C_KERNELS=triton) and they take the shape (`fits`), else in torch (the CPU, or K2C_KERNELS=torch)."""
         decay = group["weight_decay"]
         params = [p for p in group["params"] if p.grad is not None]
         sharded = [p for p in params if isinstance(p, DTensor)]
@@ -259,7 +259,8 @@ class MuonClip(torch.optim.Optimizer):
             step = self._step_size(lr, m).float()
             for batch in ns_batches(params, n * m):
                 matrices = [self._matrices(p, first, end) for p, first, end in batch]
-                if use_triton(TRITON, batch[0][0]):
+                weight = batch[0][0]
+                if use_triton(TRITON, weight) and ns_kernels.fits(n, m, ns_dtype(weight.device)):
                     self._muon_fused(matrices, n, m, shrink, step)
                 else:
                     self._muon_reference(matrices, shrink, step)

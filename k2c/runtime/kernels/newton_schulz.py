@@ -9,9 +9,12 @@ product accumulating in fp32 and rounding once into the working dtype (bf16 on a
 - `gram_polynomial`: P = b G + c G G. G G = G G^T is symmetric too: the same kernel, half of the 2 n^3.
 - `apply_polynomial`: X' = a X + P X, the full 2 n^2 m.
 
-Grids run over (tile, matrix), tiles fastest: the programs resident at one time work on one or two matrices, whose
-X and G stay in L2. Tall matrices are iterated on transposed (the Gram matrix is then the small one); a caller
-batches them with the wide matrices of the transposed shape.
+The operand tiles come in through tensor descriptors (Hopper's tensor memory accelerator; zeros past a matrix's
+edges), so a matrix's rows must be a multiple of 16 bytes (`fits`; other shapes take the torch path). Tiles are
+numbered matrix by matrix: the programs resident at one time work on one or two matrices, whose X and G stay in L2.
+A persistent grid (a program per multiprocessor, looping over tiles) is one of the autotuned choices: small matrices
+make short tiles, whose set-up a launch per tile would repeat. Tall matrices are iterated on transposed (the Gram
+matrix is then the small one); a caller batches them with the wide matrices of the transposed shape.
 
 `muon_input` and `muon_update` are a Muon step's elementwise work, one pass over memory each. The input pass
 advances the momentum, forms the Nesterov input U and writes it, unnormalised, into the batch in the working dtype
@@ -25,6 +28,7 @@ not by atomics, so a step gives the same bits on every run.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -44,36 +48,38 @@ TILE = 16 if INTERPRETED else 64
 # --------------------------------------------------------------------------- Newton-Schulz kernels
 
 
-def _symmetric_configs() -> list[triton.Config]:
-    if INTERPRETED:  # 16 x 32 tiles (tl.dot's smallest is 16), so that the tests' shapes cross their edges
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_M": 32, "BLOCK_K": 16})]
-    # bf16 on Hopper: 128 x 256 tiles keep two warpgroups of wgmma busy and read the least from L2 per FLOP, but
-    # compute more of the lower triangle where they straddle the diagonal than square ones; 64-row tiles for
-    # matrices too small to fill the GPU with 128s
-    return [
-        triton.Config({"BLOCK_N": 128, "BLOCK_M": 256, "BLOCK_K": 64}, num_stages=3, num_warps=8),
-        triton.Config({"BLOCK_N": 128, "BLOCK_M": 256, "BLOCK_K": 64}, num_stages=4, num_warps=8),
-        triton.Config({"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_K": 64}, num_stages=3, num_warps=8),
-        triton.Config({"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_K": 64}, num_stages=4, num_warps=8),
-        triton.Config({"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_K": 64}, num_stages=4, num_warps=4),
-        triton.Config({"BLOCK_N": 64, "BLOCK_M": 128, "BLOCK_K": 64}, num_stages=4, num_warps=4),
-    ]
+def _configs() -> list[triton.Config]:
+    """Tile shapes; PERSISTENT: one program per multiprocessor looping over tiles, else one program per tile."""
+    if INTERPRETED:  # 16 x 32 tiles (tl.dot's smallest is 16), so that the tests' shapes cross their edges; four
+        # persistent programs (`_multiprocessors`), so that each loops over several tiles and matrices
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_M": 32, "BLOCK_K": 16, "PERSISTENT": True})]
+    # bf16 on Hopper: 128 x 256 tiles keep two warpgroups of wgmma busy and read the least from L2 per FLOP (a Gram
+    # tile straddling the diagonal computes more of the lower triangle than a square one); smaller tiles for
+    # matrices too small to fill the GPU; a persistent grid where tiles are short (small n: few steps of K each)
+    shapes = [(128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
+              (64, 128, 64, 4, 4)]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_M": m, "BLOCK_K": k, "PERSISTENT": persistent}, num_stages=stages,
+                          num_warps=warps)
+            for n, m, k, stages, warps in shapes for persistent in (False, True)]
 
 
-def _apply_configs() -> list[triton.Config]:
-    if INTERPRETED:
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_M": 32, "BLOCK_K": 16})]
-    # bf16 on Hopper: 128 x 256 tiles keep two warpgroups of wgmma busy; smaller ones for small matrices
-    return [
-        triton.Config({"BLOCK_N": 128, "BLOCK_M": 256, "BLOCK_K": 64}, num_stages=3, num_warps=8),
-        triton.Config({"BLOCK_N": 128, "BLOCK_M": 256, "BLOCK_K": 64}, num_stages=4, num_warps=8),
-        triton.Config({"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_K": 64}, num_stages=4, num_warps=8),
-        triton.Config({"BLOCK_N": 128, "BLOCK_M": 128, "BLOCK_K": 64}, num_stages=4, num_warps=4),
-        triton.Config({"BLOCK_N": 64, "BLOCK_M": 128, "BLOCK_K": 64}, num_stages=4, num_warps=4),
-    ]
+def _allocate_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the tensor descriptors the kernels make on the device (Triton asks for it per launch)."""
+    return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRETED else torch.cuda.current_device())
 
 
-@triton.autotune(configs=_symmetric_configs(), key=["BATCH", "N", "K"])
+@triton.jit
+def _triangle_tile(tile, N, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Tile number `tile` of an N x N matrix's tiles from the diagonal rightwards, counted row block by row block:
+    its first row and first column."""
+    ti = 0
+    while tile >= tl.cdiv(N - ti * BLOCK_N, BLOCK_M):
+        tile -= tl.cdiv(N - ti * BLOCK_N, BLOCK_M)
+        ti += 1
+    return ti * BLOCK_N, ti * BLOCK_N + tile * BLOCK_M
+
+
+@triton.autotune(configs=_configs(), key=["BATCH", "N", "K"])
 @triton.jit
 def _symmetric_product_kernel(
     x_ptr,  # X [BATCH, N, K], contiguous
@@ -86,54 +92,54 @@ def _symmetric_product_kernel(
     BLOCK_N: tl.constexpr,  # rows of an output tile
     BLOCK_M: tl.constexpr,  # its columns: row block i's tiles start at the diagonal, column i * BLOCK_N
     BLOCK_K: tl.constexpr,
+    PERSISTENT: tl.constexpr,  # read by the grid only
 ):
-    # program id -> tile (ti, tj): row block ti, columns from ti * BLOCK_N + tj * BLOCK_M, counted row block by row
-    # block; program id 1 -> matrix
-    tj = tl.program_id(0)
-    ti = 0
-    while tj >= tl.cdiv(N - ti * BLOCK_N, BLOCK_M):
-        tj -= tl.cdiv(N - ti * BLOCK_N, BLOCK_M)
-        ti += 1
-    batch = tl.program_id(1).to(tl.int64)
-    x_ptr += batch * N * K
-    out_ptr += batch * N * N
+    # the tensor memory accelerator loads the operand tiles, zero beyond each matrix's edges
+    rows_of = tl.make_tensor_descriptor(x_ptr, [BATCH, N, K], [N * K, K, 1], [1, BLOCK_N, BLOCK_K])
+    cols_of = tl.make_tensor_descriptor(x_ptr, [BATCH, N, K], [N * K, K, 1], [1, BLOCK_M, BLOCK_K])
+    out_nm = tl.make_tensor_descriptor(out_ptr, [BATCH, N, N], [N * N, N, 1], [1, BLOCK_N, BLOCK_M])
+    out_mn = tl.make_tensor_descriptor(out_ptr, [BATCH, N, N], [N * N, N, 1], [1, BLOCK_M, BLOCK_N])
+    x_tile = tl.make_tensor_descriptor(x_ptr, [BATCH, N, K], [N * K, K, 1], [1, BLOCK_N, BLOCK_M])  # ADD_X: K = N
+    tiles = 0  # of one matrix, from its diagonal rightwards
+    for i in range(tl.cdiv(N, BLOCK_N)):
+        tiles += tl.cdiv(N - i * BLOCK_N, BLOCK_M)
+    # tiles numbered matrix by matrix, so that the programs resident at one time share one or two matrices in L2
+    for tile in range(tl.program_id(0), BATCH * tiles, tl.num_programs(0)):
+        batch = tile // tiles
+        row, col = _triangle_tile(tile % tiles, N, BLOCK_N, BLOCK_M)
 
-    # rows of X for either side of the tile. Indices wrap, so loads need no row mask; wrapped rows are never stored
-    rows = ti * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = ti * BLOCK_N + tj * BLOCK_M + tl.arange(0, BLOCK_M)
-    ks = tl.arange(0, BLOCK_K)
-    a_tile = x_ptr + (rows % N)[:, None] * K + ks[None, :]  # X[rows, k-block]
-    b_tile = x_ptr + (cols % N)[:, None] * K + ks[None, :]  # X[cols, k-block]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            a = rows_of.load([batch, row, k]).reshape(BLOCK_N, BLOCK_K)
+            b = cols_of.load([batch, col, k]).reshape(BLOCK_M, BLOCK_K)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
 
-    # main loop: acc += X[rows, k-block] @ X[cols, k-block]^T
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k in range(tl.cdiv(K, BLOCK_K)):
-        k_in = (ks < K - k * BLOCK_K)[None, :]
-        a = tl.load(a_tile, mask=k_in, other=0.0)
-        b = tl.load(b_tile, mask=k_in, other=0.0)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
-        a_tile += BLOCK_K
-        b_tile += BLOCK_K
+        if SCALED:
+            s = tl.load(scale_ptr + batch)
+            acc *= alpha * s * s
+        else:
+            acc *= alpha
+        if ADD_X:
+            acc += beta * x_tile.load([batch, row, col]).reshape(BLOCK_N, BLOCK_M).to(tl.float32)
+        out = acc.to(out_ptr.dtype.element_ty)
 
-    if SCALED:
-        s = tl.load(scale_ptr + batch)
-        acc *= alpha * s * s
-    else:
-        acc *= alpha
-    if ADD_X:
-        x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=(rows[:, None] < N) & (cols[None, :] < N))
-        acc += beta * x.to(tl.float32)
-    out = acc.to(out_ptr.dtype.element_ty)
-
-    # the entries on or above the diagonal where they are, the ones above it mirrored below: every entry of OUT is
-    # written once (the lower triangle of a tile that straddles the diagonal is computed, not stored), and OUT is
-    # exactly symmetric
-    tl.store(out_ptr + rows[:, None] * N + cols[None, :], out, mask=(rows[:, None] <= cols[None, :]) & (cols < N))
-    tl.store(out_ptr + cols[:, None] * N + rows[None, :], tl.trans(out),
-             mask=(cols[:, None] > rows[None, :]) & (cols < N)[:, None])
+        # every entry of OUT written once, and OUT exactly symmetric: a tile wholly above the diagonal is stored
+        # where it is and mirrored below; one straddling it stores its entries on or above the diagonal, and
+        # mirrors those above it (its lower triangle is computed, not stored)
+        if row + BLOCK_N <= col:
+            out_nm.store([batch, row, col], out.reshape(1, BLOCK_N, BLOCK_M))
+            out_mn.store([batch, col, row], tl.trans(out).reshape(1, BLOCK_M, BLOCK_N))
+        else:
+            rows = row + tl.arange(0, BLOCK_N)
+            cols = col + tl.arange(0, BLOCK_M)
+            base = out_ptr + batch.to(tl.int64) * N * N
+            tl.store(base + rows[:, None] * N + cols[None, :], out,
+                     mask=(rows[:, None] <= cols[None, :]) & (cols < N)[None, :])
+            tl.store(base + cols[:, None] * N + rows[None, :], tl.trans(out),
+                     mask=(cols[:, None] > rows[None, :]) & (cols < N)[:, None])
 
 
-@triton.autotune(configs=_apply_configs(), key=["BATCH", "N", "M"])
+@triton.autotune(configs=_configs(), key=["BATCH", "N", "M"])
 @triton.jit
 def _apply_polynomial_kernel(
     p_ptr,  # P [BATCH, N, N], contiguous
@@ -146,40 +152,30 @@ def _apply_polynomial_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PERSISTENT: tl.constexpr,  # read by the grid only
 ):
-    # program id -> output tile (tn, tm), row by row; program id 1 -> matrix
-    pid = tl.program_id(0)
+    p_of = tl.make_tensor_descriptor(p_ptr, [BATCH, N, N], [N * N, N, 1], [1, BLOCK_N, BLOCK_K])
+    x_of = tl.make_tensor_descriptor(x_ptr, [BATCH, N, M], [N * M, M, 1], [1, BLOCK_K, BLOCK_M])
+    x_tile = tl.make_tensor_descriptor(x_ptr, [BATCH, N, M], [N * M, M, 1], [1, BLOCK_N, BLOCK_M])
+    out_tile = tl.make_tensor_descriptor(out_ptr, [BATCH, N, M], [N * M, M, 1], [1, BLOCK_N, BLOCK_M])
     tiles_m = tl.cdiv(M, BLOCK_M)
-    tn, tm = pid // tiles_m, pid % tiles_m
-    batch = tl.program_id(1).to(tl.int64)
-    p_ptr += batch * N * N
-    x_ptr += batch * N * M
-    out_ptr += batch * N * M
+    tiles = tl.cdiv(N, BLOCK_N) * tiles_m
+    # tiles numbered matrix by matrix, row by row within one
+    for tile in range(tl.program_id(0), BATCH * tiles, tl.num_programs(0)):
+        batch, within = tile // tiles, tile % tiles
+        row, col = (within // tiles_m) * BLOCK_N, (within % tiles_m) * BLOCK_M
 
-    # indices wrap, so loads need no row or column mask; the wrapped duplicates are never stored
-    rows = tn * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tm * BLOCK_M + tl.arange(0, BLOCK_M)
-    ks = tl.arange(0, BLOCK_K)
-    p_tile = p_ptr + (rows % N)[:, None] * N + ks[None, :]  # P[rows, k-block]
-    x_tile = x_ptr + ks[:, None] * M + (cols % M)[None, :]  # X[k-block, cols]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k in range(0, N, BLOCK_K):
+            p = p_of.load([batch, row, k]).reshape(BLOCK_N, BLOCK_K)
+            x = x_of.load([batch, k, col]).reshape(BLOCK_K, BLOCK_M)
+            acc = tl.dot(p, x, acc, input_precision="ieee")
 
-    # main loop: acc += P[rows, k-block] @ X[k-block, cols]
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k in range(tl.cdiv(N, BLOCK_K)):
-        k_in = ks < N - k * BLOCK_K
-        p = tl.load(p_tile, mask=k_in[None, :], other=0.0)
-        x = tl.load(x_tile, mask=k_in[:, None], other=0.0)
-        acc = tl.dot(p, x, acc, input_precision="ieee")
-        p_tile += BLOCK_K
-        x_tile += BLOCK_K * M
-
-    # epilogue: a X, the scale, then one rounding
-    inside = (rows[:, None] < N) & (cols[None, :] < M)
-    offs = rows[:, None] * M + cols[None, :]
-    acc += a * tl.load(x_ptr + offs, mask=inside).to(tl.float32)
-    if SCALED:
-        acc *= tl.load(scale_ptr + batch)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=inside)
+        # epilogue: a X, the scale, then one rounding
+        acc += a * x_tile.load([batch, row, col]).reshape(BLOCK_N, BLOCK_M).to(tl.float32)
+        if SCALED:
+            acc *= tl.load(scale_ptr + batch)
+        out_tile.store([batch, row, col], acc.to(out_ptr.dtype.element_ty).reshape(1, BLOCK_N, BLOCK_M))
 
 
 # --------------------------------------------------------------------------- Muon's elementwise kernels
@@ -242,8 +238,28 @@ def _update_kernel(
 # --------------------------------------------------------------------------- wrappers
 
 
+def fits(n: int, m: int, dtype: torch.dtype) -> bool:
+    """Whether the Newton-Schulz kernels take matrices n x m (n <= m) of `dtype`: their tensor descriptors need rows
+    (of X, and of the n x n Gram matrices) that are a multiple of 16 bytes, 8 elements in bf16."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return n * size % 16 == 0 and m * size % 16 == 0
+
+
+@functools.cache
+def _multiprocessors(device: int) -> int:
+    return 4 if INTERPRETED else torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _programs(tiles: int, meta: dict) -> tuple[int]:
+    """The grid: a program per tile, or (PERSISTENT) one per multiprocessor, each looping over tiles."""
+    if meta["PERSISTENT"]:
+        return (min(tiles, _multiprocessors(0 if INTERPRETED else torch.cuda.current_device())),)
+    return (tiles,)
+
+
 def _check(what: str, **tensors: torch.Tensor) -> None:
-    """Every tensor a contiguous batch of matrices [B, rows, cols] of DTYPES, on a GPU (or under the interpreter)."""
+    """Every tensor a contiguous batch of matrices [B, rows, cols] of DTYPES, rows of a multiple of 16 bytes, on a
+    GPU (or under the interpreter)."""
     for name, t in tensors.items():
         if t.ndim != 3 or not t.is_contiguous():
             raise ValueError(f"{what}: {name} must be a contiguous [batch, rows, cols], found shape "
@@ -252,6 +268,16 @@ def _check(what: str, **tensors: torch.Tensor) -> None:
             raise ValueError(f"{what}: {name} must be fp32, bf16 or fp16, found {t.dtype}")
         if not (t.is_cuda or INTERPRETED):
             raise ValueError(f"{what}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {t.device}")
+
+
+def _check_matrices(what: str, **tensors: torch.Tensor) -> None:
+    """`_check`, and rows that the Newton-Schulz kernels' tensor descriptors can address (`fits`)."""
+    _check(what, **tensors)
+    for name, t in tensors.items():
+        if t.shape[-1] * t.element_size() % 16 or t.data_ptr() % 16:
+            raise ValueError(f"{what}: {name}'s rows must start 16-byte aligned and hold a multiple of 16 bytes "
+                             f"(the kernels' tensor descriptors), found rows of {t.shape[-1]} x {t.dtype}")
+    triton.set_allocator(_allocate_scratch)
 
 
 def _output(what: str, out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -279,7 +305,7 @@ def _launch_symmetric(x: torch.Tensor, scale: torch.Tensor | None, out: torch.Te
 
     def grid(meta):
         rows, cols = meta["BLOCK_N"], meta["BLOCK_M"]
-        return (sum(triton.cdiv(n - i * rows, cols) for i in range(triton.cdiv(n, rows))), batch)
+        return _programs(batch * sum(triton.cdiv(n - i * rows, cols) for i in range(triton.cdiv(n, rows))), meta)
 
     _symmetric_product_kernel[grid](x, _scale("gram", scale, x), out, batch, n, k, float(alpha), float(beta),
                                     SCALED=scale is not None, ADD_X=add_x)
@@ -290,7 +316,7 @@ def gram(x: torch.Tensor, out: torch.Tensor | None = None, scale: torch.Tensor |
 
     scale [B] fp32: G of S[b] X[b] instead, the scale applied in fp32 before G is rounded.
     """
-    _check("gram", x=x)
+    _check_matrices("gram", x=x)
     batch, n, _ = x.shape
     out = _output("gram", out, (batch, n, n), x)
     _launch_symmetric(x, scale, out, 1.0, 0.0, add_x=False)
@@ -303,7 +329,7 @@ def gram_polynomial(g: torch.Tensor, b: float, c: float, out: torch.Tensor | Non
 
     G's symmetry is what makes G G = G G^T; it is not checked.
     """
-    _check("gram_polynomial", g=g)
+    _check_matrices("gram_polynomial", g=g)
     if g.shape[1] != g.shape[2]:
         raise ValueError(f"gram_polynomial: g must be square matrices, found shape {tuple(g.shape)}")
     out = _output("gram_polynomial", out, tuple(g.shape), g)
@@ -317,7 +343,7 @@ def apply_polynomial(p: torch.Tensor, x: torch.Tensor, a: float, out: torch.Tens
 
     scale [B] fp32: of S[b] X[b] instead, the scale applied in fp32 before the result is rounded.
     """
-    _check("apply_polynomial", p=p, x=x)
+    _check_matrices("apply_polynomial", p=p, x=x)
     batch, n, m = x.shape
     if tuple(p.shape) != (batch, n, n) or p.dtype != x.dtype:
         raise ValueError(f"apply_polynomial: p must be {x.dtype} of shape {(batch, n, n)} for x of shape "
@@ -325,7 +351,7 @@ def apply_polynomial(p: torch.Tensor, x: torch.Tensor, a: float, out: torch.Tens
     out = _output("apply_polynomial", out, (batch, n, m), x)
 
     def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(m, meta["BLOCK_M"]), batch)
+        return _programs(batch * triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(m, meta["BLOCK_M"]), meta)
 
     _apply_polynomial_kernel[grid](p, x, _scale("apply_polynomial", scale, x), out, batch, n, m, float(a),
                                    SCALED=scale is not None)
@@ -340,7 +366,7 @@ def newton_schulz_(x: torch.Tensor, steps: int, coefficients: tuple[float, float
     first step's fp32 epilogues. Returns the result. The steps alternate between x and one scratch buffer of its
     size, so x is overwritten: the caller's batch is a scratch of its own (the optimizer's is).
     """
-    _check("newton_schulz_", x=x)
+    _check_matrices("newton_schulz_", x=x)
     batch, n, m = x.shape
     if n > m:
         raise ValueError(f"newton_schulz_: x must be wide (n <= m) so that X X^T is the small side, found {(n, m)}")
