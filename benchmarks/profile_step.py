@@ -1,4 +1,4 @@
-"""Where one training step's time goes: GPU kernel time against wall time, by phase, and the biggest kernels.
+"""Where one training step's time goes: GPU kernel time against wall time, and the biggest kernels.
 
     python benchmarks/profile_step.py [--spec specs/k2-1b.yaml] [--adapter lora|ce_lora] [--graph] [--out DIR]
 
@@ -6,8 +6,7 @@ Profiles `--steps` of `k2c train`'s steps (forward, backward, gradient clipping,
 8 x 2048 random tokens, with torch.profiler; eagerly, or with `--graph` replayed from a CUDA graph
 (k2c.runtime.graph). Writes <out>/profile-<spec>[-<adapter>][-graph].{md,json}: wall ms per step; the GPU's busy ms
 per step (the sum of the kernels' own times: they run on one stream, so they do not overlap); the host's time
-issuing the step (the calls' own time, with the waits on the GPU taken out); in eager mode, each phase's span on
-the GPU (first kernel start to last kernel end, gaps included); and the 25 largest kernels.
+issuing the step (the calls' own time, with the waits on the GPU taken out); and the 25 largest kernels.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import ProfilerActivity, profile
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
@@ -34,26 +33,6 @@ from k2c.runtime.graph import CudaGraphStep  # noqa: E402
 from k2c.runtime.packages import import_package  # noqa: E402
 from k2c.runtime.train import training_step  # noqa: E402
 from k2c.spec import load_spec  # noqa: E402
-
-PHASES = ("forward", "backward", "optimizer")  # the eager step's ranges, as `phased_step` names them
-
-
-def phased_step(model, opt, params, max_norm: float):
-    """`training_step` on one micro-batch, with a profiler range around each phase."""
-
-    def step(ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        with record_function("forward"):
-            loss = model(ids[0], labels=labels[0]).loss
-        with record_function("backward"):
-            loss.backward()
-        with record_function("optimizer"):
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return {"loss": loss.detach(), "grad_norm": grad_norm}
-
-    return step
-
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -79,10 +58,11 @@ def main() -> None:
         opt = g.build_optimizer(model)
         params = [p for p in model.parameters() if p.requires_grad]
         max_norm = g.PLAN.optimizer.grad_clip or math.inf
-        if args.graph:
-            step = CudaGraphStep(lambda i, t: training_step(model, opt, params, i, t, max_norm), model, opt)
-        else:
-            step = phased_step(model, opt, params, max_norm)
+
+        def eager(ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+            return training_step(model, opt, params, ids, labels, max_norm)
+
+        step = CudaGraphStep(eager, model, opt) if args.graph else eager
         ids = torch.randint(0, spec.model.vocab_size, (1, args.batch, args.seq), device=dev)
         for _ in range(args.warmup):
             step(ids, ids)
@@ -96,19 +76,16 @@ def main() -> None:
     events = prof.key_averages()
     # the device's own kernels and copies: an operator's row repeats the time of the kernels it launched, and a
     # range's device-side row (a user annotation) spans them
-    device = [e for e in events if e.device_type == DeviceType.CUDA]
-    annotations = [e for e in device if getattr(e, "is_user_annotation", False)]
-    kernels = [e for e in device if e not in annotations]
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
     gpu = sum(e.self_device_time_total for e in kernels) / 1e3 / args.steps
     # the host blocks in these calls while the GPU catches up; the rest of the wall time it issues work
     sync = sum(e.self_cpu_time_total for e in events
                if "synchronize" in e.key.lower() or e.key.startswith("cudaMemcpy")) / 1e3 / args.steps
-    phases = {e.key: e.device_time_total / 1e3 / args.steps for e in annotations if e.key in PHASES}
     top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:25]
     rows = [{"kernel": e.key[:90], "calls_per_step": e.count / args.steps,
              "ms_per_step": e.self_device_time_total / 1e3 / args.steps} for e in top]
     summary = {"spec": spec.name, "adapter": args.adapter, "graph": args.graph, "wall_ms_per_step": wall,
-               "gpu_busy_ms_per_step": gpu, "host_sync_ms_per_step": sync, "phase_gpu_span_ms": phases,
+               "gpu_busy_ms_per_step": gpu, "host_sync_ms_per_step": sync,
                "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -119,9 +96,6 @@ def main() -> None:
              "", f"torch {torch.__version__}; {time.strftime('%Y-%m-%d')}.", "",
              f"wall {wall:.1f} ms per step; GPU kernels {gpu:.1f} ms ({gpu / wall:.0%} of the wall time); "
              f"host waiting on the GPU {sync:.1f} ms per step, so issuing work {wall - sync:.1f} ms.", ""]
-    if phases:
-        lines += ["Each phase's span on the GPU, ms per step: "
-                  + ", ".join(f"{name} {phases[name]:.1f}" for name in PHASES if name in phases) + ".", ""]
     lines += ["| kernel | calls/step | ms/step |", "|---|---|---|"]
     lines += [f"| `{r['kernel']}` | {r['calls_per_step']:.0f} | {r['ms_per_step']:.2f} |" for r in rows]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
