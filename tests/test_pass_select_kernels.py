@@ -18,7 +18,7 @@ def test_each_op_records_its_kernel():
         "  ids = input()  <- ()\n"
         "  norm = rmsnorm(dim=8, eps=1e-06, kernel='triton')  <- (ids)\n"
         "  wide = rmsnorm(dim=65537, eps=1e-06, kernel='torch')  <- (norm)\n"  # a row no longer fits one tile
-        "  loss = loss(kernel='torch')  <- (wide, ids)\n"
+        "  loss = loss(kernel='triton')  <- (wide, ids)\n"
         "}\n"
     )
 

@@ -179,7 +179,7 @@ RULES: dict[OpKind, Rule] = {
     OpKind.EXPERT_LINEAR: _expert_linear,
     OpKind.MOE_COMBINE: lambda op, ins, g: f"{_module(op)}.combine({', '.join(ins)})",
     OpKind.LM_HEAD: lambda op, ins, g: f"{_module(op)}({ins[0]})",
-    OpKind.LOSS: lambda op, ins, g: f"ops.causal_lm_loss({ins[0]}, labels)",
+    OpKind.LOSS: lambda op, ins, g: f"ops.causal_lm_loss({ins[0]}, labels{_kernel_arg(op)})",
 }
 
 

@@ -129,7 +129,7 @@ def _moe(layer: _Layer) -> MoEPlan:
 
 
 def _model(graph: Graph) -> ModelPlan:
-    embed, norm, head = graph.op("embed"), graph.op("norm"), graph.op("lm_head")
+    embed, norm, head, loss = graph.op("embed"), graph.op("norm"), graph.op("lm_head"), next(graph.ops(OpKind.LOSS))
     rope = next(graph.ops(OpKind.ROPE))
     layers = tuple(
         LayerPlan(
@@ -148,6 +148,7 @@ def _model(graph: Graph) -> ModelPlan:
         init_std=embed["init_std"],
         norm=_norm(norm),
         layers=layers,
+        loss_kernel=loss["kernel"],
     )
 
 

@@ -13,8 +13,9 @@ split over the `expert` processes and sharded over the `data_shard` ones. Counte
   Triton kernels keep less than the torch reference: no attention scores, no fp32 copies in RMSNorm); a layer in
   `recompute_layers` keeps only its input; under expert parallelism, the rows that travel to and from the experts
   (with even expert loads);
-- working memory, in the two phases that can set the peak. At the start of the backward: the cross-entropy's two
-  fp32 gradients [tokens, vocab] beside its saved log-probabilities, or later the recomputed layer's activations;
+- working memory, in the two phases that can set the peak. At the start of the backward: the cross-entropy's
+  gradient [tokens, vocab] (in the logits' dtype from the fused kernel, two fp32 ones from the reference), or later
+  the recomputed layer's activations;
   CE-LoRA's first factorisation; FSDP2's gathered units (the root, that is the embedding, final norm and head, is
   not resharded after the forward; a layer with its experts, and the next layer prefetched) and unsharded
   gradients (the root's, held to the backward's end, and one unit's with their reduce_dtype copy). In the
@@ -424,19 +425,33 @@ class Forward:
         return self.new(h, residual.grad or mlp.grad)
 
     def head(self, x: Tensor) -> None:
-        """The final norm, the head and the cross-entropy: log_softmax keeps its fp32 output [T, V]."""
+        """The final norm, the head and the cross-entropy, which keeps the targets and their count, and the
+        logits [T, V] with their log-sum-exp (the fused kernel) or log_softmax's fp32 output (the reference)."""
         model = self.plan.model
         logits = self.linear(self.norm(x, model.hidden_size, model.norm), model.hidden_size, model.vocab_size,
                              "lm_head")
-        if logits.grad:  # and the targets, and the count of them the mean divides by
-            self.save(self.new(model.vocab_size, True, FP32), self.new(1, False, INT64), Tensor(FP32, False))
+        if not logits.grad:
+            return
+        kept = (logits, self.new(1, False, FP32)) if self.fused_loss else (self.new(model.vocab_size, True, FP32),)
+        self.save(*kept, self.new(1, False, INT64), Tensor(FP32, False))
+
+    @property
+    def fused_loss(self) -> bool:
+        return self.triton(self.plan.model.loss_kernel)
+
+    def loss_gradient(self) -> int:
+        """The loss's working memory at the backward's start: its gradient [T, V] in the logits' dtype (the fused
+        kernel), or two fp32 ones (the reference's log_softmax and the cast back)."""
+        if self.fused_loss:
+            return self.tokens * self.plan.model.vocab_size * self.size
+        return 2 * self.tokens * self.plan.model.vocab_size * FP32
 
 
 @dataclass(frozen=True)
 class Activations:
     total: int  # bytes kept for the backward of one forward
     recompute: int  # the largest recomputed layer's activations, rebuilt in the backward
-    logits: int  # one [T, V] fp32 tensor
+    loss_gradient: int  # the loss's working memory at the backward's start (Forward.loss_gradient)
 
 
 def activations(plan: Plan, mesh: Mesh, reference: bool = False) -> Activations:
@@ -461,7 +476,7 @@ def activations(plan: Plan, mesh: Mesh, reference: bool = False) -> Activations:
         recompute = max(recompute, again.total() - sum(t.nbytes for t in held.values()))
         x = fw.new(h, True)
     fw.head(x)
-    return Activations(fw.total(), recompute, fw.tokens * plan.model.vocab_size * FP32)
+    return Activations(fw.total(), recompute, fw.loss_gradient())
 
 
 # --------------------------------------------------------------------------- the estimate
@@ -545,9 +560,9 @@ def estimate(plan: Plan, world: int = 1, *, reference: bool = False) -> MemoryEs
                     for p in trainable)  # AdamW's step count is an fp32 scalar per parameter
     buffers = _buffers(plan, m, params)
     acts = activations(plan, m, reference)
-    # the backward's start: the cross-entropy's two fp32 gradients [T, V] beside its saved log-probabilities; or
-    # later, a recomputed layer's activations, rebuilt
-    backward = max(2 * acts.logits, acts.recompute) + _svd_working(plan, m, params) + CUBLAS_WORKSPACES
+    # the backward's start: the cross-entropy's gradient beside what it saved; or later, a recomputed layer's
+    # activations, rebuilt
+    backward = max(acts.loss_gradient, acts.recompute) + _svd_working(plan, m, params) + CUBLAS_WORKSPACES
     if world > 1:
         backward += _fsdp_working(plan, m, params)
     step = _step_working(plan, m, trainable, reference) + CUBLAS_WORKSPACES

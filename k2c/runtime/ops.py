@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from k2c.runtime.kernels import attention as attention_kernel
 from k2c.runtime.kernels import attention_inputs as attention_inputs_kernel
+from k2c.runtime.kernels import cross_entropy as cross_entropy_kernel
 from k2c.runtime.kernels import rmsnorm as rmsnorm_kernel
 from k2c.runtime.kernels import swiglu as swiglu_kernel
 from k2c.runtime.plan import TORCH, TRITON
@@ -68,9 +69,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_
     return attention_kernel.attention_reference(q, k, v, softmax_scale, head_scale)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor | None, kernel: str = TORCH) -> torch.Tensor | None:
     """Mean next-token cross-entropy over labels != -100: position t predicts token t+1."""
     if labels is None:
         return None
-    targets = F.pad(labels, (0, 1), value=-100)[:, 1:]
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+    targets = F.pad(labels, (0, 1), value=cross_entropy_kernel.IGNORE)[:, 1:].flatten()
+    if use_triton(kernel, logits):
+        return cross_entropy_kernel.cross_entropy(logits.flatten(0, 1), targets)
+    return cross_entropy_kernel.cross_entropy_reference(logits.flatten(0, 1), targets)

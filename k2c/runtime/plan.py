@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PLAN_SCHEMA = 3
+PLAN_SCHEMA = 4
 
 # What an op's `kernel` attribute may name: the torch reference, or a fused Triton kernel of k2c.runtime.kernels.
 TORCH = "torch"
@@ -135,6 +135,7 @@ class ModelPlan:
     init_std: float
     norm: NormPlan
     layers: tuple[LayerPlan, ...]
+    loss_kernel: str  # the cross-entropy's implementation (select_kernels)
 
 
 @dataclass(frozen=True)

@@ -132,7 +132,7 @@ def _symmetric_product_kernel(
         else:
             rows = row + tl.arange(0, BLOCK_N)
             cols = col + tl.arange(0, BLOCK_M)
-            base = out_ptr + batch.to(tl.int64) * N * N
+            base = out_ptr + tl.cast(batch, tl.int64) * N * N
             tl.store(base + rows[:, None] * N + cols[None, :], out,
                      mask=(rows[:, None] <= cols[None, :]) & (cols < N)[None, :])
             tl.store(base + cols[:, None] * N + rows[None, :], tl.trans(out),
