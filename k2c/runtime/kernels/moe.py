@@ -79,7 +79,7 @@ THIN = [(64, 16, 128, 4, 4), (128, 16, 128, 4, 4), (64, 32, 128, 4, 4), (128, 32
 # two accumulators (gate and up) of BLOCK_M x BLOCK_N each
 GATE_UP = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
 DOWN_BACKWARD = [(128, DOWN_BACKWARD_BLOCK_N, 64, 8, 3), (128, DOWN_BACKWARD_BLOCK_N, 64, 8, 4),
-                 (64, DOWN_BACKWARD_BLOCK_N, 64, 4, 4)]
+                 (128, DOWN_BACKWARD_BLOCK_N, 64, 8, 5), (64, DOWN_BACKWARD_BLOCK_N, 64, 4, 4)]
 # dW[e] = P_e^T Q_e: a reduction over the ~N*k/E rows of one expert per output tile, whose loads (P transposed,
 # rows gathered) gain from a deep pipeline: 5 stages took 0.88x the time of 3 for k2-1b's experts on an H200; the
 # thin ones for the LoRA factors' gradients ([r, in] and [out, r])
