@@ -1,12 +1,11 @@
 """MLA's attention inputs, fwd+bwd, bf16, at k2-1b's shape: b=8, t=2048, h=16, dn=128, dr=64, dv=128, kv latent 256.
 
-From the q projection [b, t, h*(dn+dr)], kv_a's rotary dims (a slice of [b, t, 256+dr]) and the kv projection
-[b, t, h*(dn+dv)] to q, k [b, h, t, dn+dr] and v [b, h, t, dv] with RoPE applied (interleaved pairs, as every
-shipped spec), and the gradients of the three inputs back from random upstream ones laid out as the attention
-kernel's backward returns them. The anchor is eager torch (the reference: RoPE's elementwise ops, two
-concatenations, v a view); beside it the Triton path before the fused kernel (two RoPE kernels, two concatenations,
-v a view; in the backward the slices' zero-filled gradients, added up) and the fused kernel (one pass each way, v
-copied into the layout the attention reads). Every variant's outputs and gradients are checked against the
+From the q projection [b, t, h*(dn+dr)], kv_a's rotary dims (a slice of [b, t, 256+dr]) and the kv projection [b, t,
+h*(dn+dv)] to q, k [b, h, t, dn+dr] and v [b, h, t, dv] with RoPE applied (interleaved pairs, as every shipped
+spec), and the gradients of the three inputs back from random upstream ones laid out as the attention kernel's
+backward returns them. The anchor is eager torch (the reference: RoPE's elementwise ops, two concatenations, v a
+view; in the backward the slices' zero-filled gradients, added up); against it the fused kernel (one pass each way,
+v copied into the layout the attention reads). Every variant's outputs and gradients are checked against the
 reference before it is timed.
 """
 
@@ -16,23 +15,11 @@ import torch
 from harness import Harness, MismatchError
 
 from k2c.runtime.kernels.attention_inputs import attention_inputs, attention_inputs_reference
-from k2c.runtime.kernels.rope import rope
 
 DEV = torch.device("cuda")
 DTYPE = torch.bfloat16
 BATCH, SEQ, HEADS, DN, DR, DV, LATENT = 8, 2048, 16, 128, 64, 128, 256
 NAMES = ("q", "k", "v", "dq", "dkv_a", "dkv")
-
-
-def triton_rope_and_cat(q: torch.Tensor, k_rot: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor,
-                        sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The Triton path before the fused kernel: Attention.rope's two RoPE kernels, then Attention.core's
-    concatenations and views."""
-    b, t, _ = q.shape
-    q = q.view(b, t, HEADS, DN + DR).transpose(1, 2)
-    k_nope, v = kv.view(b, t, HEADS, DN + DV).transpose(1, 2).split([DN, DV], dim=-1)
-    q_rot, k_rot = rope(q[..., DN:], cos, sin, True), rope(k_rot.unsqueeze(1), cos, sin, True)
-    return torch.cat([q[..., :DN], q_rot], dim=-1), torch.cat([k_nope, k_rot.expand(-1, HEADS, -1, -1)], dim=-1), v
 
 
 def run(h: Harness) -> None:
@@ -55,8 +42,7 @@ def run(h: Harness) -> None:
         return step
 
     reference = fwd_bwd(lambda *x: attention_inputs_reference(*x, HEADS, True))
-    variants = [("Triton RoPE + torch cat and views (k2c before)", fwd_bwd(triton_rope_and_cat)),
-                ("k2c fused Triton", fwd_bwd(lambda *x: attention_inputs(*x, HEADS, True)))]
+    variants = [("k2c fused Triton", fwd_bwd(lambda *x: attention_inputs(*x, HEADS, True)))]
     want = reference()
     checks = []
     for variant, step in variants:

@@ -1,10 +1,9 @@
-"""RMSNorm, RoPE and SwiGLU: k2c's fused Triton kernels against eager torch (their references), fwd+bwd in bf16.
+"""RMSNorm and SwiGLU: k2c's fused Triton kernels against eager torch (their references), fwd+bwd in bf16.
 
-Shapes are a K2-style layer's over 8 sequences of 2048 tokens: RMSNorm over the 1536-wide q latent and the
-7168-wide hidden state; RoPE on q's and k's 64-dim rotary slices, strided views of their projections, with
-interleaved pairs as in every shipped spec; SwiGLU at a Moonlight expert's 1408 and Kimi K2's dense 18432
-intermediate sizes. Each kernel's output and gradients are checked against its reference before both are timed.
-The target is twice eager torch's speed.
+Shapes are a K2-style layer's over 8 sequences of 2048 tokens: RMSNorm over the 1536-wide q latent and the 7168-wide
+hidden state; SwiGLU at a Moonlight expert's 1408 and Kimi K2's dense 18432 intermediate sizes (RoPE is fused into
+MLA's attention inputs: benchmarks/kernels/attention_inputs.py). Each kernel's output and gradients are checked
+against its reference before both are timed. The target is twice eager torch's speed.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import torch
 from harness import Harness, MismatchError
 
 from k2c.runtime.kernels.rmsnorm import rmsnorm, rmsnorm_reference
-from k2c.runtime.kernels.rope import rope, rope_reference
 from k2c.runtime.kernels.swiglu import swiglu, swiglu_reference
 
 DEV = torch.device("cuda")
@@ -57,17 +55,6 @@ def run(h: Harness) -> None:
         compare(h, f"RMSNorm fwd+bwd, x [{TOKENS}, {dim}], bf16", lambda x, w: rmsnorm(x, w, EPS),
                 lambda x, w: rmsnorm_reference(x, w, EPS), (leaf(TOKENS, dim), leaf(dim, mean=1.0, std=0.2)),
                 ("dx", "dweight"))
-
-    heads, dn, dr, latent = 16, 128, 64, 512
-    positions = torch.arange(SEQ, device=DEV, dtype=torch.float32)
-    angles = positions[:, None] * 10000.0 ** (-torch.arange(0, dr, 2, device=DEV) / dr)  # [seq, dr/2]
-    cos, sin = angles.cos().to(DTYPE), angles.sin().to(DTYPE)
-    q_full, kv_full = leaf(BATCH, SEQ, heads, dn + dr), leaf(BATCH, SEQ, latent + dr)
-    q = q_full.transpose(1, 2)[..., dn:]  # [b, h, t, dr], strided
-    k = kv_full[..., latent:].unsqueeze(1)  # [b, 1, t, dr], strided
-    for name, x, full in (("q", q, q_full), ("k", k, kv_full)):
-        compare(h, f"RoPE fwd+bwd, {name} {list(x.shape)} sliced from {list(full.shape)}, interleaved, bf16",
-                lambda x: rope(x, cos, sin, True), lambda x: rope_reference(x, cos, sin, True), (x,), ("dx",))
 
     for inter in (1408, 18432):
         compare(h, f"SwiGLU fwd+bwd, gate and up [{TOKENS}, {inter}], bf16", swiglu, swiglu_reference,
