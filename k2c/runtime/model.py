@@ -379,38 +379,47 @@ def held_rows(t: torch.Tensor) -> range:
 
 
 class SeededInit:
-    """Draws each parameter from a generator of its own, seeded from the model's seed and the parameter's name, and
-    each expert of a stack from one seeded with its index among all of its layer's experts.
+    """Draws each parameter from generators of its own, seeded from the model's seed, the parameter's name and an
+    index: each expert of a stack from one seeded with its index among all of its layer's experts, any other
+    parameter block by block along dim 0, each block (BLOCK_ELEMENTS elements' worth of rows, at least a row) from
+    one seeded with the block's index.
 
-    A process that holds a shard of a parameter, or some experts of a stack, so draws the values a single process's
-    model holds there, without drawing the other experts. A sharded parameter that is not a stack is drawn whole
-    and cut: the largest, the embedding, is a few GB at Kimi K2's size.
+    The blocks depend on the parameter's shape alone, so a process that holds a shard of a parameter, or some
+    experts of a stack, draws only the blocks its rows overlap, or its experts, and holds the values a single
+    process's model holds there whatever the mesh; beyond its shards it holds one block at a time, never a whole
+    parameter (the embedding is a few GB at Kimi K2's size).
     """
+
+    BLOCK_ELEMENTS = 2**20  # 4 MB in fp32: what a draw holds beyond the shards
 
     def __init__(self, seed: int, std: float):
         self.seed, self.std = seed, std
         self.done: set[int] = set()  # ids of the tensors given their values
 
-    def generator(self, name: str, device: torch.device, expert: int | None = None) -> torch.Generator:
-        key = f"{self.seed}:{name}" if expert is None else f"{self.seed}:{name}:{expert}"
-        seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+    def generator(self, name: str, device: torch.device, index: int) -> torch.Generator:
+        seed = int.from_bytes(hashlib.sha256(f"{self.seed}:{name}:{index}".encode()).digest()[:8], "little")
         return torch.Generator(device).manual_seed(seed)
 
     def draw(self, name: str, tensor: torch.Tensor, fill: Callable[[torch.Tensor, torch.Generator], object],
              first_expert: int | None = None) -> None:
-        """Fill `tensor` (the model's `name`) with fill(whole tensor, generator), in place; with `first_expert`, a
-        stack of experts from that one on, each expert's matrix filled apart."""
+        """Fill `tensor` (the model's `name`) in place, fill(values, generator) drawing a block of its rows at a
+        time (so a block's values must not depend on the rows around it); with `first_expert`, a stack of experts
+        from that one on, each expert's matrix filled apart."""
         piece = local(tensor)
+        held = held_rows(tensor)
         if first_expert is not None:
-            for i, row in enumerate(held_rows(tensor)):
+            for i, row in enumerate(held):
                 fill(piece[i], self.generator(name, piece.device, first_expert + row))
-        elif isinstance(tensor, DTensor):
-            whole = torch.empty(tensor.shape, dtype=piece.dtype, device=piece.device)
-            fill(whole, self.generator(name, piece.device))
-            rows = held_rows(tensor)
-            piece.copy_(whole[rows.start : rows.stop])
         else:
-            fill(piece, self.generator(name, piece.device))
+            rows = max(1, self.BLOCK_ELEMENTS // max(1, math.prod(tensor.shape[1:])))
+            for block in range(held.start // rows, math.ceil(held.stop / rows)):
+                start, stop = block * rows, min((block + 1) * rows, tensor.shape[0])
+                # drawn whole even where a shard's edge cuts it: the values of a draw depend on its size
+                values = piece.new_empty((stop - start, *tensor.shape[1:]))
+                fill(values, self.generator(name, piece.device, block))
+                begin, end = max(start, held.start), min(stop, held.stop)
+                piece[begin - held.start : end - held.start].copy_(values[begin - start : end - start])
+                del values  # freed before the next block is made, not after
         self.done.add(id(tensor))
 
     def normal(self, name: str, tensor: torch.Tensor, first_expert: int | None = None) -> None:
