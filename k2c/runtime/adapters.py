@@ -118,8 +118,9 @@ class DoubleLoRA(nn.Module):
         root = sigma[..., : self.svd_rank].sqrt()
         svd_B = u[..., : self.svd_rank] * root.unsqueeze(-2)
         svd_A = root.unsqueeze(-1) * vh[..., : self.svd_rank, :]
-        self.store("svd_B", svd_B.to(weight.dtype))
-        self.store("svd_A", svd_A.to(weight.dtype))
+        # row-major: LAPACK's factors are column-major, and every backward reads or concatenates these
+        self.store("svd_B", svd_B.contiguous().to(weight.dtype))
+        self.store("svd_A", svd_A.contiguous().to(weight.dtype))
         self.store("residual_norm", torch.linalg.vector_norm(w - svd_B @ svd_A, dim=-1))
         self.weight_version = weight._version
         self.backwards = 0
@@ -208,11 +209,11 @@ def lora_backward(dy, x_adapter, xa, weight, lora_A, lora_B, scale, residual, sh
         if shared:
             dx.addmm_(dyb, lora_A, alpha=scale)
         else:
-            dx_adapter = (dyb @ lora_A).mul_(scale)
+            dx_adapter = lora_kernel.scaled_mm(dyb, lora_A, scale)
     if need_a:
-        grad_a = (dyb.T @ x_adapter).mul_(scale)
+        grad_a = lora_kernel.scaled_mm(dyb.T, x_adapter, scale)
     if need_b:
-        grad_b = (dy.T @ xa).mul_(scale)
+        grad_b = lora_kernel.scaled_mm(dy.T, xa, scale)
     return dx, dx_adapter, grad_a, grad_b
 
 

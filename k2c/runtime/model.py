@@ -195,14 +195,16 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, H] -> expert indices [N, k], combine weights [N, k] (fp32), tokens per expert [E].
 
-        The GEMM is a torch matmul in fp32 either way; `fused` runs everything after it (sigmoid, bias, group-limited
-        top-k, weights, counts) as one Triton kernel, k2c.runtime.kernels.moe.route.
+        The GEMM is in fp32 either way; `fused` runs it on x as it is (moe.router_logits: no fp32 copy of x) and
+        everything after it (sigmoid, bias, group-limited top-k, weights, counts) as one Triton kernel,
+        k2c.runtime.kernels.moe.route.
         """
         plan = self.plan
-        logits = F.linear(x.float(), self.weight.float())
         if fused:
-            return moe_kernel.route(logits, self.e_score_correction_bias, plan.top_k, plan.groups,
-                                    plan.groups_per_token, plan.normalize, plan.routed_scaling)
+            return moe_kernel.route(moe_kernel.router_logits(x, self.weight), self.e_score_correction_bias,
+                                    plan.top_k, plan.groups, plan.groups_per_token, plan.normalize,
+                                    plan.routed_scaling)
+        logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid()
         choice = scores + self.e_score_correction_bias
         if plan.groups > 1:

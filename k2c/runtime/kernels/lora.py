@@ -104,12 +104,15 @@ def _matmul_plus_low_rank_kernel(
     p_ptr,  # P [M, K]
     q_ptr,  # Q [K, N]
     la_ptr,  # L_a [M, R] (LOW_RANK only)
-    lb_ptr,  # L_b [R, N] (LOW_RANK only)
-    c_ptr,  # C [M, N] = P Q + scale * L_a L_b
-    M, N, K, R,
-    stride_pm, stride_pk, stride_qk, stride_qn, stride_lam, stride_lar, stride_lbr, stride_lbn, stride_cm, stride_cn,
-    scale,
+    lb_ptr,  # L_b [R1, N] (LOW_RANK only)
+    lb2_ptr,  # L_b2 [R - R1, N] (TWO_B only): L_b's rows past R1
+    c_ptr,  # C [M, N] = P Q + L_a diag(s) [L_b; L_b2], s_j = scale_1 for j < R1, else scale_2
+    M, N, K, R, R1,
+    stride_pm, stride_pk, stride_qk, stride_qn, stride_lam, stride_lar, stride_lbr, stride_lbn, stride_lb2r,
+    stride_lb2n, stride_cm, stride_cn,
+    scale_1, scale_2,
     LOW_RANK: tl.constexpr,
+    TWO_B: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -149,8 +152,13 @@ def _matmul_plus_low_rank_kernel(
     if LOW_RANK:
         rs = tl.arange(0, BLOCK_R)
         la = tl.load(la_ptr + rows[:, None] * stride_lam + rs[None, :] * stride_lar, mask=rs[None, :] < R, other=0.0)
-        lb = tl.load(lb_ptr + rs[:, None] * stride_lbr + cols[None, :] * stride_lbn, mask=rs[:, None] < R, other=0.0)
-        acc = tl.dot((la.to(tl.float32) * scale).to(lb.dtype), lb, acc, input_precision="ieee")
+        lb = tl.load(lb_ptr + rs[:, None] * stride_lbr + cols[None, :] * stride_lbn, mask=rs[:, None] < R1, other=0.0)
+        if TWO_B:
+            rs2 = tl.maximum(rs - R1, 0)
+            lb += tl.load(lb2_ptr + rs2[:, None] * stride_lb2r + cols[None, :] * stride_lb2n,
+                          mask=(rs[:, None] >= R1) & (rs[:, None] < R), other=0.0)
+        col_scale = tl.where(rs < R1, scale_1, scale_2)
+        acc = tl.dot((la.to(tl.float32) * col_scale[None, :]).to(lb.dtype), lb, acc, input_precision="ieee")
 
     out_rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     out_cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -170,16 +178,18 @@ def _thin_configs() -> list[triton.Config]:
 
 
 # The channel sums are accumulated with atomics, so autotuning's trial runs must start from zeros each time
-@triton.autotune(configs=_thin_configs(), key=["M", "K", "R", "SQUARES"], reset_to_zero=["sq_ptr"])
+@triton.autotune(configs=_thin_configs(), key=["M", "K", "R", "SQUARES", "TWO_V"], reset_to_zero=["sq_ptr"])
 @triton.jit
 def _thin_matmul_kernel(
     x_ptr,  # X [M, K]
-    v_ptr,  # V [K, R]
-    out_ptr,  # X V [M, R]
+    v_ptr,  # V [K, R1]
+    v2_ptr,  # V2 [K, R - R1] (TWO_V only): V's columns past R1
+    out_ptr,  # X [V | V2] [M, R]
     sq_ptr,  # [K] fp32, zeroed by the caller: sum over rows of X[:, k]^2 (SQUARES only)
-    M, K, R,
-    stride_xm, stride_xk, stride_vk, stride_vr, stride_om, stride_or,
+    M, K, R, R1,
+    stride_xm, stride_xk, stride_vk, stride_vr, stride_v2k, stride_v2r, stride_om, stride_or,
     SQUARES: tl.constexpr,
+    TWO_V: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,  # R rounded up to a power of two, at least 16 (tl.dot's smallest)
@@ -198,8 +208,12 @@ def _thin_matmul_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=row_in[:, None] & k_in[None, :], other=0.0)
         v = tl.load(v_ptr + cols[:, None] * stride_vk + rs[None, :] * stride_vr,
-                    mask=k_in[:, None] & (rs[None, :] < R), other=0.0)
-        acc = tl.dot(x, v, acc, input_precision="ieee")
+                    mask=k_in[:, None] & (rs[None, :] < R1), other=0.0)
+        if TWO_V:
+            rs2 = tl.maximum(rs - R1, 0)
+            v += tl.load(v2_ptr + cols[:, None] * stride_v2k + rs2[None, :] * stride_v2r,
+                         mask=k_in[:, None] & (rs[None, :] >= R1) & (rs[None, :] < R), other=0.0)
+        acc = tl.dot(x.to(v.dtype), v, acc, input_precision="ieee")
         if SQUARES:
             xf = x.to(tl.float32)
             tl.atomic_add(sq_ptr + cols, tl.sum(xf * xf, axis=0), mask=k_in, sem="relaxed")
@@ -232,59 +246,76 @@ def _shape(what: str, name: str, t: torch.Tensor, shape: tuple[int, int]) -> Non
         raise ValueError(f"{what}: {name} must have shape {shape}, found {tuple(t.shape)}")
 
 
-def thin_matmul(x, v, channel_norms=False):
+def thin_matmul(x, v, channel_norms=False, v2=None):
     """(X V [M, R], ||X[:, k]||^2 [K] fp32 or None), one pass over X [M, K].
 
-    V [K, R] with R small; any strides (V may be a transposed view, A^T of A [r, n]). The channel sums are added by
-    atomics, so their last bits can differ from run to run; they only rank channels.
+    V [K, R] with R small; any strides (V may be a transposed view, A^T of A [r, n]). v2 [K, R2] gives X [V | V2]
+    [M, R + R2] without concatenating the two. An fp32 V (and v2) may multiply a bf16 or fp16 X: X is upcast as it
+    is loaded, never copied, and X V is fp32. The channel sums are added by atomics, so their last bits can differ
+    from run to run; they only rank channels.
     """
-    _check("thin_matmul", x, x=x, v=v)
-    (M, K), R = x.shape, v.shape[1]
-    _shape("thin_matmul", "v", v, (K, R))
-    out = torch.empty((M, R), device=x.device, dtype=x.dtype)
+    like = v if v.dtype == torch.float32 else x
+    _check("thin_matmul", x, x=x)
+    _check("thin_matmul", like, v=v, **({"v2": v2} if v2 is not None else {}))
+    (M, K), R1 = x.shape, v.shape[1]
+    _shape("thin_matmul", "v", v, (K, R1))
+    R = R1 + (v2.shape[1] if v2 is not None else 0)
+    if v2 is not None:
+        _shape("thin_matmul", "v2", v2, (K, R - R1))
+    else:  # unused pointer: any tensor will do
+        v2 = v
+    out = torch.empty((M, R), device=x.device, dtype=like.dtype)
     sq = torch.zeros(K, device=x.device, dtype=torch.float32) if channel_norms else None
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]),)
 
     _thin_matmul_kernel[grid](
-        x, v, out, out if sq is None else sq,  # without SQUARES the sums' pointer is unused: any tensor will do
-        M, K, R,
-        x.stride(0), x.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        SQUARES=channel_norms, BLOCK_R=_block_r(R),
+        x, v, v2, out, out if sq is None else sq,  # without SQUARES the sums' pointer is unused: any tensor will do
+        M, K, R, R1,
+        x.stride(0), x.stride(1), v.stride(0), v.stride(1), v2.stride(0), v2.stride(1), out.stride(0), out.stride(1),
+        SQUARES=channel_norms, TWO_V=R > R1, BLOCK_R=_block_r(R),
     )
     return out, sq
 
 
-def matmul_plus_low_rank(p, q, low_a=None, low_b=None, scale=1.0):
-    """C [M, N] = P Q + scale * L_a L_b, in P's dtype; one kernel, C written once.
+def matmul_plus_low_rank(p, q, low_a=None, low_b=None, scale=1.0, low_b2=None, out_dtype=None):
+    """C [M, N] = P Q + scale * L_a L_b, in P's dtype (or out_dtype, rounded once from the fp32 accumulator); one
+    kernel, C written once.
 
     P [M, K], Q [K, N], L_a [M, R], L_b [R, N] (both None: no low-rank term). Any strides: Q may be a transposed view
-    (W^T).
+    (W^T). With low_b2 [R2, N], L_a is [M, R + R2] and the term is L_a[:, :R] L_b + scale * L_a[:, R:] L_b2, without
+    concatenating or scaling either factor.
     """
     low_rank = low_a is not None
-    if low_rank != (low_b is not None):
+    if low_rank != (low_b is not None) or (low_b2 is not None and not low_rank):
         raise ValueError("matmul_plus_low_rank: give both low-rank factors or neither")
-    factors = {"low_a": low_a, "low_b": low_b} if low_rank else {}
-    _check("matmul_plus_low_rank", p, p=p, q=q, **factors)
+    factors = {"low_a": low_a, "low_b": low_b, **({"low_b2": low_b2} if low_b2 is not None else {})}
+    _check("matmul_plus_low_rank", p, p=p, q=q, **(factors if low_rank else {}))
     M, (K, N) = p.shape[0], q.shape
     _shape("matmul_plus_low_rank", "p", p, (M, K))
     R = low_a.shape[1] if low_rank else 0
+    R1 = R - (low_b2.shape[0] if low_b2 is not None else 0)
     if low_rank:
         _shape("matmul_plus_low_rank", "low_a", low_a, (M, R))
-        _shape("matmul_plus_low_rank", "low_b", low_b, (R, N))
+        _shape("matmul_plus_low_rank", "low_b", low_b, (R1, N))
     else:  # unused pointers: any tensor will do
         low_a = low_b = p
-    c = torch.empty((M, N), device=p.device, dtype=p.dtype)
+    if low_b2 is not None:
+        _shape("matmul_plus_low_rank", "low_b2", low_b2, (R - R1, N))
+        scale_1 = 1.0
+    else:
+        low_b2, scale_1 = low_b, scale
+    c = torch.empty((M, N), device=p.device, dtype=out_dtype or p.dtype)
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     _matmul_plus_low_rank_kernel[grid](
-        p, q, low_a, low_b, c,
-        M, N, K, R,
+        p, q, low_a, low_b, low_b2, c,
+        M, N, K, R, R1,
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), low_a.stride(0), low_a.stride(1),
-        low_b.stride(0), low_b.stride(1), c.stride(0), c.stride(1),
-        float(scale),
-        LOW_RANK=low_rank, BLOCK_R=_block_r(R),
+        low_b.stride(0), low_b.stride(1), low_b2.stride(0), low_b2.stride(1), c.stride(0), c.stride(1),
+        float(scale_1), float(scale),
+        LOW_RANK=low_rank, TWO_B=R > R1, BLOCK_R=_block_r(R),
     )
     return c
 
@@ -347,9 +378,15 @@ def celora_input_grad(dy, kept, kept_rows, svd_B, svd_A, lora_A, lora_B, scale, 
     m, n = dy.shape[1], lora_A.shape[1]
     _lora_shapes("celora_input_grad", m, n, lora_A, lora_B)
     _check_celora("celora_input_grad", dy, m, n, kept, kept_rows, svd_B, svd_A)
-    dy_lowrank, sq = thin_matmul(dy, torch.cat((svd_B, lora_B), dim=1), channel_norms)
-    dx = matmul_plus_low_rank(dy.index_select(1, kept), kept_rows, dy_lowrank, torch.cat((svd_A, lora_A * scale)))
+    dy_lowrank, sq = thin_matmul(dy, svd_B, channel_norms, v2=lora_B)
+    dx = matmul_plus_low_rank(dy.index_select(1, kept), kept_rows, dy_lowrank, svd_A, scale, low_b2=lora_A)
     return dx, sq
+
+
+def scaled_mm(a, b, scale):
+    """scale * (a @ b) in one GEMM: the scale is addmm's alpha, applied to the fp32 product before it is rounded
+    (beta = 0 ignores addmm's input, here an unwritten scalar, so nothing is read or filled for it)."""
+    return torch.addmm(a.new_empty(()).expand(a.shape[0], b.shape[1]), a, b, beta=0, alpha=scale)
 
 
 def lora_weight_grads(dy, x_adapter, xa, lora_B, scale, dy_B=None):
@@ -362,9 +399,9 @@ def lora_weight_grads(dy, x_adapter, xa, lora_B, scale, dy_B=None):
     if x_adapter is not None:
         if dy_B is None:
             dy_B = thin_matmul(dy, lora_B)[0]
-        grad_a = (dy_B.T @ x_adapter).mul_(scale)
+        grad_a = scaled_mm(dy_B.T, x_adapter, scale)
     if xa is not None:
-        grad_b = (dy.T @ xa).mul_(scale)
+        grad_b = scaled_mm(dy.T, xa, scale)
     return grad_a, grad_b
 
 
@@ -404,13 +441,13 @@ class LoRALinearKernel(torch.autograd.Function):
         if need_x and ctx.celora is not None:
             kept, kept_rows, svd_B, svd_A = ctx.celora
             k = svd_B.shape[1]
-            dy_lowrank, sq = thin_matmul(dy, torch.cat((svd_B, lora_B), dim=1), ctx.select is not None)
+            dy_lowrank, sq = thin_matmul(dy, svd_B, ctx.select is not None, v2=lora_B)
             if ctx.select is not None:
                 kept, kept_rows = ctx.select(sq)
             dy_kept = dy.index_select(1, kept)
             dy_B = dy_lowrank[:, k:]
             if shared:
-                dx = matmul_plus_low_rank(dy_kept, kept_rows, dy_lowrank, torch.cat((svd_A, lora_A * scale)))
+                dx = matmul_plus_low_rank(dy_kept, kept_rows, dy_lowrank, svd_A, scale, low_b2=lora_A)
             else:
                 dx = matmul_plus_low_rank(dy_kept, kept_rows, dy_lowrank[:, :k], svd_A)
         else:
@@ -418,6 +455,6 @@ class LoRALinearKernel(torch.autograd.Function):
             if need_x:
                 dx = matmul_plus_low_rank(dy, weight, *((dy_B, lora_A) if shared else ()), scale=scale)
         if need_x_adapter and not shared:
-            dx_adapter = (dy_B * scale) @ lora_A
+            dx_adapter = scaled_mm(dy_B, lora_A, scale)
         grad_a, grad_b = lora_weight_grads(dy, x_adapter, xa, lora_B, scale, dy_B=dy_B)
         return dx, dx_adapter, None, grad_a, grad_b, None, None, None

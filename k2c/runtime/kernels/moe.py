@@ -4,10 +4,11 @@ The torch reference is the model's own path (`Router`, `Experts.project`, `MoE.c
 `ExpertLoRAFunction` in adapters.py): it splits the rows by a host copy of the expert counts, so every MoE layer
 waits for the GPU, and it runs one small GEMM per expert. Here the counts stay on the device:
 
-- `route`: the router's epilogue after the fp32 GEMM x W^T (a torch matmul): sigmoid, the correction bias for the
-  choice only, the group-limited top-k, the combine weights from the unbiased scores (normalised over the k when
-  the plan says, times routed_scaling) and the tokens per expert, in one pass over the logits. Its backward gives
-  the logits' gradient, from which autograd's matmuls give the router weight's and the input's.
+- `route`: the router's epilogue after the fp32 GEMM x W^T (`router_logits`, on the LoRA kernels' thin GEMM, which
+  upcasts x as it loads it): sigmoid, the correction bias for the choice only, the group-limited top-k, the combine
+  weights from the unbiased scores (normalised over the k when the plan says, times routed_scaling) and the tokens
+  per expert, in one pass over the logits. Its backward gives the logits' gradient, from which `router_logits`
+  gives the input's (rounded once to x's dtype) and the router weight's.
 - Rows are grouped by expert with a stable argsort (torch, on the device); expert e owns rows offsets[e] to
   offsets[e+1]. A grouped GEMM launches a grid sized from host-known bounds (at most cdiv(N*k, BLOCK_M) + E row
   tiles, since each expert's last tile may be partial) and each program finds its expert and rows from the offsets:
@@ -52,6 +53,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from k2c.runtime.kernels import lora as lora_kernel
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Under TRITON_INTERPRET=1 (the CPU tests) one small config runs and nothing is timed; read at import, as Triton
@@ -236,6 +239,7 @@ class _Route(torch.autograd.Function):
             BLOCK_G=triton.next_power_of_2(groups), num_warps=4,
         )
         ctx.mark_non_differentiable(experts, counts)
+        ctx.set_materialize_grads(False)  # the indices' and counts' gradients would be zero-filled for nothing
         ctx.save_for_backward(logits, experts)
         ctx.top_k, ctx.normalize, ctx.routed_scaling, ctx.block_t = top_k, normalize, routed_scaling, block_t
         return experts, weights, counts
@@ -251,6 +255,39 @@ class _Route(torch.autograd.Function):
             BLOCK_K=triton.next_power_of_2(ctx.top_k), num_warps=4,
         )
         return dlogits, None, None, None, None, None, None
+
+
+# The thin GEMM holds a [rows, E] fp32 accumulator in registers, as it does a LoRA rank's columns: past this many
+# experts (DeepSeek-V3's 256, Kimi K2's 384) the router's GEMM is torch's, on an fp32 copy of x.
+ROUTER_THIN_MAX_EXPERTS = 64
+
+
+class _RouterLogits(torch.autograd.Function):
+    """x [N, H], W [E, H] fp32 -> x W^T [N, E] fp32: `F.linear(x.float(), W)` with x upcast as the kernels load it.
+    The fp32 copy of x ([N, H], twice x's bytes) and, backward, x's gradient in fp32 with its cast are not made."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return lora_kernel.thin_matmul(x, weight.T)[0]
+
+    @staticmethod
+    def backward(ctx, dlogits):
+        x, weight = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad
+        dx = lora_kernel.matmul_plus_low_rank(dlogits, weight, out_dtype=x.dtype) if need_x else None
+        return dx, dlogits.T @ x.float() if need_w else None
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """[N, E] fp32: the router's GEMM x W^T over x [N, H] (fp32, bf16 or fp16) and its fp32 weight W [E, H], products
+    and sums in fp32 as `F.linear(x.float(), W)`; differentiable in both."""
+    if weight.dtype != torch.float32 or weight.ndim != 2 or x.ndim != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"router_logits: x {tuple(x.shape)} and an fp32 weight [E, {x.shape[-1]}] expected, found "
+                         f"{weight.dtype} {tuple(weight.shape)}")
+    if weight.shape[0] > ROUTER_THIN_MAX_EXPERTS:
+        return torch.nn.functional.linear(x.float(), weight)
+    return _RouterLogits.apply(x, weight)
 
 
 def route(logits: torch.Tensor, bias: torch.Tensor, top_k: int, groups: int, groups_per_token: int,
@@ -682,6 +719,33 @@ def _pack_columns_kernel(
     tl.store(out_ptr + rows[:, None] * stride_om + js[None, :], x, mask=row_in[:, None] & j_in[None, :])
 
 
+@triton.jit
+def _row_dots_kernel(
+    x_ptr,  # X [*, C]: row x_rows[i] (GATHER), else row i, is the i-th
+    x_rows_ptr,  # [M] int64 (GATHER only)
+    y_ptr,  # Y [M, C]
+    out_ptr,  # [M] fp32 out: X_i . Y_i
+    M, C,
+    stride_xm, stride_xc, stride_ym, stride_yc,
+    GATHER: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = rows < M
+    rows = tl.minimum(rows, M - 1)
+    x_rows = _row_offsets(rows, x_rows_ptr, stride_xm, GATHER)
+    cs = tl.arange(0, BLOCK_C)
+    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + cs
+        col_in = cols < C
+        x = tl.load(x_ptr + x_rows[:, None] + cols[None, :] * stride_xc, mask=col_in[None, :], other=0.0)
+        y = tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yc, mask=col_in[None, :], other=0.0)
+        acc += tl.sum(x.to(tl.float32) * y.to(tl.float32), axis=1)
+    tl.store(out_ptr + rows, acc, mask=row_in)
+
+
 # --------------------------------------------------------------------------- wrappers
 
 
@@ -856,6 +920,25 @@ def pack_columns(x: torch.Tensor, offsets: torch.Tensor, kept: torch.Tensor, *,
     _pack_columns_kernel[grid](x, x if rows is None else rows, kept, out, offsets, m, s, experts, x.stride(0),
                                x.stride(1), kept.stride(0), out.stride(0), GATHER=rows is not None,
                                BLOCK_E=_block_e(experts), BLOCK_M=block_m, BLOCK_N=block_n)
+    return out
+
+
+def row_dots(x: torch.Tensor, y: torch.Tensor, *, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """[M] fp32: X_i . Y_i, the products and their sum in fp32, for x [*, C] read at rows [M] int64 (a gather; None:
+    row i) and y [M, C] of x's dtype, in one pass over both (no gathered or fp32 copies of either): the combine
+    weights' gradient dOut . y under CE-LoRA on down, and the down adapter's share of it (dOut B_d) . (act A_d^T)."""
+    m, c = y.shape
+    _check_dtype("row_dots", y, x=x)
+    _check_rows("row_dots", "rows", rows, m, x)
+    if x.ndim != 2 or x.shape[1] != c or (rows is None and x.shape[0] != m):
+        raise ValueError(f"row_dots: x {tuple(x.shape)} does not fit y {tuple(y.shape)}")
+    out = torch.empty(m, device=y.device, dtype=torch.float32)
+    if m == 0:
+        return out
+    block_m, block_c = (16, 16) if INTERPRETED else (16, 256)
+    _row_dots_kernel[(triton.cdiv(m, block_m),)](x, x if rows is None else rows, y, out, m, c, x.stride(0),
+                                                  x.stride(1), y.stride(0), y.stride(1), GATHER=rows is not None,
+                                                  BLOCK_M=block_m, BLOCK_C=block_c)
     return out
 
 
@@ -1076,11 +1159,11 @@ class _SwiGLUExperts(torch.autograd.Function):
         grads = dict.fromkeys(need)
         # dout [N, k, H] is usually the slot sum's gradient, expanded over the slots (stride 0): read in place, a
         # token's row for each of its expert rows; otherwise a row per (token, slot)
+        x_rows = order // k
         if dout.stride(1) == 0 and dout.stride(2) == 1:
-            dout, dout_rows = dout.select(1, 0), order // k
+            dout, dout_rows = dout.select(1, 0), x_rows
         else:
             dout, dout_rows = dout.reshape(-1, dout.shape[2]).contiguous(), order
-        x_rows = order // k
 
         # down: d gate, d up and the combine weights' gradient from one GEMM over dOut gathered by (token, slot)
         lu = None
@@ -1093,14 +1176,14 @@ class _SwiGLUExperts(torch.autograd.Function):
             low = (low_cols, torch.cat((svd_A, down_A * scale_d), dim=1), 1.0)
             dgate, dup, _ = down_backward(pack_columns(dout, offsets, kept, rows=dout_rows), None, offsets, kept_rows,
                                           weights, gate, up, low=low, combine=False)
-            dw = (dout.index_select(0, dout_rows).float() * y.float()).sum(dim=1)
+            dw = row_dots(dout, y, rows=dout_rows)
         else:
             if down_A is not None:
                 lu = grouped_mm(dout, down_B, offsets, a_rows=dout_rows)  # dOut B_d, before the combine weight
             dgate, dup, dw = down_backward(dout, dout_rows, offsets, down_proj, weights, gate, up,
                                            low=(lu, down_A, scale_d) if lu is not None else None)
             if lu is not None:
-                dw += scale_d * (lu.float() * xa_down.float()).sum(dim=1)
+                dw.add_(row_dots(lu, xa_down), alpha=scale_d)
         grads["weights"] = dw
         if need["down_proj"]:
             grads["down_proj"] = grouped_weight_grad(dout, act, offsets, p_rows=dout_rows, p_scale=weights)
