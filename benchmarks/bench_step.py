@@ -155,8 +155,14 @@ def checked_and_timed(package, batch: torch.Tensor, args, graphed: bool):
 
 def graph_row(variant: str, package, ids: torch.Tensor, args) -> Row:
     """`k2c train`'s step replayed from a CUDA graph against the same step run eagerly, from the same weights:
-    their first args.check_steps steps must agree (BF16_AGREEMENT) before either time counts."""
+    their first args.check_steps steps must agree (BF16_AGREEMENT) before either time counts.
+
+    The kernels are autotuned by an eager run first, so that both runs use the same configs: a config changes the
+    order of a product's sums, and a last-bit change in the gradients can move a channel across CE-LoRA's kept-set
+    boundary, after which the two runs' updates differ by far more than rounding."""
     batch = ids[None]  # [micro-batches, batch, seq]: one micro-batch
+    checked_and_timed(package, batch, args, graphed=False)
+    release()
     eager_losses, eager_weights, eager_ms, _ = checked_and_timed(package, batch, args, graphed=False)
     release()
     losses, weights, ms, peak = checked_and_timed(package, batch, args, graphed=True)
