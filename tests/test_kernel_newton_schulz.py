@@ -191,6 +191,8 @@ def check_errors() -> None:
         newton_schulz_(x, 5, COEFFICIENTS, torch.ones(2, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"x's rows must .* a multiple of 16 bytes .* rows of 18 x torch.float16"):
         newton_schulz_(torch.randn(2, 8, 18, dtype=torch.float16), 5, COEFFICIENTS)
+    with pytest.raises(ValueError, match=r"out's rows must .* rows of 6 x torch.float32"):  # the 6 x 6 Gram matrix
+        gram(torch.randn(2, 6, 16))
 
 
 # --------------------------------------------------------------------------- the tests: one fresh Python each

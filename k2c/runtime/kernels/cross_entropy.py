@@ -2,9 +2,10 @@
 
 The reference casts the logits [rows, vocab] to fp32, takes log_softmax and picks each target's entry; its backward
 writes the fp32 softmax and casts it back. At k2-1b's 16384 x 32768 that is 2 GiB of fp32 logits kept for the
-backward and some 16 GiB moved. Here the forward reads the logits once in their own dtype, keeping only each row's
-log-sum-exp (fp32); the backward reads them once more and writes their gradient in their dtype. The arithmetic is
-the reference's: fp32 throughout, the gradient softmax - one-hot scaled by the mean's 1 / count and rounded once.
+backward and, counting each pass's reads and writes, some 16 GiB moved. Here the forward reads the logits once in
+their own dtype, keeping only each row's log-sum-exp (fp32); the backward reads them once more and writes their
+gradient in their dtype. The arithmetic is the reference's: fp32 throughout, the gradient softmax - one-hot scaled
+by the mean's 1 / count and rounded once.
 """
 
 from __future__ import annotations

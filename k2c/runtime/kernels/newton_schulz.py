@@ -238,11 +238,15 @@ def _update_kernel(
 # --------------------------------------------------------------------------- wrappers
 
 
+def _addressable(cols: int, dtype: torch.dtype) -> bool:
+    """Whether the kernels' tensor descriptors can address rows of `cols` entries: a multiple of 16 bytes."""
+    return cols * dtype.itemsize % 16 == 0
+
+
 def fits(n: int, m: int, dtype: torch.dtype) -> bool:
-    """Whether the Newton-Schulz kernels take matrices n x m (n <= m) of `dtype`: their tensor descriptors need rows
-    (of X, and of the n x n Gram matrices) that are a multiple of 16 bytes, 8 elements in bf16."""
-    size = torch.empty((), dtype=dtype).element_size()
-    return n * size % 16 == 0 and m * size % 16 == 0
+    """Whether the Newton-Schulz kernels take matrices n x m (n <= m) of `dtype`: the rows of X and of the n x n
+    Gram matrices must be a multiple of 16 bytes, 8 elements in bf16."""
+    return _addressable(n, dtype) and _addressable(m, dtype)
 
 
 @functools.cache
@@ -258,8 +262,7 @@ def _programs(tiles: int, meta: dict) -> tuple[int]:
 
 
 def _check(what: str, **tensors: torch.Tensor) -> None:
-    """Every tensor a contiguous batch of matrices [B, rows, cols] of DTYPES, rows of a multiple of 16 bytes, on a
-    GPU (or under the interpreter)."""
+    """Every tensor a contiguous batch of matrices [B, rows, cols] of DTYPES, on a GPU (or under the interpreter)."""
     for name, t in tensors.items():
         if t.ndim != 3 or not t.is_contiguous():
             raise ValueError(f"{what}: {name} must be a contiguous [batch, rows, cols], found shape "
@@ -274,18 +277,18 @@ def _check_matrices(what: str, **tensors: torch.Tensor) -> None:
     """`_check`, and rows that the Newton-Schulz kernels' tensor descriptors can address (`fits`)."""
     _check(what, **tensors)
     for name, t in tensors.items():
-        if t.shape[-1] * t.element_size() % 16 or t.data_ptr() % 16:
+        if not _addressable(t.shape[-1], t.dtype) or t.data_ptr() % 16:
             raise ValueError(f"{what}: {name}'s rows must start 16-byte aligned and hold a multiple of 16 bytes "
                              f"(the kernels' tensor descriptors), found rows of {t.shape[-1]} x {t.dtype}")
-    triton.set_allocator(_allocate_scratch)
 
 
 def _output(what: str, out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """The kernel's output, given or made; its rows too must suit the descriptors (a Gram matrix's are n long)."""
     if out is None:
-        return torch.empty(shape, dtype=like.dtype, device=like.device)
-    _check(what, out=out)
-    if tuple(out.shape) != shape or out.dtype != like.dtype:
+        out = torch.empty(shape, dtype=like.dtype, device=like.device)
+    elif tuple(out.shape) != shape or out.dtype != like.dtype:
         raise ValueError(f"{what}: out must be {like.dtype} of shape {shape}, found {out.dtype} {tuple(out.shape)}")
+    _check_matrices(what, out=out)
     return out
 
 
@@ -307,6 +310,7 @@ def _launch_symmetric(x: torch.Tensor, scale: torch.Tensor | None, out: torch.Te
         rows, cols = meta["BLOCK_N"], meta["BLOCK_M"]
         return _programs(batch * sum(triton.cdiv(n - i * rows, cols) for i in range(triton.cdiv(n, rows))), meta)
 
+    triton.set_allocator(_allocate_scratch)  # the tensor descriptors' global memory
     _symmetric_product_kernel[grid](x, _scale("gram", scale, x), out, batch, n, k, float(alpha), float(beta),
                                     SCALED=scale is not None, ADD_X=add_x)
 
@@ -353,6 +357,7 @@ def apply_polynomial(p: torch.Tensor, x: torch.Tensor, a: float, out: torch.Tens
     def grid(meta):
         return _programs(batch * triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(m, meta["BLOCK_M"]), meta)
 
+    triton.set_allocator(_allocate_scratch)
     _apply_polynomial_kernel[grid](p, x, _scale("apply_polynomial", scale, x), out, batch, n, m, float(a),
                                    SCALED=scale is not None)
     return out
