@@ -166,18 +166,22 @@ def _matmul_plus_low_rank_kernel(
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=(out_rows[:, None] < M) & (out_cols[None, :] < N))
 
 
+# The fewest rows a thin_matmul program takes: the channel sums have a row of partial sums per program
+THIN_MIN_BLOCK_M = 32
+
+
 def _thin_configs() -> list[triton.Config]:
     if INTERPRETED:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_K": 32})]
+        return [triton.Config({"BLOCK_M": THIN_MIN_BLOCK_M, "BLOCK_K": 32})]
     # memory-bound: enough rows per program for a wide grid, deep pipelines to keep loads in flight
     return [
         triton.Config({"BLOCK_M": 64, "BLOCK_K": 128}, num_stages=4, num_warps=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_stages=4, num_warps=4),
-        triton.Config({"BLOCK_M": 32, "BLOCK_K": 128}, num_stages=4, num_warps=4),
+        triton.Config({"BLOCK_M": THIN_MIN_BLOCK_M, "BLOCK_K": 128}, num_stages=4, num_warps=4),
     ]
 
 
-# The channel sums are accumulated with atomics, so autotuning's trial runs must start from zeros each time
+# A trial config with smaller row blocks writes more rows of partial sums than the chosen one: they must be zeros
 @triton.autotune(configs=_thin_configs(), key=["M", "K", "R", "SQUARES", "TWO_V"], reset_to_zero=["sq_ptr"])
 @triton.jit
 def _thin_matmul_kernel(
@@ -185,7 +189,7 @@ def _thin_matmul_kernel(
     v_ptr,  # V [K, R1]
     v2_ptr,  # V2 [K, R - R1] (TWO_V only): V's columns past R1
     out_ptr,  # X [V | V2] [M, R]
-    sq_ptr,  # [K] fp32, zeroed by the caller: sum over rows of X[:, k]^2 (SQUARES only)
+    sq_ptr,  # [cdiv(M, THIN_MIN_BLOCK_M), K] fp32 zeros: row p gets program p's sums of X[:, k]^2 (SQUARES only)
     M, K, R, R1,
     stride_xm, stride_xk, stride_vk, stride_vr, stride_v2k, stride_v2r, stride_om, stride_or,
     SQUARES: tl.constexpr,
@@ -216,7 +220,7 @@ def _thin_matmul_kernel(
         acc = tl.dot(x.to(v.dtype), v, acc, input_precision="ieee")
         if SQUARES:
             xf = x.to(tl.float32)
-            tl.atomic_add(sq_ptr + cols, tl.sum(xf * xf, axis=0), mask=k_in, sem="relaxed")
+            tl.store(sq_ptr + tl.program_id(0).to(tl.int64) * K + cols, tl.sum(xf * xf, axis=0), mask=k_in)
 
     out = out_ptr + rows[:, None] * stride_om + rs[None, :] * stride_or
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_in[:, None] & (rs[None, :] < R))
@@ -251,8 +255,8 @@ def thin_matmul(x, v, channel_norms=False, v2=None):
 
     V [K, R] with R small; any strides (V may be a transposed view, A^T of A [r, n]). v2 [K, R2] gives X [V | V2]
     [M, R + R2] without concatenating the two. An fp32 V (and v2) may multiply a bf16 or fp16 X: X is upcast as it
-    is loaded, never copied, and X V is fp32. The channel sums are added by atomics, so their last bits can differ
-    from run to run; they only rank channels.
+    is loaded, never copied, and X V is fp32. The channel sums are summed per program, then over the programs in a
+    fixed order: they choose CE-LoRA's kept channels, so a last-bit difference from run to run could change the set.
     """
     like = v if v.dtype == torch.float32 else x
     _check("thin_matmul", x, x=x)
@@ -265,7 +269,8 @@ def thin_matmul(x, v, channel_norms=False, v2=None):
     else:  # unused pointer: any tensor will do
         v2 = v
     out = torch.empty((M, R), device=x.device, dtype=like.dtype)
-    sq = torch.zeros(K, device=x.device, dtype=torch.float32) if channel_norms else None
+    sq = torch.zeros((triton.cdiv(M, THIN_MIN_BLOCK_M), K), device=x.device, dtype=torch.float32) \
+        if channel_norms else None
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]),)
 
@@ -275,7 +280,7 @@ def thin_matmul(x, v, channel_norms=False, v2=None):
         x.stride(0), x.stride(1), v.stride(0), v.stride(1), v2.stride(0), v2.stride(1), out.stride(0), out.stride(1),
         SQUARES=channel_norms, TWO_V=R > R1, BLOCK_R=_block_r(R),
     )
-    return out, sq
+    return out, (sq.sum(0) if sq is not None else None)
 
 
 def matmul_plus_low_rank(p, q, low_a=None, low_b=None, scale=1.0, low_b2=None, out_dtype=None):
