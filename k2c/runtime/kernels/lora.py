@@ -182,7 +182,7 @@ def _thin_configs() -> list[triton.Config]:
 
 
 # A trial config with smaller row blocks writes more rows of partial sums than the chosen one: they must be zeros
-@triton.autotune(configs=_thin_configs(), key=["M", "K", "R", "SQUARES", "TWO_V"], reset_to_zero=["sq_ptr"])
+@triton.autotune(configs=_thin_configs(), key=["M", "K", "R", "SQUARES", "TWO_V", "SPLIT_V"], reset_to_zero=["sq_ptr"])
 @triton.jit
 def _thin_matmul_kernel(
     x_ptr,  # X [M, K]
@@ -194,6 +194,7 @@ def _thin_matmul_kernel(
     stride_xm, stride_xk, stride_vk, stride_vr, stride_v2k, stride_v2r, stride_om, stride_or,
     SQUARES: tl.constexpr,
     TWO_V: tl.constexpr,
+    SPLIT_V: tl.constexpr,  # bf16 X, fp32 V: V's tile as three bf16 parts, three tensor-core products
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,  # R rounded up to a power of two, at least 16 (tl.dot's smallest)
@@ -217,7 +218,17 @@ def _thin_matmul_kernel(
             rs2 = tl.maximum(rs - R1, 0)
             v += tl.load(v2_ptr + cols[:, None] * stride_v2k + rs2[None, :] * stride_v2r,
                          mask=k_in[:, None] & (rs[None, :] >= R1) & (rs[None, :] < R), other=0.0)
-        acc = tl.dot(x.to(v.dtype), v, acc, input_precision="ieee")
+        if SPLIT_V:
+            # V = hi + mid + lo to 2^-24 of V, each part bf16: every product with a bf16 X is exact in fp32, so the
+            # sum is the fp32 product, at tensor-core speed (an fp32 "ieee" dot runs on the CUDA cores, ~10x slower)
+            hi = v.to(tl.bfloat16)
+            rest = v - hi.to(tl.float32)
+            mid = rest.to(tl.bfloat16)
+            acc = tl.dot(x, hi, acc)
+            acc = tl.dot(x, mid, acc)
+            acc = tl.dot(x, (rest - mid.to(tl.float32)).to(tl.bfloat16), acc)
+        else:
+            acc = tl.dot(x.to(v.dtype), v, acc, input_precision="ieee")
         if SQUARES:
             xf = x.to(tl.float32)
             tl.store(sq_ptr + tl.program_id(0).to(tl.int64) * K + cols, tl.sum(xf * xf, axis=0), mask=k_in)
@@ -250,12 +261,19 @@ def _shape(what: str, name: str, t: torch.Tensor, shape: tuple[int, int]) -> Non
         raise ValueError(f"{what}: {name} must have shape {shape}, found {tuple(t.shape)}")
 
 
+def bf16_split_products(x: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether x (bf16) times v (fp32) runs as exact products of bf16 parts of v. Not under the interpreter, whose
+    bf16 dot products are wrong (there x is upcast, as on the other paths)."""
+    return x.dtype == torch.bfloat16 and v.dtype == torch.float32 and not INTERPRETED
+
+
 def thin_matmul(x, v, channel_norms=False, v2=None):
     """(X V [M, R], ||X[:, k]||^2 [K] fp32 or None), one pass over X [M, K].
 
     V [K, R] with R small; any strides (V may be a transposed view, A^T of A [r, n]). v2 [K, R2] gives X [V | V2]
     [M, R + R2] without concatenating the two. An fp32 V (and v2) may multiply a bf16 or fp16 X: X is upcast as it
-    is loaded, never copied, and X V is fp32. The channel sums are summed per program, then over the programs in a
+    is loaded, never copied, and X V is fp32 (for a bf16 X on a GPU, as products of V's bf16 parts; see the
+    kernel). The channel sums are summed per program, then over the programs in a
     fixed order: they choose CE-LoRA's kept channels, so a last-bit difference from run to run could change the set.
     """
     like = v if v.dtype == torch.float32 else x
@@ -278,7 +296,7 @@ def thin_matmul(x, v, channel_norms=False, v2=None):
         x, v, v2, out, out if sq is None else sq,  # without SQUARES the sums' pointer is unused: any tensor will do
         M, K, R, R1,
         x.stride(0), x.stride(1), v.stride(0), v.stride(1), v2.stride(0), v2.stride(1), out.stride(0), out.stride(1),
-        SQUARES=channel_norms, TWO_V=R > R1, BLOCK_R=_block_r(R),
+        SQUARES=channel_norms, TWO_V=R > R1, SPLIT_V=bf16_split_products(x, v), BLOCK_R=_block_r(R),
     )
     return out, (sq.sum(0) if sq is not None else None)
 

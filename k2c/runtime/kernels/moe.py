@@ -5,7 +5,7 @@ The torch reference is the model's own path (`Router`, `Experts.project`, `MoE.c
 waits for the GPU, and it runs one small GEMM per expert. Here the counts stay on the device:
 
 - `route`: the router's epilogue after the fp32 GEMM x W^T (`router_logits`, on the LoRA kernels' thin GEMM, which
-  upcasts x as it loads it): sigmoid, the correction bias for the choice only, the group-limited top-k, the combine
+  reads x in its own dtype; a bf16 x meets W as exact products of W's bf16 parts): sigmoid, the correction bias for the choice only, the group-limited top-k, the combine
   weights from the unbiased scores (normalised over the k when the plan says, times routed_scaling) and the tokens
   per expert, in one pass over the logits. Its backward gives the logits' gradient, from which `router_logits`
   gives the input's (rounded once to x's dtype) and the router weight's.
@@ -262,9 +262,23 @@ class _Route(torch.autograd.Function):
 ROUTER_THIN_MAX_EXPERTS = 64
 
 
+def _bf16_parts(t: torch.Tensor, parts: int) -> list[torch.Tensor]:
+    """fp32 t as bf16 tensors summing to it: each part holds the next 8 bits of the mantissa."""
+    out = []
+    for _ in range(parts):
+        out.append(t.to(torch.bfloat16))
+        t = t - out[-1].float()
+    return out
+
+
 class _RouterLogits(torch.autograd.Function):
     """x [N, H], W [E, H] fp32 -> x W^T [N, E] fp32: `F.linear(x.float(), W)` with x upcast as the kernels load it.
-    The fp32 copy of x ([N, H], twice x's bytes) and, backward, x's gradient in fp32 with its cast are not made."""
+    The fp32 copy of x ([N, H], twice x's bytes) and, backward, x's gradient in fp32 with its cast are not made.
+
+    For a bf16 x (on a GPU) every product is of bf16 parts on the tensor cores (fp32 GEMMs run on the CUDA cores):
+    the forward's in the thin kernel; dW = dL^T x from dL's three parts, exact products summed in fp32, so fp32's
+    result; dx = dL W from two parts of each (the largest three cross terms, 2^-16 of the result), rounded to bf16.
+    """
 
     @staticmethod
     def forward(ctx, x, weight):
@@ -275,8 +289,18 @@ class _RouterLogits(torch.autograd.Function):
     def backward(ctx, dlogits):
         x, weight = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad
-        dx = lora_kernel.matmul_plus_low_rank(dlogits, weight, out_dtype=x.dtype) if need_x else None
-        return dx, dlogits.T @ x.float() if need_w else None
+        if not lora_kernel.bf16_split_products(x, weight):
+            dx = lora_kernel.matmul_plus_low_rank(dlogits, weight, out_dtype=x.dtype) if need_x else None
+            return dx, dlogits.T @ x.float() if need_w else None
+        d = _bf16_parts(dlogits, 3)
+        dx = dw = None
+        if need_x:
+            w_hi, w_lo = _bf16_parts(weight, 2)
+            dx = torch.cat((d[0], d[1], d[0]), 1) @ torch.cat((w_hi, w_hi, w_lo))
+        if need_w:
+            e, h = weight.shape
+            dw = torch.mm(torch.cat(d, 1).T, x, out_dtype=torch.float32).view(3, e, h).sum(0)
+        return dx, dw
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
