@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from k2c.runtime.kernels import ATTENTION_MAX_HEAD_DIM
+from k2c.runtime.kernels.tuning import autotune
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # softmax in base 2: exp(x) = exp2(x log2 e), the fast one
 MAX_HEAD_DIM = ATTENTION_MAX_HEAD_DIM
@@ -354,9 +355,9 @@ def _attn_bwd_dkdv(
              mask=n_ok[:, None] & dv_ok[None, :])
 
 
-_attn_fwd_tuned = triton.autotune(FWD_CONFIGS, key=TUNING_KEY)(_attn_fwd)
-_attn_bwd_dq_tuned = triton.autotune(DQ_CONFIGS, key=TUNING_KEY)(_attn_bwd_dq)
-_attn_bwd_dkdv_tuned = triton.autotune(DKDV_CONFIGS, key=TUNING_KEY)(_attn_bwd_dkdv)
+_attn_fwd_tuned = autotune(FWD_CONFIGS, key=TUNING_KEY)(_attn_fwd)
+_attn_bwd_dq_tuned = autotune(DQ_CONFIGS, key=TUNING_KEY)(_attn_bwd_dq)
+_attn_bwd_dkdv_tuned = autotune(DKDV_CONFIGS, key=TUNING_KEY)(_attn_bwd_dkdv)
 MIN_FWD_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in FWD_CONFIGS)  # sizes the block-max buffer for any config
 
 

@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from k2c.runtime.kernels.tuning import autotune
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Under TRITON_INTERPRET=1 (the CPU tests) one small config runs and nothing is timed. Read at import, as Triton
 # reads it when it decorates the kernels below.
@@ -98,7 +100,7 @@ def _matmul_configs() -> list[triton.Config]:
     ]
 
 
-@triton.autotune(configs=_matmul_configs(), key=["M", "N", "K"])
+@autotune(_matmul_configs(), key=["M", "N", "K"])
 @triton.jit
 def _matmul_plus_low_rank_kernel(
     p_ptr,  # P [M, K]
@@ -182,7 +184,7 @@ def _thin_configs() -> list[triton.Config]:
 
 
 # A trial config with smaller row blocks writes more rows of partial sums than the chosen one: they must be zeros
-@triton.autotune(configs=_thin_configs(), key=["M", "K", "R", "SQUARES", "TWO_V", "SPLIT_V"], reset_to_zero=["sq_ptr"])
+@autotune(_thin_configs(), key=["M", "K", "R", "SQUARES", "TWO_V", "SPLIT_V"], reset_to_zero=["sq_ptr"])
 @triton.jit
 def _thin_matmul_kernel(
     x_ptr,  # X [M, K]

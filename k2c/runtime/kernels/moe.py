@@ -5,10 +5,11 @@ The torch reference is the model's own path (`Router`, `Experts.project`, `MoE.c
 waits for the GPU, and it runs one small GEMM per expert. Here the counts stay on the device:
 
 - `route`: the router's epilogue after the fp32 GEMM x W^T (`router_logits`, on the LoRA kernels' thin GEMM, which
-  reads x in its own dtype; a bf16 x meets W as exact products of W's bf16 parts): sigmoid, the correction bias for the choice only, the group-limited top-k, the combine
-  weights from the unbiased scores (normalised over the k when the plan says, times routed_scaling) and the tokens
-  per expert, in one pass over the logits. Its backward gives the logits' gradient, from which `router_logits`
-  gives the input's (rounded once to x's dtype) and the router weight's.
+  reads x in its own dtype; a bf16 x meets W as exact products of W's bf16 parts): sigmoid, the correction bias for
+  the choice only, the group-limited top-k, the combine weights from the unbiased scores (normalised over the k when
+  the plan says, times routed_scaling) and the tokens per expert, in one pass over the logits. Its backward gives
+  the logits' gradient, from which `router_logits` gives the input's (rounded once to x's dtype) and the router
+  weight's.
 - Rows are grouped by expert with a stable argsort (torch, on the device); expert e owns rows offsets[e] to
   offsets[e+1]. A grouped GEMM launches a grid sized from host-known bounds (at most cdiv(N*k, BLOCK_M) + E row
   tiles, since each expert's last tile may be partial) and each program finds its expert and rows from the offsets:
@@ -55,6 +56,7 @@ import triton
 import triton.language as tl
 
 from k2c.runtime.kernels import lora as lora_kernel
+from k2c.runtime.kernels.tuning import autotune
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Under TRITON_INTERPRET=1 (the CPU tests) one small config runs and nothing is timed; read at import, as Triton
@@ -408,9 +410,9 @@ def _add_low_rank(acc, la_ptr, rows, stride_lam, stride_lar, lb_ptr, stride_lbr,
 # --------------------------------------------------------------------------- grouped GEMM
 
 
-@triton.autotune(configs=_configs(WIDE + THIN),
-                 key=["N", "K", "K2", "R", "GATHER", "TWO", "ROW_SCALE", "SCATTER", "UNSCALED", "LOW_RANK"],
-                 prune_configs_by={"early_config_prune": _prune_by_width})
+@autotune(_configs(WIDE + THIN),
+          key=["N", "K", "K2", "R", "GATHER", "TWO", "ROW_SCALE", "SCATTER", "UNSCALED", "LOW_RANK"],
+          prune_configs_by={"early_config_prune": _prune_by_width})
 @triton.jit
 def _grouped_matmul_kernel(
     a_ptr,  # A [*, K]: row i of the product reads A's row a_rows[i] (GATHER), else row i
@@ -479,7 +481,7 @@ def _grouped_matmul_kernel(
 # --------------------------------------------------------------------------- SwiGLU experts: gate/up and its backward
 
 
-@triton.autotune(configs=_configs(GATE_UP), key=["N", "K", "RG", "RU", "LORA_GATE", "LORA_UP"])
+@autotune(_configs(GATE_UP), key=["N", "K", "RG", "RU", "LORA_GATE", "LORA_UP"])
 @triton.jit
 def _gate_up_kernel(
     x_ptr,  # X [*, K]: the layer's input, a row per token
@@ -556,7 +558,7 @@ def _gate_up_kernel(
     tl.store(act_ptr + out, act, mask=mask)
 
 
-@triton.autotune(configs=_configs(DOWN_BACKWARD), key=["N", "K", "R", "GATHER", "LOW_RANK"])
+@autotune(_configs(DOWN_BACKWARD), key=["N", "K", "R", "GATHER", "LOW_RANK"])
 @triton.jit
 def _down_backward_kernel(
     dout_ptr,  # dOut [*, K]: the gradient of each (token, slot)'s weighted output
@@ -625,9 +627,9 @@ def _down_backward_kernel(
 # --------------------------------------------------------------------------- per-expert reductions over rows
 
 
-@triton.autotune(configs=WEIGHT_GRAD_CONFIGS + WEIGHT_GRAD_THIN_CONFIGS,
-                 key=["MO", "NO", "P_GATHER", "P_SCALE", "Q_GATHER"],
-                 prune_configs_by={"early_config_prune": _prune_weight_grad})
+@autotune(WEIGHT_GRAD_CONFIGS + WEIGHT_GRAD_THIN_CONFIGS,
+          key=["MO", "NO", "P_GATHER", "P_SCALE", "Q_GATHER"],
+          prune_configs_by={"early_config_prune": _prune_weight_grad})
 @triton.jit
 def _weight_grad_kernel(
     p_ptr,  # P [*, MO]: row p_rows[i] (P_GATHER), else row i, is the i-th of the reduction

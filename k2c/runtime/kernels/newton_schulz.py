@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from k2c.runtime.kernels.tuning import autotune
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 EPS = 1e-7  # added to the Frobenius norm before dividing by it, as torch.optim.Muon and the reference do
 # Under TRITON_INTERPRET=1 (the CPU tests) one small config runs and nothing is timed. Read at import, as Triton
@@ -79,7 +81,7 @@ def _triangle_tile(tile, N, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     return ti * BLOCK_N, ti * BLOCK_N + tile * BLOCK_M
 
 
-@triton.autotune(configs=_configs(), key=["BATCH", "N", "K"])
+@autotune(_configs(), key=["BATCH", "N", "K"])
 @triton.jit
 def _symmetric_product_kernel(
     x_ptr,  # X [BATCH, N, K], contiguous
@@ -139,7 +141,7 @@ def _symmetric_product_kernel(
                      mask=(cols[:, None] > rows[None, :]) & (cols < N)[:, None])
 
 
-@triton.autotune(configs=_configs(), key=["BATCH", "N", "M"])
+@autotune(_configs(), key=["BATCH", "N", "M"])
 @triton.jit
 def _apply_polynomial_kernel(
     p_ptr,  # P [BATCH, N, N], contiguous
