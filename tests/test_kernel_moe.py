@@ -262,6 +262,18 @@ def test_moe_kernels_match_the_torch_path(check: str) -> None:
     assert child.returncode == 0, f"check_{check} failed:\n{child.stdout}{child.stderr[-5000:]}"
 
 
+def test_bf16_parts_sum_back_to_their_fp32_tensor() -> None:
+    """The parts a bf16 x multiplies the router weight by on a GPU (its products are then exact in fp32): three bf16
+    parts hold all 24 significant bits of an fp32, two of them 16."""
+    from k2c.runtime.kernels.moe import _bf16_parts
+
+    t = torch.randn(512, 64) * torch.logspace(-6, 3, 64)
+    three, two = _bf16_parts(t, 3), _bf16_parts(t, 2)
+    assert all(p.dtype == torch.bfloat16 for p in three + two)
+    assert torch.equal(sum(p.double() for p in three), t.double())
+    assert ((sum(p.double() for p in two) - t.double()).abs() / t.double().abs()).max() <= 2**-16
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)  # one core per test process, as conftest sets for the workers
     globals()[sys.argv[1]]()
