@@ -1,12 +1,13 @@
 """Where one training step's time goes: GPU kernel time against wall time, and the biggest kernels.
 
-    python benchmarks/profile_step.py [--spec specs/k2-1b.yaml] [--adapter lora|ce_lora] [--graph] [--out DIR]
+    python benchmarks/profile_step.py [--spec specs/k2-1b.yaml] [--adapter lora|ce_lora] [--graph | --ops] [--out DIR]
 
 Profiles `--steps` of `k2c train`'s steps (forward, backward, gradient clipping, MuonClip) after `--warmup`, bf16,
 8 x 2048 random tokens, with torch.profiler; eagerly, or with `--graph` replayed from a CUDA graph
 (k2c.runtime.graph). Writes <out>/profile-<spec>[-<adapter>][-graph].{md,json}: wall ms per step; the GPU's busy ms
 per step (the sum of the kernels' own times: they run on one stream, so they do not overlap); the host's time
-issuing the step (the calls' own time, with the waits on the GPU taken out); and the 25 largest kernels.
+issuing the step (the calls' own time, with the waits on the GPU taken out); and the 25 largest kernels. With `--ops`
+(eager only), also the operators that launched them, with their input shapes and call sites.
 """
 
 from __future__ import annotations
@@ -39,12 +40,16 @@ def main() -> None:
     ap.add_argument("--spec", default=str(REPO / "specs" / "k2-1b.yaml"))
     ap.add_argument("--adapter", choices=("lora", "ce_lora"))
     ap.add_argument("--graph", action="store_true", help="profile steps replayed from a CUDA graph")
+    ap.add_argument("--ops", action="store_true", help="eager steps only: also the operators that launched the most "
+                    "GPU time, by input shapes and call site (slower to record)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
+    if args.ops and args.graph:
+        ap.error("--ops names the operators of eager steps; a replayed graph runs none: leave out --graph")
     spec = load_spec(Path(args.spec))
     if args.adapter:
         spec = with_adapter(spec, args.adapter, 0.25 if args.adapter == "ce_lora" else None, f"profile_{args.adapter}")
@@ -67,7 +72,8 @@ def main() -> None:
         for _ in range(args.warmup):
             step(ids, ids)
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=args.ops,
+                     with_stack=args.ops) as prof:
             start = time.perf_counter()
             for _ in range(args.steps):
                 step(ids, ids)
@@ -84,13 +90,14 @@ def main() -> None:
     top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:25]
     rows = [{"kernel": e.key[:90], "calls_per_step": e.count / args.steps,
              "ms_per_step": e.self_device_time_total / 1e3 / args.steps} for e in top]
+    ops = operators(prof, args.steps) if args.ops else []
     summary = {"spec": spec.name, "adapter": args.adapter, "graph": args.graph, "wall_ms_per_step": wall,
                "gpu_busy_ms_per_step": gpu, "host_sync_ms_per_step": sync,
                "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"profile-{spec.name}" + (f"-{args.adapter}" if args.adapter else "") + ("-graph" if args.graph else "")
-    (out / f"{stem}.json").write_text(json.dumps({**summary, "top": rows}, indent=1) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps({**summary, "top": rows, "ops": ops}, indent=1) + "\n")
     how = "replayed from a CUDA graph" if args.graph else "eager"
     lines = [f"# Profile of one training step, {spec.name}, {args.batch} x {args.seq} tokens, {how}, {summary['gpu']}",
              "", f"torch {torch.__version__}; {time.strftime('%Y-%m-%d')}.", "",
@@ -98,8 +105,23 @@ def main() -> None:
              f"host waiting on the GPU {sync:.1f} ms per step, so issuing work {wall - sync:.1f} ms.", ""]
     lines += ["| kernel | calls/step | ms/step |", "|---|---|---|"]
     lines += [f"| `{r['kernel']}` | {r['calls_per_step']:.0f} | {r['ms_per_step']:.2f} |" for r in rows]
+    if ops:
+        lines += ["", "The operators that launched them (GPU time of the kernels each launched itself):", "",
+                  "| operator | input shapes | called from | calls/step | ms/step |", "|---|---|---|---|---|"]
+        lines += [f"| `{o['op']}` | {o['shapes']} | {o['where']} | {o['calls_per_step']:.0f} | {o['ms_per_step']:.2f} |"
+                  for o in ops]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def operators(prof, steps: int) -> list[dict]:
+    """The 40 operators (by name, input shapes and the innermost Python frames that called them) whose own kernels
+    took the most GPU time. Backward operators run on autograd's thread, without Python frames."""
+    events = prof.key_averages(group_by_input_shape=True, group_by_stack_n=3)
+    ops = [e for e in events if e.device_type == DeviceType.CPU and e.self_device_time_total > 0]
+    top = sorted(ops, key=lambda e: e.self_device_time_total, reverse=True)[:40]
+    return [{"op": e.key, "shapes": str(e.input_shapes)[:80], "where": " < ".join(Path(f).name for f in e.stack[:3]),
+             "calls_per_step": e.count / steps, "ms_per_step": e.self_device_time_total / 1e3 / steps} for e in top]
 
 
 if __name__ == "__main__":
