@@ -1,7 +1,8 @@
 """What every GPU benchmark family shares: one tolerance table, one timer, one results file.
 
 A family is a module under `benchmarks/kernels/` with `run(h: Harness) -> None`: it checks each variant against
-its reference with `h.check` before timing it with `h.time`, and records rows with `h.row`.
+its reference with `h.check` before timing it with `h.time` (or `h.kernel_time` where the host sets the pace), and
+records rows with `h.row`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,16 @@ class MismatchError(AssertionError):
     pass
 
 
+def device_kernels(prof) -> list:
+    """The kernels and copies the device ran under a torch.profiler profile, one row per name. An operator's row
+    repeats the time of the kernels it launched, and a range's device-side row (a user annotation) spans them: both
+    are left out, so the rows' times add up to the device's busy time."""
+    from torch.autograd import DeviceType
+
+    return [e for e in prof.key_averages()
+            if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+
+
 class Harness:
     def __init__(self) -> None:
         self.rows: list[Row] = []
@@ -58,6 +69,20 @@ class Harness:
         from triton.testing import do_bench
 
         return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+    @staticmethod
+    def kernel_time(fn, calls: int = 20) -> float:
+        """ms of GPU kernel time per call of fn: the sum of its kernels' own times under torch.profiler. For work
+        whose wall time is the host's, issuing many small kernels, where `time` would measure the host."""
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+        return sum(e.self_device_time_total for e in device_kernels(prof)) / 1e3 / calls
 
     def row(self, work: str, variant: str, ms: float, anchor_ms: float, check: str = "",
             flops: float | None = None) -> None:

@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 from bench_step import with_adapter  # noqa: E402
+from harness import device_kernels  # noqa: E402
 
 from k2c.codegen import build_package  # noqa: E402
 from k2c.runtime.graph import CudaGraphStep  # noqa: E402
@@ -80,9 +81,7 @@ def main() -> None:
             torch.cuda.synchronize()
             wall = (time.perf_counter() - start) / args.steps * 1e3
     events = prof.key_averages()
-    # the device's own kernels and copies: an operator's row repeats the time of the kernels it launched, and a
-    # range's device-side row (a user annotation) spans them
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+    kernels = device_kernels(prof)
     gpu = sum(e.self_device_time_total for e in kernels) / 1e3 / args.steps
     # the host blocks in these calls while the GPU catches up; the rest of the wall time it issues work
     sync = sum(e.self_cpu_time_total for e in events
