@@ -121,12 +121,16 @@ def write_back(params, masters) -> None:
         torch._foreach_copy_([params[i] for i in lower], [masters[i] for i in lower])
 
 
-def scale_rows(weight: torch.Tensor, rows: tuple[int, int, int], factor: torch.Tensor) -> None:
-    """Multiply head h's rows `[h*stride + offset, +count)` of weight [heads*stride, in] by factor[h] (on the rows
-    this process holds, when the weight is sharded)."""
-    offset, count, stride = rows
+def scale_rows(weight: torch.Tensor, *scalings: tuple[tuple[int, int, int], torch.Tensor]) -> None:
+    """For each (rows, factor): multiply head h's rows `[h*stride + offset, +count)` of weight [heads*stride, in] by
+    factor[h] (on the rows this process holds, when the weight is sharded). All of them in one pass over the weight;
+    the row ranges share one stride."""
+    (_, _, stride), factor = scalings[0]
+    if any(rows[2] != stride for rows, _ in scalings):
+        raise ValueError(f"scale_rows: row ranges of one weight must share its head stride, found {scalings}")
     per_row = torch.ones(factor.shape[0], stride, dtype=factor.dtype, device=factor.device)
-    per_row[:, offset : offset + count] = factor[:, None]
+    for (offset, count, _), factor in scalings:
+        per_row[:, offset : offset + count] = factor[:, None]
     held = local(weight)
     held.mul_(rows_of(weight, per_row.view(-1)).to(held.device)[:, None])
 
@@ -145,10 +149,8 @@ def clip_heads(attention: Attention, gamma: torch.Tensor) -> None:
         local(scale).mul_(rows_of(scale, gamma).to(local(scale).device))
         return
     root = gamma.sqrt()
-    q = attention.get_parameter(clip.q_weight)
-    scale_rows(q, clip.q_sqrt_gamma_rows, root)
-    scale_rows(q, clip.q_gamma_rows, gamma)
-    scale_rows(attention.get_parameter(clip.kv_weight), clip.kv_sqrt_gamma_rows, root)
+    scale_rows(attention.get_parameter(clip.q_weight), (clip.q_sqrt_gamma_rows, root), (clip.q_gamma_rows, gamma))
+    scale_rows(attention.get_parameter(clip.kv_weight), (clip.kv_sqrt_gamma_rows, root))
 
 
 class MuonClip(torch.optim.Optimizer):
