@@ -621,6 +621,9 @@ def _train(package, run_dir: Path, data: tuple[Part, Part], steps, resume, check
         print(f"note: this run's schedule ends at step {run['decay_steps']}; steps {max(start, run['decay_steps']) + 1}"
               f"-{steps} run at its final learning rate {lr_at(run['decay_steps'], schedule):.3g}",
               file=sys.stderr, flush=True)
+    if lead and dev.type == "cuda":
+        print("note: the first steps compile the Triton kernels and time their configs at these shapes (minutes for "
+              "a large model); Triton's cache keeps both for later runs on this machine", file=sys.stderr, flush=True)
 
     if checkpoint_minutes is None:
         checkpoint_minutes = 0.0 if t.checkpoint_every else DEFAULT_CHECKPOINT_MINUTES
