@@ -276,8 +276,8 @@ def thin_matmul(x, v, channel_norms=False, v2=None):
     V [K, R] with R small; any strides (V may be a transposed view, A^T of A [r, n]). v2 [K, R2] gives X [V | V2]
     [M, R + R2] without concatenating the two. An fp32 V (and v2) may multiply a bf16 or fp16 X: X is upcast as it
     is loaded, never copied, and X V is fp32 (for a bf16 X on a GPU, as products of V's bf16 parts; see the
-    kernel). The channel sums are summed per program, then over the programs in a
-    fixed order: they choose CE-LoRA's kept channels, so a last-bit difference from run to run could change the set.
+    kernel). The channel sums are summed per program, then over the programs in a fixed order: they choose CE-LoRA's
+    kept channels, so a last-bit difference from run to run could change the set.
     """
     like = v if v.dtype == torch.float32 else x
     _check("thin_matmul", x, x=x)

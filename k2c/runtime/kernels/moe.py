@@ -274,8 +274,8 @@ def _bf16_parts(t: torch.Tensor, parts: int) -> list[torch.Tensor]:
 
 
 class _RouterLogits(torch.autograd.Function):
-    """x [N, H], W [E, H] fp32 -> x W^T [N, E] fp32: `F.linear(x.float(), W)` with x upcast as the kernels load it.
-    The fp32 copy of x ([N, H], twice x's bytes) and, backward, x's gradient in fp32 with its cast are not made.
+    """x [N, H], W [E, H] fp32 -> x W^T [N, E] fp32: `F.linear(x.float(), W)`, with x read in its own dtype. The
+    fp32 copy of x ([N, H], twice x's bytes) and, backward, x's gradient in fp32 with its cast are not made.
 
     For a bf16 x (on a GPU) every product is of bf16 parts on the tensor cores (fp32 GEMMs run on the CUDA cores):
     the forward's in the thin kernel; dW = dL^T x from dL's three parts, exact products summed in fp32, so fp32's
