@@ -119,6 +119,16 @@ def compare(h, tokens: int, n_in: int, n_out: int, device: str, dtype: torch.dty
         for variant, anchor, fn, torch_fn in pieces:
             record(h, f"{work}: one piece", f"{variant} (vs {anchor})", h.time(fn), h.time(torch_fn), "",
                    2 * tokens * n_in * n_out)
+        # the r-wide products alone: Triton's pass against cuBLAS at the same width (LoRA sites take cuBLAS's)
+        low = torch.cat((svd_B, lora_B), 1)
+        thin = [
+            ("X' A^T, Triton thin_matmul", lambda: K.thin_matmul(x, lora_A.T)[0], lambda: x @ lora_A.T, n_in, RANK),
+            ("dY [B0 | B], Triton thin_matmul", lambda: K.thin_matmul(dy, svd_B, v2=lora_B)[0], lambda: dy @ low,
+             n_out, SVD_RANK + RANK),
+        ]
+        for variant, fn, torch_fn, k, r in thin:
+            record(h, f"{work}: one piece", f"{variant} (vs torch's matmul, cuBLAS)", h.time(fn), h.time(torch_fn),
+                   "", 2 * tokens * k * r)
 
 
 def record(h, work: str, variant: str, ms: float, anchor_ms: float, check: str, flops: float) -> None:
