@@ -157,12 +157,12 @@ def signal_in_step(package, monkeypatch, at_step: int, *signums: int) -> None:
         opt = build_optimizer(model)
         step, calls = opt.step, []
 
-        def stepped():
+        def stepped(*args, **kwargs):
             calls.append(1)
             if len(calls) == at_step:
                 for signum in signums:
                     os.kill(os.getpid(), signum)
-            step()
+            step(*args, **kwargs)
 
         opt.step = stepped
         return opt
@@ -253,9 +253,9 @@ def test_without_checkpoint_every_the_run_checkpoints_every_10_minutes(package, 
         opt = build_optimizer(model)
         step = opt.step
 
-        def stepped():
+        def stepped(*args, **kwargs):
             now[0] += 240.0
-            step()
+            step(*args, **kwargs)
 
         opt.step = stepped
         return opt

@@ -103,16 +103,18 @@ def check_muon_passes() -> None:
 
     torch.manual_seed(2)
     mu, decay, step = 0.95, 0.998, -0.3
-    cases = itertools.product([(3, 24, 40), (2, 40, 24)], (True, False), (torch.float32, torch.bfloat16), DTYPES)
-    for (e, r, c), nesterov, grad_dtype, dtype in cases:
-        what = f"{(e, r, c)} nesterov={nesterov} grad {grad_dtype} out {dtype}"
+    cases = itertools.product([(3, 24, 40), (2, 40, 24)], (True, False), (torch.float32, torch.bfloat16), DTYPES,
+                              (None, 0.37))
+    for (e, r, c), nesterov, grad_dtype, dtype, clip in cases:
+        what = f"{(e, r, c)} nesterov={nesterov} grad {grad_dtype} out {dtype} grad scale {clip}"
         momentum = torch.randn(e, r, c)
         grad = torch.randn(e, r, c).to(grad_dtype)
-        want_momentum = momentum * mu + grad.float()
-        u = grad.float() + mu * want_momentum if nesterov else want_momentum
+        g = grad.float() * (1.0 if clip is None else clip)
+        want_momentum = momentum * mu + g
+        u = g + mu * want_momentum if nesterov else want_momentum
         want_scale = 1 / (torch.linalg.matrix_norm(u) + 1e-7)
         out = torch.full((e, min(r, c), max(r, c)), torch.nan, dtype=dtype)
-        scale = muon_input(momentum, grad, mu, nesterov, out)
+        scale = muon_input(momentum, grad, mu, nesterov, out, None if clip is None else torch.tensor(clip))
         assert_close(f"muon_input momentum {what}", momentum, want_momentum, torch.float32)
         assert_close(f"muon_input {what}", out, u.mT if r > c else u, dtype)
         assert_close(f"muon_input scale {what}", scale, want_scale, torch.float32)
@@ -121,11 +123,13 @@ def check_muon_passes() -> None:
         weight = torch.randn(e, r, c).to(dtype)
         update = out.mT if r > c else out
         want = weight.double() * decay + step * update.double()
+        # the fp32 arithmetic's own error, which outgrows want where the two terms nearly cancel
+        fp32_error = 2.0**-22 * (weight.double().abs() * decay + abs(step) * update.double().abs())
         muon_update(weight, out, torch.tensor(decay), torch.tensor(step))
         if dtype == torch.float32:
             assert_close(f"muon_update {what}", weight, want, torch.float32)
         else:  # computed in fp32 and rounded once: within half a unit in the last place, 2^-11 relative
-            assert ((weight.double() - want).abs() <= want.abs() * 2.0**-11).all(), f"muon_update {what}"
+            assert ((weight.double() - want).abs() <= want.abs() * 2.0**-11 + fp32_error).all(), f"muon_update {what}"
 
 
 def check_optimizer() -> None:

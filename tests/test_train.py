@@ -54,11 +54,11 @@ def interrupted_in_step(package, step):
         opt = build_optimizer(model)
         update, calls = opt.step, []
 
-        def counted():
+        def counted(*args, **kwargs):
             calls.append(1)
             if len(calls) == step:
                 raise KeyboardInterrupt
-            update()
+            update(*args, **kwargs)
 
         opt.step = counted
         return opt
@@ -159,6 +159,31 @@ def test_a_checkpoint_write_cut_short_keeps_the_previous_one(build_generated, tm
     summary = train.run(run_dir, resume=True)
     assert summary["steps"] == 4
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
+
+
+def test_training_step_clips_as_clip_grad_norm_does(build_generated):
+    """The step applies the clip's factor as the optimizer reads each gradient: the weights after it must be those of
+    torch's clip_grad_norm_ followed by a plain step, with a max_norm low enough that the clip acts."""
+    package, _ = trainer(build_generated)
+    ids = torch.randint(0, SMALL_MODEL["vocab_size"], (1, 4, 32))
+    results = []
+    for folded in (True, False):
+        torch.manual_seed(3)
+        model = package.build_model("cpu", torch.float32)
+        opt = package.build_optimizer(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        for _ in range(2):  # the second step reads momenta and moments that the first one's clip shaped
+            if folded:
+                norm = runtime_train.training_step(model, opt, params, ids, ids, 0.05)["grad_norm"]
+            else:
+                model(ids[0], labels=ids[0]).loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(params, 0.05)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            assert norm > 0.5  # so the clip scales every gradient by 1/10 or less
+        results.append({name: p.detach() for name, p in model.named_parameters()})
+    for name, want in results[1].items():
+        torch.testing.assert_close(results[0][name], want, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_metrics_follow_a_hand_computation(build_generated, tmp_path):

@@ -227,30 +227,34 @@ class MuonClip(torch.optim.Optimizer):
                 self.state_of(p, group["kind"])
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, grad_scale: torch.Tensor | None = None):
+        """One step. grad_scale (a 0-dim tensor on the parameters' device: the gradient clip's factor) is applied
+        as the step reads each gradient, in fp32, where clipping first would take a pass over every gradient."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if grad_scale is not None:
+            grad_scale = grad_scale.float()
         for group, lr in zip(self.param_groups, self.lrs()):
             if group["kind"] == "muon":
-                self._muon(group, lr)
+                self._muon(group, lr, grad_scale)
             else:
-                self._adamw(group, lr)
-        self.state["step"] += 1
+                self._adamw(group, lr, grad_scale)
+        self.state["step"] += 1  # type: ignore[index]
         self._update_router_bias()
         self._qk_clip()
         self.model.reset_step_stats()
         return loss
 
-    def _muon(self, group, lr: torch.Tensor):
+    def _muon(self, group, lr: torch.Tensor, grad_scale: torch.Tensor | None):
         """Muon over the group, batch by batch: on the Triton kernels where `use_triton` says (CUDA tensors, or
         K2C_KERNELS=triton) and they take the shape (`fits`), else in torch (the CPU, or K2C_KERNELS=torch)."""
         decay = group["weight_decay"]
         params = [p for p in group["params"] if p.grad is not None]
         sharded = [p for p in params if isinstance(p, DTensor)]
         if sharded:
-            self._muon_sharded(sharded, lr, decay)
+            self._muon_sharded(sharded, lr, decay, grad_scale)
         by_shape = defaultdict(list)  # matrices of one shape share a batched Newton-Schulz, tall ones transposed
         for p in params:
             if not isinstance(p, DTensor):
@@ -263,11 +267,11 @@ class MuonClip(torch.optim.Optimizer):
                 matrices = [self._matrices(p, first, end) for p, first, end in batch]
                 weight = batch[0][0]
                 if use_triton(TRITON, weight) and ns_kernels.fits(n, m, ns_dtype(weight.device)):
-                    self._muon_fused(matrices, n, m, shrink, step)
+                    self._muon_fused(matrices, n, m, shrink, step, grad_scale)
                 else:
-                    self._muon_reference(matrices, shrink, step)
+                    self._muon_reference(matrices, shrink, step, grad_scale)
 
-    def _muon_sharded(self, params, lr, decay):
+    def _muon_sharded(self, params, lr, decay, grad_scale: torch.Tensor | None):
         """Muon over FSDP2-sharded matrices: momentum on the local shards; each whole matrix (or stack of experts) is
         gathered, orthogonalised on one process of its mesh, and its update scattered back in shards."""
         mu, nesterov = self.plan.momentum, self.plan.nesterov
@@ -275,6 +279,8 @@ class MuonClip(torch.optim.Optimizer):
             mine, full = batch[0].device_mesh.get_local_rank(), None
             for owner, p in enumerate(batch):
                 momentum, grad = self.state_of(p, "muon")["momentum"], p.grad.float()
+                if grad_scale is not None:
+                    local(grad).mul_(grad_scale)  # p.grad itself when fp32, scaled as a clip would scale it
                 momentum.mul_(mu).add_(grad)
                 whole = gather(grad.add(momentum, alpha=mu) if nesterov else momentum, owner)
                 full = whole if whole is not None else full
@@ -282,7 +288,9 @@ class MuonClip(torch.optim.Optimizer):
             update = None if full is None else newton_schulz(full, self.plan.ns_steps, self.plan.ns_coefficients,
                                                              ns_dtype(full.device)).float()
             for owner, p in enumerate(batch):
-                sent = update if owner == mine else local(p).new_empty(p.shape, dtype=torch.float32)
+                # a process's own matrix of the round was orthogonalised here: update is set
+                sent = update if owner == mine and update is not None else local(p).new_empty(p.shape,
+                                                                                               dtype=torch.float32)
                 held = local(p)
                 master = held.float()  # the shard itself when fp32
                 step = self._step_size(lr, max(p.shape[-2:])).float()
@@ -301,7 +309,7 @@ class MuonClip(torch.optim.Optimizer):
         return (p.view(-1, r, c)[first:end], state["momentum"].view(-1, r, c)[first:end],
                 p.grad.reshape(-1, r, c)[first:end])
 
-    def _muon_fused(self, matrices, n, m, decay: torch.Tensor, step: torch.Tensor):
+    def _muon_fused(self, matrices, n, m, decay: torch.Tensor, step: torch.Tensor, grad_scale: torch.Tensor | None):
         """The batch on the Triton kernels: a fused pass in, Newton-Schulz on the whole batch, a fused pass out.
 
         The passes launch once per piece (all or part of one stacked parameter), Newton-Schulz once for the batch.
@@ -310,17 +318,19 @@ class MuonClip(torch.optim.Optimizer):
         device = matrices[0][0].device
         x = torch.empty((sum(counts), n, m), device=device, dtype=ns_dtype(device))
         scale = torch.cat([
-            ns_kernels.muon_input(momentum, grad.contiguous(), self.plan.momentum, self.plan.nesterov, rows)
+            ns_kernels.muon_input(momentum, grad.contiguous(), self.plan.momentum, self.plan.nesterov, rows, grad_scale)
             for (_, momentum, grad), rows in zip(matrices, x.split(counts))
         ])
         x = ns_kernels.newton_schulz_(x, self.plan.ns_steps, self.plan.ns_coefficients, scale)
         for (weight, _, _), update in zip(matrices, x.split(counts)):
             ns_kernels.muon_update(weight, update, decay, step)
 
-    def _muon_reference(self, matrices, decay: torch.Tensor, step: torch.Tensor):
+    def _muon_reference(self, matrices, decay: torch.Tensor, step: torch.Tensor, grad_scale: torch.Tensor | None):
         """The batch in torch: the momentum M = mu M + G (a plain sum) and W - lr (O + wd W) as foreach ops."""
         weights, momenta = [w for w, _, _ in matrices], [mom for _, mom, _ in matrices]
         grads = [g.float() for _, _, g in matrices]
+        if grad_scale is not None:
+            torch._foreach_mul_(grads, grad_scale)  # fp32 gradients themselves, scaled as a clip would scale them
         mu = self.plan.momentum
         torch._foreach_mul_(momenta, mu)
         torch._foreach_add_(momenta, grads)
@@ -336,7 +346,7 @@ class MuonClip(torch.optim.Optimizer):
         torch._foreach_add_(masters, updates)
         write_back(weights, masters)
 
-    def _adamw(self, group, lr: torch.Tensor):
+    def _adamw(self, group, lr: torch.Tensor, grad_scale: torch.Tensor | None):
         """torch's fused AdamW: one kernel for all of the group's tensors, with fp32 moments (and fp32 arithmetic on
         an fp32 copy of any lower-precision parameter, written back rounded once)."""
         params = [p for p in group["params"] if p.grad is not None]
@@ -345,11 +355,14 @@ class MuonClip(torch.optim.Optimizer):
         states = [self.state_of(p, "adamw") for p in params]
         held = [local(p) for p in params]  # the element-wise update runs on each process's shards
         masters = [p.float() for p in held]  # the parameters themselves when fp32
+        grads = [local(p.grad).float() for p in params]
+        if grad_scale is not None:
+            torch._foreach_mul_(grads, grad_scale)  # fp32 gradients themselves, scaled as a clip would scale them
         beta1, beta2 = self.plan.adamw_betas
         # the fused kernel reads a tensor lr on the GPU as fp32, where the CPU's reads the double it holds
         lr = lr if lr.device.type == "cpu" else lr.float()
         fused_adamw(
-            masters, [local(p.grad).float() for p in params], [local(s["exp_avg"]) for s in states],
+            masters, grads, [local(s["exp_avg"]) for s in states],
             [local(s["exp_avg_sq"]) for s in states], [], [s["step"] for s in states], fused=True, amsgrad=False,
             beta1=beta1, beta2=beta2, lr=lr, weight_decay=group["weight_decay"], eps=self.plan.adamw_eps,
             maximize=False,

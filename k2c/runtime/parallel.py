@@ -197,18 +197,6 @@ def grad_norm(params) -> torch.Tensor:
     return squares.sqrt()
 
 
-def clip_grads(params, max_norm: float) -> torch.Tensor:
-    """Scale every gradient so that their norm is at most max_norm (inf: measure only); the norm before, on the
-    device. The scale is min(1, max_norm / (norm + 1e-6)), as torch's clip_grad_norm_ takes it, computed on the
-    device: deciding on the host whether to clip would wait for the norm."""
-    norm = grad_norm(params)
-    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    grads = [local(p.grad) for p in params if p.grad is not None]
-    if grads:
-        torch._foreach_mul_(grads, scale)
-    return norm
-
-
 def owner_rounds(params):
     """Muon's sharded matrices in rounds of one per process of their mesh: in a round, process i of the mesh
     orthogonalises the i-th, so the work spreads over the processes (dion and Moonlight's scheme)."""

@@ -130,7 +130,7 @@ def evaluate(model, part: Part, picks, t: TrainingPlan, dev):
 def training_step(model, opt, params, ids: torch.Tensor, labels: torch.Tensor, max_norm: float,
                   processes: int = 1) -> dict[str, torch.Tensor]:
     """One optimizer step on the micro-batches ids, labels [micro-batches, batch, seq]: the forward and backward of
-    each, the gradients of `params` clipped to norm max_norm (inf: measured only), the optimizer's step, and every
+    each, the optimizer's step on the gradients of `params` clipped to norm max_norm (inf: measured only), and every
     gradient set to None.
 
     Returns the loss (the mean over the micro-batches and the processes) and the gradient norm before clipping, on
@@ -145,9 +145,11 @@ def training_step(model, opt, params, ids: torch.Tensor, labels: torch.Tensor, m
     if processes > 1:  # the gradients are averaged already, by FSDP2's reduce-scatter
         dist.all_reduce(step_loss)
         step_loss /= processes
-    grad_norm = (parallel.clip_grads(params, max_norm) if processes > 1 else
-                 torch.nn.utils.clip_grad_norm_(params, max_norm))
-    opt.step()
+    grads = [p.grad for p in params if p.grad is not None]
+    grad_norm = parallel.grad_norm(params) if processes > 1 else torch.nn.utils.get_total_norm(grads)
+    # torch's clip_grad_norm_ factor, computed on the device (deciding on the host would wait for the norm) and
+    # applied by the optimizer as it reads the gradients: scaling them first is a pass over every gradient
+    opt.step(grad_scale=(max_norm / (grad_norm + 1e-6)).clamp(max=1.0))
     opt.zero_grad(set_to_none=True)
     return {"loss": step_loss, "grad_norm": grad_norm}
 

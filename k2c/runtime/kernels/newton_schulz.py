@@ -187,12 +187,14 @@ def _apply_polynomial_kernel(
 def _momentum_kernel(
     m_ptr,  # M [E, R, C] fp32: each matrix's momentum, advanced in place to mu M + G
     g_ptr,  # G [E, R, C]: its gradient
+    g_scale_ptr,  # [] fp32 (SCALED only): G's factor, the gradient clip's, read on the device
     x_ptr,  # X [E, N, K] with N K = R C: U, entry (r, c) of matrix e at r * stride_xr + c * stride_xc
     sumsq_ptr,  # [E, programs along axis 0] fp32: each program's sum of U^2 over its tile, U before rounding
     R, C,
     stride_xr, stride_xc,
     mu,
     NESTEROV: tl.constexpr,  # U = G + mu M, else U = M
+    SCALED: tl.constexpr,  # G times g_scale
     BLOCK: tl.constexpr,
 ):
     # program id -> tile (tr, tc) of the [R, C] matrix, row by row; program id 1 -> matrix
@@ -204,6 +206,8 @@ def _momentum_kernel(
     offs = e * R * C + rows[:, None] * C + cols[None, :]
 
     g = tl.load(g_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+    if SCALED:
+        g = g * tl.load(g_scale_ptr)
     m = mu * tl.load(m_ptr + offs, mask=inside, other=0.0) + g
     tl.store(m_ptr + offs, m, mask=inside)
     if NESTEROV:
@@ -412,10 +416,17 @@ def _orientation(rows: int, cols: int, x: torch.Tensor) -> tuple[int, int]:
     return (1, x.stride(1)) if rows > cols else (x.stride(1), 1)
 
 
+def _check_factor(fn: str, name: str, factor: torch.Tensor, device: torch.device) -> None:
+    if factor.shape != () or factor.dtype != torch.float32 or factor.device != device:
+        raise ValueError(f"{fn}: {name} must be a 0-dim fp32 tensor on {device}, found {factor.dtype} of shape "
+                         f"{tuple(factor.shape)} on {factor.device}")
+
+
 def muon_input(momentum: torch.Tensor, grad: torch.Tensor, mu: float, nesterov: bool,
-               out: torch.Tensor) -> torch.Tensor:
+               out: torch.Tensor, grad_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Advance the momentum M [E, R, C] (fp32) to mu M + G and write each matrix's U into out; one pass.
 
+    G is grad, times grad_scale (a 0-dim fp32 tensor on its device: the gradient clip's factor) if given, in fp32.
     U = G + mu M with Nesterov, else M. out [E, n, m] holds the matrices wide (n <= m), transposed if R > C, in its
     dtype. Returns 1 / (||U||_F + EPS) per matrix [E], fp32, the scale for `newton_schulz_`.
     """
@@ -426,10 +437,13 @@ def muon_input(momentum: torch.Tensor, grad: torch.Tensor, mu: float, nesterov: 
                          f"{momentum.dtype} and {tuple(grad.shape)}")
     if tuple(out.shape) != (e, min(r, c), max(r, c)):
         raise ValueError(f"muon_input: out must have shape {(e, min(r, c), max(r, c))}, found {tuple(out.shape)}")
+    if grad_scale is not None:
+        _check_factor("muon_input", "grad_scale", grad_scale, momentum.device)
     tiles = triton.cdiv(r, TILE) * triton.cdiv(c, TILE)
     sumsq = torch.empty((e, tiles), dtype=torch.float32, device=momentum.device)
-    _momentum_kernel[(tiles, e)](momentum, grad, out, sumsq, r, c, *_orientation(r, c, out), float(mu),
-                                 NESTEROV=nesterov, BLOCK=TILE)
+    _momentum_kernel[(tiles, e)](momentum, grad, grad if grad_scale is None else grad_scale, out, sumsq, r, c,
+                                 *_orientation(r, c, out), float(mu), NESTEROV=nesterov,
+                                 SCALED=grad_scale is not None, BLOCK=TILE)
     return sumsq.sum(1).sqrt_().add_(EPS).reciprocal_()
 
 
@@ -445,8 +459,6 @@ def muon_update(weight: torch.Tensor, update: torch.Tensor, decay: torch.Tensor,
         raise ValueError(f"muon_update: update must have shape {(e, min(r, c), max(r, c))}, found "
                          f"{tuple(update.shape)}")
     for name, factor in (("decay", decay), ("step", step)):
-        if factor.shape != () or factor.dtype != torch.float32 or factor.device != weight.device:
-            raise ValueError(f"muon_update: {name} must be a 0-dim fp32 tensor on {weight.device}, found "
-                             f"{factor.dtype} of shape {tuple(factor.shape)} on {factor.device}")
+        _check_factor("muon_update", name, factor, weight.device)
     _update_kernel[(triton.cdiv(r, TILE) * triton.cdiv(c, TILE), e)](
         weight, update, decay, step, r, c, *_orientation(r, c, update), BLOCK=TILE)
