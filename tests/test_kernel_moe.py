@@ -232,6 +232,26 @@ def check_celora() -> None:
         compare(f"ce_lora {dtype} {load} on {ce_names} of {names}", moe, dtype, twice=True)
 
 
+def check_slot_sum() -> None:
+    """The MoE output's sum over the slots plus the shared experts' output, and its gradients, against torch's sum and
+    add on strided slots, in fp32 accumulation (the kernel rounds once, so fp16 is compared at its tolerance)."""
+    from k2c.runtime.kernels.moe import combine_slots, slot_sum
+
+    torch.manual_seed(7)
+    for dtype in (torch.float32, torch.float16):
+        slots = torch.randn(N, H, 3, dtype=dtype).transpose(1, 2).requires_grad_()  # [N, 3, H], strided
+        shared, dout = torch.randn(N, H, dtype=dtype, requires_grad=True), torch.randn(N, H, dtype=dtype)
+        want = slots.double().sum(dim=1) + shared.double()
+        got = combine_slots(slots, shared)
+        assert_close(f"slot sum {dtype}", got, want, dtype)
+        dslots, dshared = torch.autograd.grad(got, (slots, shared), dout)
+        assert torch.equal(dslots, dout.unsqueeze(1).expand(N, 3, H)) and torch.equal(dshared, dout)
+        assert_close(f"slot sum without addend {dtype}", slot_sum(slots.detach()), slots.double().sum(dim=1), dtype)
+    with pytest.raises(ValueError, match="add must be"):
+        slot_sum(torch.randn(N, 2, H), torch.randn(N, H + 1))
+    print("ok slot sum")
+
+
 def check_errors() -> None:
     from k2c.runtime.kernels import moe as kernels
 
@@ -255,7 +275,7 @@ def check_errors() -> None:
 # --------------------------------------------------------------------------- the tests: one fresh Python each
 
 
-@pytest.mark.parametrize("check", ["router", "experts", "lora", "celora", "errors"])
+@pytest.mark.parametrize("check", ["router", "experts", "lora", "celora", "slot_sum", "errors"])
 def test_moe_kernels_match_the_torch_path(check: str) -> None:
     child = subprocess.run([sys.executable, __file__, f"check_{check}"], capture_output=True, text=True, timeout=300,
                            env=subprocess_env(TRITON_INTERPRET="1", K2C_KERNELS="triton"))

@@ -351,6 +351,9 @@ class MoE(nn.Module):
         order here) or `Experts.forward`'s [N, k, H], weighted and in place already.
         """
         slots = y if y.ndim == 3 else routing.to_slots(y)
+        if routing.fused and slots.dtype == routing.input.dtype:
+            flat = None if shared is None else shared.reshape(slots.shape[0], -1)
+            return moe_kernel.combine_slots(slots, flat).view(routing.shape)
         out = slots.sum(dim=1).view(routing.shape).to(routing.input.dtype)
         return out if shared is None else out + shared
 

@@ -80,13 +80,14 @@ def _attn_fwd(
     K,  # [B, H, T, QK_DIM], last dim contiguous
     V,  # [B, H, T, V_DIM], last dim contiguous
     HEAD_SCALE,  # [H] fp32, or None
-    Out,  # [B, H, T, V_DIM] contiguous
+    Out,  # [B, H, T, V_DIM], last dim contiguous
     LSE,  # [B * H, T] fp32: each row's log2 of sum(exp2(logit * log2 e))
     BLOCK_MAX,  # [B * H, max_stride] fp32, -inf where no program writes: max logit over each query block
     sm_scale,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_oh, stride_ot,
     max_stride, H, T,
     QK_DIM: tl.constexpr, V_DIM: tl.constexpr,
     D_HEAD: tl.constexpr, D_TAIL: tl.constexpr, D_V: tl.constexpr,
@@ -157,8 +158,8 @@ def _attn_fwd(
     acc = acc / l_i[:, None]
     row = bh.to(tl.int64) * T + offs_m
     tl.store(LSE + row, m_i + tl.math.log2(l_i), mask=m_ok)
-    tl.store(Out + row[:, None] * V_DIM + offs_dv[None, :], acc.to(Out.dtype.element_ty),
-             mask=m_ok[:, None] & dv_ok[None, :])
+    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_dv[None, :]
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
     block_max = tl.max(tl.where(m_ok, m_i, float("-inf")), 0) / LOG2E
     tl.store(BLOCK_MAX + bh * max_stride + tl.program_id(0), block_max)
 
@@ -170,7 +171,7 @@ def _attn_bwd_dq(
     V,  # [B, H, T, V_DIM], last dim contiguous
     HEAD_SCALE,  # [H] fp32, or None
     DO,  # [B, H, T, V_DIM], last dim contiguous
-    Out,  # [B, H, T, V_DIM] contiguous, from the forward
+    Out,  # [B, H, T, V_DIM], last dim contiguous, from the forward
     LSE,  # [B * H, T] fp32, from the forward
     DELTA,  # [B * H, T] fp32, written here: rowsum(dO * O), for this kernel and the dK/dV one
     DQ,  # [B, H, T, QK_DIM] contiguous
@@ -180,6 +181,7 @@ def _attn_bwd_dq(
     stride_vb, stride_vh, stride_vt,
     stride_db, stride_dh, stride_dt,
     H, T,
+    stride_ob, stride_oh, stride_ot,
     QK_DIM: tl.constexpr, V_DIM: tl.constexpr,
     D_HEAD: tl.constexpr, D_TAIL: tl.constexpr, D_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -215,7 +217,8 @@ def _attn_bwd_dq(
                  mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
     row = bh.to(tl.int64) * T + offs_m
     lse = tl.load(LSE + row, mask=m_ok, other=float("inf"))  # rows past T: p = 0
-    o = tl.load(Out + row[:, None] * V_DIM + offs_dv[None, :], mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
+    o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_dv[None, :],
+                mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + row, delta, mask=m_ok)
 
@@ -386,13 +389,14 @@ class _Attention(torch.autograd.Function):
     def forward(ctx, q, k, v, softmax_scale: float, head_scale: torch.Tensor | None):
         b, h, t, qk_dim = q.shape
         dims = _head_blocks(qk_dim, v.shape[-1])
-        out = torch.empty((b, h, t, dims["V_DIM"]), dtype=q.dtype, device=q.device)
+        # laid out [b, t, h, dv], as the output projection reads it: merging the heads then copies nothing
+        out = torch.empty((b, t, h, dims["V_DIM"]), dtype=q.dtype, device=q.device).transpose(1, 2)
         lse = torch.empty((b * h, t), dtype=torch.float32, device=q.device)
         block_max = torch.full((b * h, triton.cdiv(t, MIN_FWD_BLOCK_M)), -math.inf, dtype=torch.float32,
                                device=q.device)
         _attn_fwd_tuned[lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * h)](
             q, k, v, head_scale, out, lse, block_max, softmax_scale, *_strides(q), *_strides(k), *_strides(v),
-            block_max.stride(0), h, t, **dims)
+            *_strides(out), block_max.stride(0), h, t, **dims)
         ctx.save_for_backward(q, k, v, out, lse, head_scale)
         ctx.softmax_scale = softmax_scale
         max_logit = block_max.view(b, h, -1).amax(dim=(0, 2))
@@ -411,7 +415,7 @@ class _Attention(torch.autograd.Function):
         dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         args = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout), h, t)
         _attn_bwd_dq_tuned[lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * h)](
-            q, k, v, head_scale, dout, out, lse, delta, dq, ctx.softmax_scale, *args, **dims)
+            q, k, v, head_scale, dout, out, lse, delta, dq, ctx.softmax_scale, *args, *_strides(out), **dims)
         _attn_bwd_dkdv_tuned[lambda meta: (triton.cdiv(t, meta["BLOCK_N"]), b * h)](
             q, k, v, head_scale, dout, lse, delta, dk, dv, ctx.softmax_scale, *args, **dims)
         return dq, dk, dv, None, None
@@ -420,6 +424,8 @@ class _Attention(torch.autograd.Function):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
               head_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention: q, k [b, h, t, dqk], v [b, h, t, dv] -> (out [b, h, t, dv] in q's dtype, max_logit [h] fp32).
+
+    out is a view of [b, t, h, dv] storage, so that out.transpose(1, 2) is contiguous.
 
     Query i sees keys 0..i. Head h's logits are `softmax_scale * head_scale[h] * q . k`; `head_scale` [h] is
     QK-Clip's positive per-head scale for frozen weights, a constant (no gradient flows to it). `max_logit` is the

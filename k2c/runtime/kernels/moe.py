@@ -29,8 +29,8 @@ waits for the GPU, and it runs one small GEMM per expert. Here the counts stay o
   position. LoRA rides in the same kernels, and so does CE-LoRA: an input-gradient GEMM runs over each expert's
   kept channels (packed per expert; for down, gathered by token and weighted as dY is), with the SVD pair's
   (dY B0) A0 in the epilogue beside the adapter's term. Under CE-LoRA on down the forward also keeps the rows before
-  their weight, y, so that the combine weight's gradient dOut . y stays exact. The k rows of a token are summed by
-  the caller in slot order.
+  their weight, y, so that the combine weight's gradient dOut . y stays exact. The k rows of a token are summed in
+  slot order, with the shared experts' output, by `combine_slots` (forward) and `slot_sum` (the input gradient).
 - Weight gradients: `grouped_weight_grad` gives dW[e] = P_e^T Q_e over expert e's rows (a program per output tile
   per expert, looping over that expert's rows), reading gathered or weighted rows in place.
 
@@ -772,6 +772,31 @@ def _row_dots_kernel(
     tl.store(out_ptr + rows, acc, mask=row_in)
 
 
+@triton.jit
+def _slot_sum_kernel(
+    slots_ptr,  # S [N, K, H]
+    add_ptr,  # A [N, H] (ADD only)
+    out_ptr,  # [N, H] out: sum over k of S[:, k] (+ A), in fp32, rounded once
+    N, H,
+    stride_sn, stride_sk, stride_sh, stride_an, stride_ah,
+    K: tl.constexpr,
+    ADD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    inside = (rows[:, None] < N) & (cols[None, :] < H)
+    base = slots_ptr + rows[:, None] * stride_sn + cols[None, :] * stride_sh
+    acc = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
+    for k in tl.static_range(K):  # slot order, as torch's sum over the slots
+        acc += tl.load(base + k * stride_sk, mask=inside, other=0.0).to(tl.float32)
+    if ADD:
+        acc += tl.load(add_ptr + rows[:, None] * stride_an + cols[None, :] * stride_ah, mask=inside,
+                       other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * H + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=inside)
+
+
 # --------------------------------------------------------------------------- wrappers
 
 
@@ -947,6 +972,41 @@ def pack_columns(x: torch.Tensor, offsets: torch.Tensor, kept: torch.Tensor, *,
                                x.stride(1), kept.stride(0), out.stride(0), GATHER=rows is not None,
                                BLOCK_E=_block_e(experts), BLOCK_M=block_m, BLOCK_N=block_n)
     return out
+
+
+def slot_sum(slots: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, H] in slots' dtype: the sum of slots [N, k, H] over its k (token, slot) rows, plus add [N, H] if given,
+    in fp32 and rounded once; one pass, where torch's sum and add take two and round twice."""
+    n, k, h = slots.shape
+    if add is not None and (add.shape != (n, h) or add.dtype != slots.dtype or add.device != slots.device):
+        raise ValueError(f"slot_sum: add must be {slots.dtype} [{n}, {h}] on {slots.device}, found {add.dtype} "
+                         f"{tuple(add.shape)} on {add.device}")
+    out = torch.empty((n, h), device=slots.device, dtype=slots.dtype)
+    if n == 0:
+        return out
+    block_n, block_h = (16, 16) if INTERPRETED else (8, 512)
+    _slot_sum_kernel[(triton.cdiv(n, block_n), triton.cdiv(h, block_h))](
+        slots, slots if add is None else add, out, n, h, *slots.stride(),
+        *((0, 0) if add is None else add.stride()), K=k, ADD=add is not None, BLOCK_N=block_n, BLOCK_H=block_h)
+    return out
+
+
+class _SlotSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, slots, add):
+        ctx.slots_shape, ctx.has_add = slots.shape, add is not None
+        return slot_sum(slots, add)
+
+    @staticmethod
+    def backward(ctx, dout):
+        # every slot's gradient is the sum's, a view with stride 0 over the slots, which the experts read in place
+        dslots = dout.unsqueeze(1).expand(ctx.slots_shape)
+        return dslots, dout if ctx.has_add else None
+
+
+def combine_slots(slots: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    """`slot_sum` with autograd: the MoE layer's output from the experts' [N, k, H] and the shared experts' [N, H]."""
+    return _SlotSum.apply(slots, add)
 
 
 def row_dots(x: torch.Tensor, y: torch.Tensor, *, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -1242,7 +1302,7 @@ class _SwiGLUExperts(torch.autograd.Function):
             low = (torch.cat(low_a, dim=1), torch.cat(low_b, dim=1), 1.0) if low_a else None
             (a, w), (a2, w2) = products
             dx_slots = grouped_mm(a, w, offsets, a2=a2, w2=w2, low=low, out_rows=order, out_size=order.shape[0])
-            grads["x"] = dx_slots.view(-1, k, x.shape[1]).sum(dim=1)
+            grads["x"] = slot_sum(dx_slots.view(-1, k, x.shape[1]))
         for name, d, xa, scale in (("gate", dgate, xa_gate, scale_g), ("up", dup, xa_up, scale_u)):
             if need[f"{name}_proj"]:
                 grads[f"{name}_proj"] = grouped_weight_grad(d, x, offsets, q_rows=x_rows)
