@@ -150,8 +150,16 @@ def kernel_checks(dtype: torch.dtype) -> list[str]:
         check(f"lora_weight_grads {name}", got, want)
     check("matmul_plus_low_rank without a low-rank term", K.matmul_plus_low_rank(dy, weight),
           (dy.float() @ weight.float()).to(dtype))
+    low_a, svd_A = torch.randn(dy.shape[0], lora_A.shape[0] + 3, dtype=dtype), t["svd_A"][:3]
+    check("matmul_plus_low_rank with two scaled factors",
+          K.matmul_plus_low_rank(dy, weight, low_a, lora_A, 0.7, low_b2=svd_A, scale2=-1.3),
+          (dy.float() @ weight.float() + 0.7 * low_a[:, :-3].float() @ lora_A.float()
+           - 1.3 * low_a[:, -3:].float() @ svd_A.float()).to(dtype))
     dy_v, sq = K.thin_matmul(dy, lora_B, channel_norms=True)
     check("thin_matmul dY B", dy_v, (dy.float() @ lora_B.float()).to(dtype))
+    dy_v = K.thin_matmul(dy, lora_B, v2=t["svd_B"])[0]
+    check("thin_matmul dY [B | B0]", dy_v, (dy.float() @ torch.cat((lora_B, t["svd_B"]), 1).float()).to(dtype))
+    assert dy_v.stride(0) % 8 == 0, f"thin_matmul's rows must start 16-byte aligned, stride {dy_v.stride(0)}"
     check("thin_matmul ||dY[:, i]||^2", sq, dy.float().square().sum(0))
 
     # the autograd.Function: Y and every gradient, with X' = X and with a dropout's X', exact and CE-LoRA

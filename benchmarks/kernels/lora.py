@@ -120,10 +120,10 @@ def compare(h, tokens: int, n_in: int, n_out: int, device: str, dtype: torch.dty
             record(h, f"{work}: one piece", f"{variant} (vs {anchor})", h.time(fn), h.time(torch_fn), "",
                    2 * tokens * n_in * n_out)
         # the r-wide products alone: Triton's pass against cuBLAS at the same width (LoRA sites take cuBLAS's)
-        low = torch.cat((svd_B, lora_B), 1)
+        low = torch.cat((lora_B, svd_B), 1)
         thin = [
             ("X' A^T, Triton thin_matmul", lambda: K.thin_matmul(x, lora_A.T)[0], lambda: x @ lora_A.T, n_in, RANK),
-            ("dY [B0 | B], Triton thin_matmul", lambda: K.thin_matmul(dy, svd_B, v2=lora_B)[0], lambda: dy @ low,
+            ("dY [B | B0], Triton thin_matmul", lambda: K.thin_matmul(dy, lora_B, v2=svd_B)[0], lambda: dy @ low,
              n_out, SVD_RANK + RANK),
         ]
         for variant, fn, torch_fn, k, r in thin:

@@ -4,12 +4,12 @@ A site computes Y = X W^T + s (X' A^T) B^T with W [m, n] frozen, A [r, n], B [m,
 (often X itself). W gets no gradient, so besides the forward the one large product is the input gradient dY W;
 CE-LoRA replaces it by dY[:, S] R_S + (dY B0) A0 (shared/reference/celora.md). Two kernels do most of it:
 
-- `thin_matmul`: X [T, K] @ V [K, R] for a small R: X' A^T in the forward, dY B or dY [B0 | B] in the backward. It
+- `thin_matmul`: X [T, K] @ V [K, R] for a small R: X' A^T in the forward, dY B or dY [B | B0] in the backward. It
   streams X once and is memory-bound, so CE-LoRA's per-channel sums ||dY[:, i]||^2 (for choosing S) ride along at
   no extra read.
 - `matmul_plus_low_rank`: C = P Q + s L_a L_b, the large product with a low-rank term added to the same fp32
   accumulator, so C is written once. It is the exact input gradient (dY W + s dYB A) and CE-LoRA's (dY[:, S] R_S +
-  [dYB0 | dYB] [A0; sA], the two low-rank terms as one of rank k + r).
+  [dYB | dYB0] [sA; A0], the two low-rank terms as one of rank r + k).
 
 The forward X W^T + s XA B^T is cuBLAS's GEMM with the low-rank term added into its output by a second cuBLAS call
 (beta = 1): there this Triton GEMM ran at 0.71x cuBLAS, which costs more than reading and writing Y once more
@@ -270,6 +270,14 @@ def bf16_split_products(x: torch.Tensor, v: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and v.dtype == torch.float32 and not INTERPRETED
 
 
+def empty_aligned_rows(m: int, n: int, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised [m, n] tensor whose rows start every 16 bytes (for 2-byte dtypes): column slices from a
+    multiple of 8 (dY B out of [dY B | dY B0]) then meet cuBLAS's and Triton's alignment for vectorised loads. A
+    60-byte row sent CE-LoRA's dA GEMM to a 2-byte-aligned cuBLAS kernel at over twice LoRA's time."""
+    wide = -(-n // 8) * 8
+    return torch.empty((m, wide), device=like.device, dtype=dtype or like.dtype)[:, :n]
+
+
 def thin_matmul(x, v, channel_norms=False, v2=None):
     """(X V [M, R], ||X[:, k]||^2 [K] fp32 or None), one pass over X [M, K].
 
@@ -289,7 +297,7 @@ def thin_matmul(x, v, channel_norms=False, v2=None):
         _shape("thin_matmul", "v2", v2, (K, R - R1))
     else:  # unused pointer: any tensor will do
         v2 = v
-    out = torch.empty((M, R), device=x.device, dtype=like.dtype)
+    out = empty_aligned_rows(M, R, like)
     sq = torch.zeros((triton.cdiv(M, THIN_MIN_BLOCK_M), K), device=x.device, dtype=torch.float32) \
         if channel_norms else None
     def grid(meta):
@@ -304,13 +312,13 @@ def thin_matmul(x, v, channel_norms=False, v2=None):
     return out, (sq.sum(0) if sq is not None else None)
 
 
-def matmul_plus_low_rank(p, q, low_a=None, low_b=None, scale=1.0, low_b2=None, out_dtype=None):
+def matmul_plus_low_rank(p, q, low_a=None, low_b=None, scale=1.0, low_b2=None, scale2=1.0, out_dtype=None):
     """C [M, N] = P Q + scale * L_a L_b, in P's dtype (or out_dtype, rounded once from the fp32 accumulator); one
     kernel, C written once.
 
     P [M, K], Q [K, N], L_a [M, R], L_b [R, N] (both None: no low-rank term). Any strides: Q may be a transposed view
-    (W^T). With low_b2 [R2, N], L_a is [M, R + R2] and the term is L_a[:, :R] L_b + scale * L_a[:, R:] L_b2, without
-    concatenating or scaling either factor.
+    (W^T). With low_b2 [R2, N], L_a is [M, R + R2] and the term is scale * L_a[:, :R] L_b + scale2 * L_a[:, R:]
+    L_b2, without concatenating or scaling any factor.
     """
     low_rank = low_a is not None
     if low_rank != (low_b is not None) or (low_b2 is not None and not low_rank):
@@ -328,9 +336,8 @@ def matmul_plus_low_rank(p, q, low_a=None, low_b=None, scale=1.0, low_b2=None, o
         low_a = low_b = p
     if low_b2 is not None:
         _shape("matmul_plus_low_rank", "low_b2", low_b2, (R - R1, N))
-        scale_1 = 1.0
     else:
-        low_b2, scale_1 = low_b, scale
+        low_b2 = low_b
     c = torch.empty((M, N), device=p.device, dtype=out_dtype or p.dtype)
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
@@ -340,7 +347,7 @@ def matmul_plus_low_rank(p, q, low_a=None, low_b=None, scale=1.0, low_b2=None, o
         M, N, K, R, R1,
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), low_a.stride(0), low_a.stride(1),
         low_b.stride(0), low_b.stride(1), low_b2.stride(0), low_b2.stride(1), c.stride(0), c.stride(1),
-        float(scale_1), float(scale),
+        float(scale), float(scale2),
         LOW_RANK=low_rank, TWO_B=R > R1, BLOCK_R=_block_r(R),
     )
     return c
@@ -395,8 +402,8 @@ def lora_input_grad(dy, weight, lora_A, lora_B, scale, dy_B=None):
 def celora_input_grad(dy, kept, kept_rows, svd_B, svd_A, lora_A, lora_B, scale, channel_norms=False):
     """(dX [T, n], ||dY[:, i]||^2 [m] fp32 or None): CE-LoRA's dX = dY[:, S] R_S + (dY B0) A0 + s (dY B) A.
 
-    One thin pass over dY gives [dY B0 | dY B] (and the channel sums, when asked); then one GEMM over the kept
-    channels, on dY[:, S] packed (see the module's docstring), adds the rank-(k + r) term [dYB0 | dYB] [A0; sA] to
+    One thin pass over dY gives [dY B | dY B0] (and the channel sums, when asked); then one GEMM over the kept
+    channels, on dY[:, S] packed (see the module's docstring), adds the rank-(r + k) term [dYB | dYB0] [sA; A0] to
     the same accumulator. kept: S [|S|] int64 (ascending, as the runtime keeps it, makes the copy read dY's rows in
     order); kept_rows: R[S, :].
     """
@@ -404,8 +411,8 @@ def celora_input_grad(dy, kept, kept_rows, svd_B, svd_A, lora_A, lora_B, scale, 
     m, n = dy.shape[1], lora_A.shape[1]
     _lora_shapes("celora_input_grad", m, n, lora_A, lora_B)
     _check_celora("celora_input_grad", dy, m, n, kept, kept_rows, svd_B, svd_A)
-    dy_lowrank, sq = thin_matmul(dy, svd_B, channel_norms, v2=lora_B)
-    dx = matmul_plus_low_rank(dy.index_select(1, kept), kept_rows, dy_lowrank, svd_A, scale, low_b2=lora_A)
+    dy_lowrank, sq = thin_matmul(dy, lora_B, channel_norms, v2=svd_B)
+    dx = matmul_plus_low_rank(dy.index_select(1, kept), kept_rows, dy_lowrank, lora_A, scale, low_b2=svd_A)
     return dx, sq
 
 
@@ -437,7 +444,7 @@ class LoRALinearKernel(torch.autograd.Function):
     x_adapter is dropout(x), or x itself: then the adapter's share of dX joins the base GEMM's accumulator.
     celora = (kept, kept_rows, svd_B, svd_A) gives CE-LoRA's input gradient (see `celora_input_grad`); None the exact
     one. select, with celora, makes this backward a refresh step: it is called with ||dY[:, i]||^2 [m] (fp32, summed
-    in the pass that computes dY [B0 | B]) and returns the (kept, kept_rows) to use, so S is chosen from this very dY
+    in the pass that computes dY [B | B0]) and returns the (kept, kept_rows) to use, so S is chosen from this very dY
     at no extra read of it; celora's own kept and kept_rows are then unused (None before the first choice). select
     is not called when x needs no gradient.
     """
@@ -466,16 +473,17 @@ class LoRALinearKernel(torch.autograd.Function):
         dx = dx_adapter = None
         if need_x and ctx.celora is not None:
             kept, kept_rows, svd_B, svd_A = ctx.celora
-            k = svd_B.shape[1]
-            dy_lowrank, sq = thin_matmul(dy, svd_B, ctx.select is not None, v2=lora_B)
+            r = lora_B.shape[1]
+            # dY B first, on rows aligned to 16 bytes: the slice feeds cuBLAS (dA) at full speed
+            dy_lowrank, sq = thin_matmul(dy, lora_B, ctx.select is not None, v2=svd_B)
             if ctx.select is not None:
                 kept, kept_rows = ctx.select(sq)
             dy_kept = dy.index_select(1, kept)
-            dy_B = dy_lowrank[:, k:]
+            dy_B = dy_lowrank[:, :r]
             if shared:
-                dx = matmul_plus_low_rank(dy_kept, kept_rows, dy_lowrank, svd_A, scale, low_b2=lora_A)
+                dx = matmul_plus_low_rank(dy_kept, kept_rows, dy_lowrank, lora_A, scale, low_b2=svd_A)
             else:
-                dx = matmul_plus_low_rank(dy_kept, kept_rows, dy_lowrank[:, :k], svd_A)
+                dx = matmul_plus_low_rank(dy_kept, kept_rows, dy_lowrank[:, r:], svd_A)
         else:
             dy_B = thin_matmul(dy, lora_B)[0]
             if need_x:

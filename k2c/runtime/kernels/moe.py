@@ -866,7 +866,7 @@ def grouped_mm(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, a_row
     if row_scale is not None and (row_scale.dtype != torch.float32 or row_scale.shape != (m,)):
         raise ValueError(f"grouped_mm: row_scale must be fp32 of shape ({m},), found {row_scale.dtype} "
                          f"{tuple(row_scale.shape)}")
-    c = torch.empty((m if out_size is None else out_size, n), device=a.device, dtype=a.dtype)
+    c = lora_kernel.empty_aligned_rows(m if out_size is None else out_size, n, a)
     if unscaled is not None and (unscaled.shape != (m, n) or not unscaled.is_contiguous()
                                  or unscaled.dtype != c.dtype or unscaled.device != c.device):
         raise ValueError(f"grouped_mm: unscaled must be a contiguous {c.dtype} tensor of shape ({m}, {n})")
@@ -1159,14 +1159,15 @@ class _GroupedLinear(torch.autograd.Function):
 
         if residual is not None and (need_x or need_x_adapter):
             svd_B, svd_A, kept, kept_rows = residual(lambda: segment_norms(dy, offsets))
-            k = svd_B.shape[2]
-            low = grouped_mm(dy, torch.cat((svd_B, lora_B), dim=2), offsets)  # [dY B0 | dY B], one pass over dY
-            dy_B = low[:, k:]
+            r = lora_B.shape[2]
+            # [dY B | dY B0], one pass over dY; dY B first, so that its rows start 16-byte aligned (empty_aligned_rows)
+            low = grouped_mm(dy, torch.cat((lora_B, svd_B), dim=2), offsets)
+            dy_B = low[:, :r]
             if shared:
                 dx = grouped_mm(pack_columns(dy, offsets, kept), kept_rows, offsets,
-                                low=(low, torch.cat((svd_A, lora_A * scale), dim=1), 1.0))
+                                low=(low, torch.cat((lora_A * scale, svd_A), dim=1), 1.0))
             else:
-                dx = grouped_mm(pack_columns(dy, offsets, kept), kept_rows, offsets, low=(low[:, :k], svd_A, 1.0))
+                dx = grouped_mm(pack_columns(dy, offsets, kept), kept_rows, offsets, low=(low[:, r:], svd_A, 1.0))
         else:
             dy_B = grouped_mm(dy, lora_B, offsets)
             if need_x:
@@ -1257,9 +1258,9 @@ class _SwiGLUExperts(torch.autograd.Function):
             # CE-LoRA: dAct ~ (dY B0) A0 + dY[:, S] R_S with dY = weight * dOut, the weight applied in the epilogue
             svd_B, svd_A, kept, kept_rows = residual_d(
                 lambda: segment_norms(dout, offsets, rows=dout_rows, row_scale=weights))
-            low_cols = grouped_mm(dout, torch.cat((svd_B, down_B), dim=2), offsets, a_rows=dout_rows)
-            lu = low_cols[:, svd_B.shape[2]:]  # dOut B_d
-            low = (low_cols, torch.cat((svd_A, down_A * scale_d), dim=1), 1.0)
+            low_cols = grouped_mm(dout, torch.cat((down_B, svd_B), dim=2), offsets, a_rows=dout_rows)
+            lu = low_cols[:, :down_B.shape[2]]  # dOut B_d, first: its rows start aligned
+            low = (low_cols, torch.cat((down_A * scale_d, svd_A), dim=1), 1.0)
             dgate, dup, _ = down_backward(pack_columns(dout, offsets, kept, rows=dout_rows), None, offsets, kept_rows,
                                           weights, gate, up, low=low, combine=False)
             dw = row_dots(dout, y, rows=dout_rows)
@@ -1287,11 +1288,11 @@ class _SwiGLUExperts(torch.autograd.Function):
                 ("up", dup, up_proj, up_A, up_B, scale_u, residual_u)):
             if residual is not None and need["x"]:
                 svd_B, svd_A, kept, kept_rows = residual(lambda d=d: segment_norms(d, offsets))
-                cols = grouped_mm(d, torch.cat((svd_B, lora_B), dim=2), offsets)  # [dY B0 | dY B], one pass
-                d_Bs[name] = cols[:, svd_B.shape[2]:]
+                cols = grouped_mm(d, torch.cat((lora_B, svd_B), dim=2), offsets)  # [dY B | dY B0], one pass
+                d_Bs[name] = cols[:, :lora_B.shape[2]]  # first: its rows start aligned
                 products.append((pack_columns(d, offsets, kept), kept_rows))
                 low_a.append(cols)
-                low_b.append(torch.cat((svd_A, lora_A * scale), dim=1))
+                low_b.append(torch.cat((lora_A * scale, svd_A), dim=1))
                 continue
             products.append((d, weight))
             if lora_A is not None:
