@@ -52,7 +52,9 @@ RULES: dict[OpKind, Rule] = {
     OpKind.ROUTER: lambda op: TRITON,
     OpKind.EXPERT_LINEAR: lambda op: TRITON,
     OpKind.SWIGLU: lambda op: TRITON,
-    OpKind.MOE_COMBINE: _reference,
+    # the slot sum reads the routed experts' [N, k, H] rows and adds the shared experts' output in one pass; it
+    # follows the experts, on the kernels wherever they run there
+    OpKind.MOE_COMBINE: lambda op: TRITON,
     OpKind.ADD: _reference,
     OpKind.LM_HEAD: _reference,
     # the loss reads the logits in their dtype, once each way, instead of through an fp32 copy of them

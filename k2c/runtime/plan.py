@@ -114,7 +114,7 @@ class MoEPlan:
     hidden_size: int
     intermediate_size: int
     shared: MLPPlan | None
-    kernel: str = TORCH  # of the routing and the routed experts (select_kernels' choice for the expert linears)
+    kernel: str = TORCH  # of the routing, the routed experts and their combine (select_kernels' choice)
     expert_shards: int = 1  # processes the routed experts are split over (expert parallelism)
 
 
