@@ -2,15 +2,18 @@
 
 import functools
 import json
-from types import SimpleNamespace
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import become_rank, free_port, import_generated
+from conftest import become_rank, free_port, import_generated, subprocess_env
 from matplotlib.image import imread
 
 from k2c.runtime import train as runtime_train
@@ -129,6 +132,51 @@ def test_resume_is_bit_exact(build_generated, tmp_path, monkeypatch, case):
     assert a["step"] == b["step"] == 6
     assert identical(a["model"], b["model"])  # every parameter and buffer
     assert identical(a["optimizer"], b["optimizer"])
+
+
+# One phase of a resume, in a child process of its own: "straight" trains the whole run, "interrupted" stops in step
+# 4 (after the checkpoint of step 2), "resumed" continues that run.
+RESUME_PHASE = """
+import json, sys
+from pathlib import Path
+import test_train as T
+from k2c.codegen import build_package
+from k2c.runtime.packages import import_package
+phase, work, overrides = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+build_package(T.tiny_spec(**overrides), work / f"pkg_{phase}")
+package = import_package(work / f"pkg_{phase}", f"resume_{phase}")
+if phase == "interrupted":
+    package.build_optimizer = T.interrupted_in_step(package, 4)
+    try:
+        T.bound(package).run(work / "resumed")
+    except KeyboardInterrupt:
+        sys.exit(0)
+    sys.exit("the run was not interrupted")
+T.bound(package).run(work / phase, resume=phase == "resumed")
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_resume_in_a_new_process_is_bit_exact_on_the_gpu(tmp_path):
+    """On a GPU the kernels' configs are autotuned, and a config fixes the order of a sum: the resumed process must
+    take the picks the first one cached (k2c.runtime.kernels.tuning), or its steps differ in the last bits. CE-LoRA
+    in bf16, whose kept channels a last-bit difference can change."""
+    overrides = {"training.steps": 6, "training.grad_accum": 2, "training.eval_every": 3,
+                 "training.checkpoint_every": 2, "optimizer.qk_clip": {"tau": 0.02}, "training.dtype": "bfloat16",
+                 **RESUME_CASES["ce_lora"]}
+    env = subprocess_env(K2C_DEVICE="cuda", TRITON_CACHE_DIR=str(tmp_path / "triton"))
+    env["PYTHONPATH"] += os.pathsep + str(Path(__file__).parent)
+    for phase in ("straight", "interrupted", "resumed"):
+        child = subprocess.run([sys.executable, "-c", RESUME_PHASE, phase, str(tmp_path), json.dumps(overrides)],
+                               capture_output=True, text=True, env=env, timeout=900)
+        assert child.returncode == 0, f"{phase}:\n{child.stdout}{child.stderr[-5000:]}"
+    assert list((tmp_path / "triton").rglob("*.autotune.json")), "no autotune picks were cached"
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert without_timing(resumed) == without_timing(straight)
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert identical(a["model"], b["model"]) and identical(a["optimizer"], b["optimizer"])
 
 
 def test_a_checkpoint_write_cut_short_keeps_the_previous_one(build_generated, tmp_path, monkeypatch):
