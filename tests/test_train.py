@@ -161,7 +161,7 @@ def test_a_resume_in_a_new_process_is_bit_exact_on_the_gpu(tmp_path):
     """On a GPU the kernels' configs are autotuned, and a config fixes the order of a sum: the resumed process must
     take the picks the first one cached (k2c.runtime.kernels.tuning), or its steps differ in the last bits. CE-LoRA
     in bf16, whose kept channels a last-bit difference can change."""
-    overrides = {"training.steps": 6, "training.grad_accum": 2, "training.eval_every": 3,
+    overrides = {"training.steps": 6, "training.grad_accum": 2, "training.eval_every": 3, "training.log_every": 1,
                  "training.checkpoint_every": 2, "optimizer.qk_clip": {"tau": 0.02}, "training.dtype": "bfloat16",
                  **RESUME_CASES["ce_lora"]}
     env = subprocess_env(K2C_DEVICE="cuda", TRITON_CACHE_DIR=str(tmp_path / "triton"))
