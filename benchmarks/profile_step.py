@@ -73,8 +73,10 @@ def main() -> None:
         for _ in range(args.warmup):
             step(ids, ids)
         torch.cuda.synchronize()
+        # torch fills the events' Python stacks only under the profiler's verbose experimental config
+        stacks = {"experimental_config": torch._C._profiler._ExperimentalConfig(verbose=True)} if args.ops else {}
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=args.ops,
-                     with_stack=args.ops) as prof:
+                     with_stack=args.ops, **stacks) as prof:
             start = time.perf_counter()
             for _ in range(args.steps):
                 step(ids, ids)
