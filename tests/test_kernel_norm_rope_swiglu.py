@@ -102,7 +102,7 @@ def check_rope() -> None:
 
 
 def check_swiglu() -> None:
-    from k2c.runtime.kernels.swiglu import swiglu, swiglu_packed, swiglu_reference
+    from k2c.runtime.kernels.swiglu import swiglu, swiglu_reference
 
     def truth(gate, up):
         return gate * torch.sigmoid(gate) * up
@@ -120,16 +120,11 @@ def check_swiglu() -> None:
         for what, gate, up in cases:
             compare(f"swiglu {tuple(gate.shape)} {what} {dtype}", swiglu, swiglu_reference, truth, (gate, up),
                     ("dgate", "dup"))
-        # packed: gate and up side by side in one tensor, as one GEMM over [W_gate; W_up] writes them
-        for shape in ((7, 2 * 96), (3, 5, 2 * 333)):
-            gate_up = leaf(dtype, *shape, scale=4.0)
-            compare(f"swiglu_packed {shape} {dtype}", swiglu_packed, lambda gu: swiglu_reference(*gu.chunk(2, -1)),
-                    lambda gu: truth(*gu.chunk(2, -1)), (gate_up,), ("dgate_up",))
 
 
 def check_errors() -> None:
     from k2c.runtime.kernels.rmsnorm import rmsnorm
-    from k2c.runtime.kernels.swiglu import swiglu, swiglu_packed
+    from k2c.runtime.kernels.swiglu import swiglu
 
     x = torch.randn(4, 8)
     with pytest.raises(ValueError, match=r"weight must have shape \(8,\) for x of shape \(4, 8\), found \(4,\)"):
@@ -140,8 +135,6 @@ def check_errors() -> None:
         rmsnorm(x.double(), torch.ones(8, dtype=torch.float64), EPS)
     with pytest.raises(ValueError, match=r"up must match gate's shape, dtype and device \(4, 8\)"):
         swiglu(x, torch.randn(8))
-    with pytest.raises(ValueError, match=r"even last dim \[..., 2I\], found shape \(4, 7\)"):
-        swiglu_packed(torch.randn(4, 7))
 
 
 # --------------------------------------------------------------------------- the tests: one fresh Python each

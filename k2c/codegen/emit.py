@@ -167,14 +167,6 @@ def _expert_linear(op: Op, ins: list[str], graph: Graph) -> str:
     return f"{_module(op)}.project({op['param']!r}, {rows}, {ins[1]})"
 
 
-def _swiglu(op: Op, ins: list[str], graph: Graph) -> str:
-    if "fuses" in op:  # one GEMM over [W_gate; W_up], then the packed SwiGLU (fuse_gate_up)
-        gate = graph.inputs(op)[0]
-        mlp = _module(gate).removesuffix(".gate_proj")
-        return f"{mlp}.gate_up_swiglu({_var(graph.inputs(gate)[0])}{_kernel_arg(op)})"
-    return f"ops.swiglu({ins[0]}, {ins[1]}{_kernel_arg(op)})"
-
-
 RULES: dict[OpKind, Rule] = {
     OpKind.EMBEDDING: lambda op, ins, g: f"{_module(op)}({ins[0]})",
     OpKind.RMSNORM: _rmsnorm,
@@ -182,7 +174,7 @@ RULES: dict[OpKind, Rule] = {
     OpKind.ROPE: lambda op, ins, g: f"{_module(op)}.rope({ins[0]}, {ins[1]}, rope)",
     OpKind.ATTENTION: lambda op, ins, g: f"{_module(op)}.core({', '.join(ins)})",
     OpKind.ADD: lambda op, ins, g: f"{ins[0]} + {ins[1]}",
-    OpKind.SWIGLU: _swiglu,
+    OpKind.SWIGLU: lambda op, ins, g: f"ops.swiglu({ins[0]}, {ins[1]}{_kernel_arg(op)})",
     OpKind.ROUTER: lambda op, ins, g: f"{_module(op).removesuffix('.gate')}.route({ins[0]})",
     OpKind.EXPERT_LINEAR: _expert_linear,
     OpKind.MOE_COMBINE: lambda op, ins, g: f"{_module(op)}.combine({', '.join(ins)})",

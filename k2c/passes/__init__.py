@@ -10,7 +10,6 @@ from k2c.passes.balance_routers import balance_routers
 from k2c.passes.count_params import count_params
 from k2c.passes.errors import PlacementError
 from k2c.passes.fuse_experts import fuse_experts
-from k2c.passes.fuse_gate_up import fuse_gate_up
 from k2c.passes.group_params import group_params
 from k2c.passes.infer_shapes import infer_shapes
 from k2c.passes.place_adapters import place_adapters
@@ -29,7 +28,6 @@ PIPELINE: tuple[Pass, ...] = (
     group_params,
     select_kernels,
     fuse_experts,
-    fuse_gate_up,
     plan_parallel,
 )
 
@@ -56,5 +54,5 @@ def run_pipeline(graph: Graph, dump_dir: Path | None = None) -> Graph:
 
 
 __all__ = ["PIPELINE", "PassError", "PlacementError", "run_pipeline", "balance_routers", "count_params",
-           "fuse_experts", "fuse_gate_up", "group_params", "infer_shapes", "place_adapters", "place_qk_clip",
-           "plan_parallel", "select_kernels"]
+           "fuse_experts", "group_params", "infer_shapes", "place_adapters", "place_qk_clip", "plan_parallel",
+           "select_kernels"]

@@ -26,8 +26,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from k2c.runtime import ops
 from k2c.runtime.kernels import moe as moe_kernel
-from k2c.runtime.plan import (TORCH, AttentionPlan, LayerPlan, MLPPlan, ModelPlan, MoEPlan, NormPlan, RopePlan,
-                             RouterPlan)
+from k2c.runtime.plan import AttentionPlan, LayerPlan, MLPPlan, ModelPlan, MoEPlan, NormPlan, RopePlan, RouterPlan
 
 
 @dataclass
@@ -178,12 +177,6 @@ class MLP(nn.Module):
         self.gate_proj = linear(plan.hidden_size, plan.intermediate_size, device, dtype)
         self.up_proj = linear(plan.hidden_size, plan.intermediate_size, device, dtype)
         self.down_proj = linear(plan.intermediate_size, plan.hidden_size, device, dtype)
-
-    def gate_up_swiglu(self, x: torch.Tensor, kernel: str = TORCH) -> torch.Tensor:
-        """silu(gate(x)) * up(x) from one GEMM over [W_gate; W_up] (fuse_gate_up's choice): x is read once, and the
-        backward's input gradient is one GEMM instead of two and their sum."""
-        weight = torch.cat((self.gate_proj.weight, self.up_proj.weight))
-        return ops.swiglu_packed(F.linear(x, weight), kernel)
 
 
 class Router(nn.Module):

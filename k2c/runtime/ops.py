@@ -45,13 +45,6 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, kernel: str = TORCH) -> torch.T
     return swiglu_kernel.swiglu_reference(gate, up)
 
 
-def swiglu_packed(gate_up: torch.Tensor, kernel: str = TORCH) -> torch.Tensor:
-    """SwiGLU of [gate | up] [..., 2I], one GEMM's output over [W_gate; W_up] -> [..., I]."""
-    if use_triton(kernel, gate_up):
-        return swiglu_kernel.swiglu_packed(gate_up)
-    return swiglu_kernel.swiglu_reference(*gate_up.chunk(2, dim=-1))
-
-
 def attention_inputs(q: torch.Tensor, k_rot: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      heads: int, interleaved: bool,
                      kernel: str = TORCH) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -4,10 +4,6 @@ Eager torch writes silu(gate) to memory and reads it back for the product, and i
 here the forward is one pass over gate and up, and the backward one pass over gate, up and the incoming gradient
 that recomputes the sigmoid instead of saving anything beyond gate and up. Arithmetic is fp32 inside, with the
 reference's one rounding of silu(gate) to the input dtype before the product.
-
-`swiglu_packed` takes gate and up side by side in one tensor [..., 2I], as one GEMM over [W_gate; W_up] writes
-them, and its backward writes their gradients side by side the same way, so that the GEMM's backward reads one
-tensor: no copy of either half in either direction.
 """
 
 from __future__ import annotations
@@ -25,29 +21,17 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _gate_up_offsets(offs, inter, PACKED: tl.constexpr):
-    """Element offsets of gate and up for output elements offs: the same, or, PACKED, within rows [gate | up] of
-    2 * inter elements (output row r, column c -> r * 2 * inter + c, and inter further on)."""
-    if PACKED:
-        g = offs + (offs // inter) * inter
-        return g, g + inter
-    return offs, offs
-
-
-@triton.jit
 def _swiglu_forward_kernel(
-    gate_ptr,  # [n], contiguous; PACKED: [n / inter, 2 * inter], gate then up in each row
-    up_ptr,  # [n], contiguous; PACKED: gate_ptr
+    gate_ptr,  # [n], contiguous
+    up_ptr,  # [n], contiguous
     out_ptr,  # [n], contiguous
-    n, inter,
-    PACKED: tl.constexpr,
+    n,
     BLOCK_SIZE: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)  # n can pass 2**31
     mask = offs < n
-    g_offs, u_offs = _gate_up_offsets(offs, inter, PACKED)
-    g = tl.load(gate_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(up_ptr + u_offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     silu = (g * tl.sigmoid(g)).to(out_ptr.dtype.element_ty).to(tl.float32)  # rounded, as the reference's is
     tl.store(out_ptr + offs, (silu * u).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -55,25 +39,23 @@ def _swiglu_forward_kernel(
 @triton.jit
 def _swiglu_backward_kernel(
     dout_ptr,  # [n], contiguous
-    gate_ptr,  # [n], contiguous; PACKED: [n / inter, 2 * inter], gate then up in each row
-    up_ptr,  # [n], contiguous; PACKED: gate_ptr
-    dgate_ptr,  # [n], contiguous; PACKED: laid out as gate_ptr, gate's and up's gradients
-    dup_ptr,  # [n], contiguous; PACKED: dgate_ptr
-    n, inter,
-    PACKED: tl.constexpr,
+    gate_ptr,  # [n], contiguous
+    up_ptr,  # [n], contiguous
+    dgate_ptr,  # [n], contiguous
+    dup_ptr,  # [n], contiguous
+    n,
     BLOCK_SIZE: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < n
-    g_offs, u_offs = _gate_up_offsets(offs, inter, PACKED)
     dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(gate_ptr + g_offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(up_ptr + u_offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     s = tl.sigmoid(g)
     silu = (g * s).to(dup_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(dup_ptr + u_offs, (dout * silu).to(dup_ptr.dtype.element_ty), mask=mask)
+    tl.store(dup_ptr + offs, (dout * silu).to(dup_ptr.dtype.element_ty), mask=mask)
     # silu'(g) = s + g * s * (1 - s)
-    tl.store(dgate_ptr + g_offs, (dout * u * s * (1.0 + g * (1.0 - s))).to(dgate_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgate_ptr + offs, (dout * u * s * (1.0 + g * (1.0 - s))).to(dgate_ptr.dtype.element_ty), mask=mask)
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -82,8 +64,7 @@ class _SwiGLU(torch.autograd.Function):
         gate, up = gate.contiguous(), up.contiguous()
         out = torch.empty_like(gate)
         n = gate.numel()
-        _swiglu_forward_kernel[(triton.cdiv(n, BLOCK),)](gate, up, out, n, 1, PACKED=False, BLOCK_SIZE=BLOCK,
-                                                         num_warps=4)
+        _swiglu_forward_kernel[(triton.cdiv(n, BLOCK),)](gate, up, out, n, BLOCK_SIZE=BLOCK, num_warps=4)
         ctx.save_for_backward(gate, up)
         return out
 
@@ -93,33 +74,9 @@ class _SwiGLU(torch.autograd.Function):
         dout = dout.contiguous()
         dgate, dup = torch.empty_like(gate), torch.empty_like(up)
         n = gate.numel()
-        _swiglu_backward_kernel[(triton.cdiv(n, BLOCK),)](dout, gate, up, dgate, dup, n, 1, PACKED=False,
-                                                          BLOCK_SIZE=BLOCK, num_warps=4)
-        return dgate, dup
-
-
-class _SwiGLUPacked(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
-        gate_up = gate_up.contiguous()
-        inter = gate_up.shape[-1] // 2
-        out = gate_up.new_empty((*gate_up.shape[:-1], inter))
-        n = out.numel()
-        _swiglu_forward_kernel[(triton.cdiv(n, BLOCK),)](gate_up, gate_up, out, n, inter, PACKED=True,
-                                                         BLOCK_SIZE=BLOCK, num_warps=4)
-        ctx.save_for_backward(gate_up)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout: torch.Tensor) -> torch.Tensor:
-        (gate_up,) = ctx.saved_tensors
-        dout = dout.contiguous()
-        d_gate_up = torch.empty_like(gate_up)
-        n = dout.numel()
-        _swiglu_backward_kernel[(triton.cdiv(n, BLOCK),)](dout, gate_up, gate_up, d_gate_up, d_gate_up, n,
-                                                          gate_up.shape[-1] // 2, PACKED=True, BLOCK_SIZE=BLOCK,
+        _swiglu_backward_kernel[(triton.cdiv(n, BLOCK),)](dout, gate, up, dgate, dup, n, BLOCK_SIZE=BLOCK,
                                                           num_warps=4)
-        return d_gate_up
+        return dgate, dup
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -136,14 +93,3 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if gate.numel() == 0:
         raise ValueError(f"swiglu: gate and up are empty, shape {tuple(gate.shape)}")
     return _SwiGLU.apply(gate, up)
-
-
-def swiglu_packed(gate_up: torch.Tensor) -> torch.Tensor:
-    """`swiglu_reference(gate, up)` for gate_up = [gate | up] [..., 2I] (fp32, bf16 or fp16) -> [..., I]; its
-    gradient comes back as one [..., 2I] tensor."""
-    if gate_up.dtype not in DTYPES:
-        raise ValueError(f"swiglu_packed: gate_up must be fp32, bf16 or fp16, found {gate_up.dtype}")
-    if gate_up.numel() == 0 or gate_up.shape[-1] % 2:
-        raise ValueError(f"swiglu_packed: gate_up must be non-empty with an even last dim [..., 2I], found shape "
-                         f"{tuple(gate_up.shape)}")
-    return _SwiGLUPacked.apply(gate_up)
