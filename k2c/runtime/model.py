@@ -348,7 +348,9 @@ class MoE(nn.Module):
         """Sum each token's k weighted expert rows, add the shared experts' output.
 
         y is either the expert rows [N*k, H] in expert order (the per-op wiring: weighted and put in (token, slot)
-        order here) or `Experts.forward`'s [N, k, H], weighted and in place already.
+        order here, in fp32) or `Experts.forward`'s [N, k, H], weighted and in place already, in the input's dtype.
+        On the kernels, slots in the input's dtype are summed with the shared output in one pass (`combine_slots`);
+        the per-op wiring's fp32 slots keep torch's sum, which rounds to the input's dtype once, after it.
         """
         slots = y if y.ndim == 3 else routing.to_slots(y)
         if routing.fused and slots.dtype == routing.input.dtype:
