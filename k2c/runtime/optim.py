@@ -121,6 +121,14 @@ def write_back(params, masters) -> None:
         torch._foreach_copy_([params[i] for i in lower], [masters[i] for i in lower])
 
 
+def fp32_grads(grads: list[torch.Tensor], grad_scale: torch.Tensor | None) -> list[torch.Tensor]:
+    """The gradients in fp32 (fp32 ones themselves), times grad_scale if given: scaled in place as a clip would."""
+    grads = [g.float() for g in grads]
+    if grad_scale is not None:
+        torch._foreach_mul_(grads, grad_scale)
+    return grads
+
+
 def scale_rows(weight: torch.Tensor, *scalings: tuple[tuple[int, int, int], torch.Tensor]) -> None:
     """For each (rows, factor): multiply head h's rows `[h*stride + offset, +count)` of weight [heads*stride, in] by
     factor[h] (on the rows this process holds, when the weight is sharded). All of them in one pass over the weight;
@@ -288,9 +296,11 @@ class MuonClip(torch.optim.Optimizer):
             update = None if full is None else newton_schulz(full, self.plan.ns_steps, self.plan.ns_coefficients,
                                                              ns_dtype(full.device)).float()
             for owner, p in enumerate(batch):
-                # a process's own matrix of the round was orthogonalised here: update is set
-                sent = update if owner == mine and update is not None else local(p).new_empty(p.shape,
-                                                                                               dtype=torch.float32)
+                if owner == mine:
+                    assert update is not None  # this process gathered and orthogonalised its own matrix
+                    sent = update
+                else:
+                    sent = local(p).new_empty(p.shape, dtype=torch.float32)
                 held = local(p)
                 master = held.float()  # the shard itself when fp32
                 step = self._step_size(lr, max(p.shape[-2:])).float()
@@ -328,9 +338,7 @@ class MuonClip(torch.optim.Optimizer):
     def _muon_reference(self, matrices, decay: torch.Tensor, step: torch.Tensor, grad_scale: torch.Tensor | None):
         """The batch in torch: the momentum M = mu M + G (a plain sum) and W - lr (O + wd W) as foreach ops."""
         weights, momenta = [w for w, _, _ in matrices], [mom for _, mom, _ in matrices]
-        grads = [g.float() for _, _, g in matrices]
-        if grad_scale is not None:
-            torch._foreach_mul_(grads, grad_scale)  # fp32 gradients themselves, scaled as a clip would scale them
+        grads = fp32_grads([g for _, _, g in matrices], grad_scale)
         mu = self.plan.momentum
         torch._foreach_mul_(momenta, mu)
         torch._foreach_add_(momenta, grads)
@@ -355,9 +363,7 @@ class MuonClip(torch.optim.Optimizer):
         states = [self.state_of(p, "adamw") for p in params]
         held = [local(p) for p in params]  # the element-wise update runs on each process's shards
         masters = [p.float() for p in held]  # the parameters themselves when fp32
-        grads = [local(p.grad).float() for p in params]
-        if grad_scale is not None:
-            torch._foreach_mul_(grads, grad_scale)  # fp32 gradients themselves, scaled as a clip would scale them
+        grads = fp32_grads([local(p.grad) for p in params], grad_scale)
         beta1, beta2 = self.plan.adamw_betas
         # the fused kernel reads a tensor lr on the GPU as fp32, where the CPU's reads the double it holds
         lr = lr if lr.device.type == "cpu" else lr.float()

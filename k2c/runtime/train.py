@@ -145,8 +145,8 @@ def training_step(model, opt, params, ids: torch.Tensor, labels: torch.Tensor, m
     if processes > 1:  # the gradients are averaged already, by FSDP2's reduce-scatter
         dist.all_reduce(step_loss)
         step_loss /= processes
-    grads = [p.grad for p in params if p.grad is not None]
-    grad_norm = parallel.grad_norm(params) if processes > 1 else torch.nn.utils.get_total_norm(grads)
+    grad_norm = (parallel.grad_norm(params) if processes > 1 else
+                 torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
     # torch's clip_grad_norm_ factor, computed on the device (deciding on the host would wait for the norm) and
     # applied by the optimizer as it reads the gradients: scaling them first is a pass over every gradient
     opt.step(grad_scale=(max_norm / (grad_norm + 1e-6)).clamp(max=1.0))
