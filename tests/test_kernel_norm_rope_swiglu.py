@@ -1,5 +1,5 @@
 """The fused RMSNorm and SwiGLU kernels against their torch references, under the Triton CPU interpreter; RoPE's
-reference (which the fused attention-inputs kernel is tested against) against an fp64 formula.
+reference (part of the attention's, which the fused attention is tested against) against an fp64 formula.
 
 The interpreter is switched on by TRITON_INTERPRET=1, read when a kernel module is imported, and an xdist worker
 may already have imported triton or the kernels for another test. So every check runs in a fresh Python, this file
@@ -86,8 +86,8 @@ def rope_truth(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 
 
 def check_rope() -> None:
-    """RoPE's reference, the rotation the fused attention-inputs kernel is tested against, against the fp64
-    complex-number formula (the kernel itself: tests/test_kernel_attention_inputs.py)."""
+    """RoPE's reference, the rotation the fused attention is tested against, against the fp64 complex-number
+    formula (the kernels themselves: tests/test_kernel_attention.py)."""
     from k2c.runtime.kernels.rope import rope_reference
 
     torch.manual_seed(1)

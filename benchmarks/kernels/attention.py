@@ -1,14 +1,17 @@
-"""Causal attention fwd+bwd that also returns the per-head max logit (QK-Clip's input), bf16, B=4, H=16, S=4096.
+"""MLA's causal attention fwd+bwd from its projections, with the per-head max logit (QK-Clip's input), bf16.
 
-At MLA head dims (qk 192 = 128 + 64, v 128) and at d=128. The anchor is PyTorch SDPA without the max logit (the
-backend its dispatcher picks; the others that run are timed too); beside it SDPA plus the max logit from
-materialised scores (matmul and amax, a head at a time), and FlexAttention compiled with
-`AuxRequest(max_scores=True)`. The target: at most 1.15x SDPA's time at MLA dims.
+At k2-1b's step shape: b=8, t=2048, h=16, dn=128, dr=64 (interleaved pairs, as every shipped spec), dv=128. Each
+variant starts from the q projection [b, t, h*(dn+dr)], the rotary key (a slice of kv_a [b, t, 256+dr]) and kv_b's
+output [b, t, h*(dn+dv)], and ends with out [b, t, h*dv] and the three inputs' gradients, as the model runs it. The
+anchor is what transformers does: RoPE and the q/k/v layout in eager torch, then PyTorch SDPA without the max
+logit (the backend its dispatcher picks; the others that run are timed too). Beside it: SDPA plus the max logit
+from materialised scores (matmul and amax, a head at a time), and FlexAttention compiled with
+`AuxRequest(max_scores=True)`.
 
-Our kernel is checked against the reference in fp32 at batch 1 (the reference materialises [b, h, s, s] fp32
-scores), with a per-head scale; the anchors' outputs and max logits are checked against ours at full size. FLOPs
-count the causal half, S^2 / 2 pairs a head: forward q k^T and p v, backward q k^T again, dO v^T, p^T dO, dS k and
-dS^T q, i.e. (8 dqk + 6 dv) per pair.
+Ours is checked against the reference in fp32 at batch 1 (the reference materialises [b, h, t, t] fp32 scores),
+with a per-head scale; the anchors' outputs and max logits are checked against ours at full size. FLOPs count the
+causal half, t^2 / 2 pairs a head: forward q k^T and p v, backward q k^T again, dO v^T, p^T dO, dS k and dS^T q,
+i.e. (8 dqk + 6 dv) per pair.
 """
 
 from __future__ import annotations
@@ -29,23 +32,42 @@ else:
 
 DEV = torch.device("cuda")
 DTYPE = torch.bfloat16
-BATCH, HEADS, SEQ = 4, 16, 4096
-SHAPES = [("MLA qk 192 / v 128", 192, 128), ("d 128", 128, 128)]
+BATCH, SEQ, HEADS, DN, DR, DV, LATENT = 8, 2048, 16, 128, 64, 128, 256
 SDPA_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
+NAMES = ("out", "max_logit", "dq", "dkv_a", "dkv")
 
 
-def leaves(batch: int, dqk: int, dv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(torch.randn(batch, HEADS, SEQ, d, device=DEV, dtype=DTYPE, requires_grad=True)
-                 for d in (dqk, dqk, dv))
+def leaves(batch: int) -> list[torch.Tensor]:
+    """The q projection, kv_a and kv_b's output."""
+    return [torch.randn(batch, SEQ, d, device=DEV, dtype=DTYPE, requires_grad=True)
+            for d in (HEADS * (DN + DR), LATENT + DR, HEADS * (DN + DV))]
+
+
+def tables(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    positions = torch.arange(SEQ, device=DEV, dtype=torch.float32)
+    angles = positions[:, None] * 50000.0 ** (-torch.arange(0, DR, 2, device=DEV) / DR)  # [seq, dr/2]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def fwd_bwd(attend, inputs, dout):
-    """attend(q, k, v) -> (out, max_logit or None); a step that runs it and the input gradients."""
+    """attend(q, k_rot, kv) -> (out, max_logit or None); a step that runs it and the input gradients."""
     def step():
-        out, max_logit = attend(*inputs)
+        q, kv_a, kv = inputs
+        out, max_logit = attend(q, kv_a[..., LATENT:], kv)
         return out, max_logit, *torch.autograd.grad(out, inputs, dout)
 
     return step
+
+
+def laid_out(attend, scale: float):
+    """attend(q, k, v) on q, k, v [b, h, t, d] laid out by eager torch, as transformers does, merged back after."""
+    cos, sin = tables(DTYPE)
+
+    def run(q, k_rot, kv):
+        out, max_logit = attend(*kernel.attention_inputs_reference(q, k_rot, kv, cos, sin, HEADS, True), scale)
+        return out.transpose(1, 2).reshape(q.shape[0], SEQ, -1), max_logit
+
+    return run
 
 
 def tuned(fn) -> str:
@@ -53,26 +75,19 @@ def tuned(fn) -> str:
     return f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']} w{cfg.num_warps} s{cfg.num_stages}"
 
 
-def print_tuning(work: str) -> None:
-    """The autotuner's time for every candidate, for choosing the next candidates."""
-    for name in ("_attn_fwd_tuned", "_attn_bwd_dq_tuned", "_attn_bwd_dkdv_tuned"):
-        timings = getattr(getattr(kernel, name), "configs_timings", None) or {}
-        print(f"{work}: {name}: " + ", ".join(
-            f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}: "
-            f"{t[0] if isinstance(t, list) else t:.3f}" for c, t in timings.items()), flush=True)
-
-
-def check_ours(h: Harness, work: str, dqk: int, dv: int, scale: float) -> str:
-    """Ours in bf16 against the reference on fp32 copies of the same inputs, at batch 1, with a head scale."""
-    inputs = leaves(1, dqk, dv)
+def check_ours(h: Harness, work: str, scale: float) -> str:
+    """Ours in bf16 against the reference on fp32 copies of the same inputs, at batch 1, with a head scale. All at
+    bf16's tolerance, the max logit too: ours rounds the rotated dims to bf16, as the model's torch path does."""
+    inputs = leaves(1)
     head_scale = torch.rand(HEADS, device=DEV) * 0.5 + 0.5
-    dout = torch.randn(1, HEADS, SEQ, dv, device=DEV, dtype=DTYPE)
-    got = fwd_bwd(lambda q, k, v: kernel.attention(q, k, v, scale, head_scale), inputs, dout)()
-    exact = tuple(x.detach().float().requires_grad_() for x in inputs)
-    want = fwd_bwd(lambda q, k, v: kernel.attention_reference(q, k, v, scale, head_scale), exact, dout.float())()
+    dout = torch.randn(1, SEQ, HEADS * DV, device=DEV, dtype=DTYPE)
+    cos, sin = tables(DTYPE)
+    got = fwd_bwd(lambda *x: kernel.attention(*x, cos, sin, HEADS, True, scale, head_scale), inputs, dout)()
+    exact = [x.detach().float().requires_grad_() for x in inputs]
+    want = fwd_bwd(lambda *x: kernel.attention_reference(*x, cos.float(), sin.float(), HEADS, True, scale,
+                                                         head_scale), exact, dout.float())()
     try:
-        return "; ".join(h.check(name, g, w, dtype=torch.float32 if name == "max_logit" else DTYPE)
-                         for name, g, w in zip(("out", "max_logit", "dq", "dk", "dv"), got, want, strict=True))
+        return "; ".join(h.check(name, g, w, dtype=DTYPE) for name, g, w in zip(NAMES, got, want, strict=True))
     except MismatchError as err:
         raise MismatchError(f"{work}: {err}") from None
 
@@ -89,7 +104,8 @@ def sdpa(q, k, v, scale):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
-def sdpa_default_backend(q, k, v, scale) -> str:
+def sdpa_default_backend(scale: float) -> str:
+    q, k, v = (torch.empty(1, HEADS, SEQ, d, device=DEV, dtype=DTYPE) for d in (DN + DR, DN + DR, DV))
     try:
         return SDPBackend(torch._fused_sdp_choice(q, k, v, None, 0.0, True, scale=scale)).name
     except (AttributeError, RuntimeError, TypeError, ValueError) as err:
@@ -103,11 +119,11 @@ def flex_step(inputs, dout, scale):
     block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, SEQ, SEQ, device=DEV)
     flex = torch.compile(flex_attention)
 
-    def attend(q, k, v):
+    def attend(q, k, v, scale):
         out, aux = flex(q, k, v, block_mask=block_mask, scale=scale, return_aux=AuxRequest(max_scores=True))
         return out, aux.max_scores.amax(dim=(0, 2)).float()
 
-    step = fwd_bwd(attend, inputs, dout)
+    step = fwd_bwd(laid_out(attend, scale), inputs, dout)
     try:
         step()
     except Exception as err:  # noqa: BLE001  an anchor that cannot run on this torch is a note, not a failure
@@ -115,25 +131,25 @@ def flex_step(inputs, dout, scale):
     return step, ""
 
 
-def bench_shape(h: Harness, shape: str, dqk: int, dv: int) -> None:
-    work = f"causal attention fwd+bwd, B={BATCH} H={HEADS} S={SEQ}, {shape}, bf16"
-    scale = dqk ** -0.5
+def run(h: Harness) -> None:
+    torch.manual_seed(0)
+    work = (f"MLA causal attention fwd+bwd from the projections (RoPE included), b={BATCH} t={SEQ} h={HEADS} "
+            f"dn={DN} dr={DR} dv={DV}, bf16")
+    scale = (DN + DR) ** -0.5
     pairs = BATCH * HEADS * SEQ * SEQ / 2
-    flops, fwd_flops = pairs * (8 * dqk + 6 * dv), pairs * 2 * (dqk + dv)
-    first = len(h.rows)
-    inputs = leaves(BATCH, dqk, dv)
-    dout = torch.randn(BATCH, HEADS, SEQ, dv, device=DEV, dtype=DTYPE)
-    ours = fwd_bwd(lambda q, k, v: kernel.attention(q, k, v, scale), inputs, dout)
+    flops = pairs * (8 * (DN + DR) + 6 * DV)
+    inputs = leaves(BATCH)
+    dout = torch.randn(BATCH, SEQ, HEADS * DV, device=DEV, dtype=DTYPE)
+    cos, sin = tables(DTYPE)
+    ours = fwd_bwd(lambda *x: kernel.attention(*x, cos, sin, HEADS, True, scale), inputs, dout)
     out, max_logit = ours()[:2]  # the autotuner picks its configs at these shapes, then the check runs them
-    print_tuning(shape)
-    check = check_ours(h, work, dqk, dv, scale)
+    check = check_ours(h, work, scale)
     ours_ms = h.time(ours)
 
-    backend = sdpa_default_backend(*inputs, scale)
-    plain = fwd_bwd(lambda q, k, v: (sdpa(q, k, v, scale), None), inputs, dout)
+    plain = fwd_bwd(laid_out(lambda q, k, v, s: (sdpa(q, k, v, s), None), scale), inputs, dout)
     anchor_ms = h.time(plain)
-    h.row(work, f"SDPA, default dispatch ({backend}), no max logit (anchor)", anchor_ms, anchor_ms,
-          h.check("out vs ours", sdpa(*inputs, scale), out), flops)
+    h.row(work, f"eager RoPE and layout + SDPA, default dispatch ({sdpa_default_backend(scale)}), no max logit "
+          "(anchor)", anchor_ms, anchor_ms, h.check("out vs ours", plain()[0], out), flops)
     h.row(work, f"k2c Triton, with max logit (fwd {tuned(kernel._attn_fwd_tuned)}, dq "
           f"{tuned(kernel._attn_bwd_dq_tuned)}, dkdv {tuned(kernel._attn_bwd_dkdv_tuned)})", ours_ms, anchor_ms,
           check, flops)
@@ -143,32 +159,19 @@ def bench_shape(h: Harness, shape: str, dqk: int, dv: int) -> None:
                 plain()
             except RuntimeError:
                 continue  # this backend does not take these shapes
-            h.row(work, f"SDPA forced to {forced.name}, no max logit", h.time(plain), anchor_ms, "", flops)
+            h.row(work, f"eager RoPE and layout + SDPA forced to {forced.name}, no max logit", h.time(plain),
+                  anchor_ms, "", flops)
 
-    materialised = fwd_bwd(lambda q, k, v: (sdpa(q, k, v, scale), max_logit_materialised(q, k, scale)),
+    materialised = fwd_bwd(laid_out(lambda q, k, v, s: (sdpa(q, k, v, s), max_logit_materialised(q, k, s)), scale),
                            inputs, dout)
-    h.row(work, "SDPA + max logit from materialised scores (matmul + amax a head at a time)",
+    h.row(work, "eager RoPE and layout + SDPA + max logit from materialised scores (a head at a time)",
           h.time(materialised), anchor_ms, h.check("max_logit vs ours", materialised()[1], max_logit, DTYPE), flops)
 
     flex, note = flex_step(inputs, dout, scale)
     if flex is None:
         h.row(work, f"FlexAttention compiled + max scores ({note})", float("nan"), anchor_ms)
     else:
-        h.row(work, "FlexAttention compiled + AuxRequest(max_scores=True)", h.time(flex), anchor_ms,
-              h.check("max_logit vs ours", flex()[1], max_logit, DTYPE), flops)
-
-    fwd_work = f"causal attention forward only, B={BATCH} H={HEADS} S={SEQ}, {shape}, bf16"
-    fwd_anchor_ms = h.time(lambda: sdpa(*inputs, scale))
-    h.row(fwd_work, "SDPA, default dispatch, no max logit (anchor)", fwd_anchor_ms, fwd_anchor_ms, "", fwd_flops)
-    h.row(fwd_work, "k2c Triton, with max logit", h.time(lambda: kernel.attention(*inputs, scale)), fwd_anchor_ms,
-          "", fwd_flops)
-    print(f"{shape}: ours timed again, last: {h.time(ours):.3f} ms (first {ours_ms:.3f})")
-    for row in h.rows[first:]:  # as they come: a run cut short still shows what it measured
+        h.row(work, "eager RoPE and layout + FlexAttention compiled + AuxRequest(max_scores=True)", h.time(flex),
+              anchor_ms, h.check("max_logit vs ours", flex()[1], max_logit, DTYPE), flops)
+    for row in h.rows:  # as they come: a run cut short still shows what it measured
         print(f"{row.work} | {row.variant} | {row.ms:.3f} ms | {row.speedup:.2f}x", flush=True)
-
-
-def run(h: Harness) -> None:
-    torch.manual_seed(0)
-    for shape, dqk, dv in SHAPES:
-        bench_shape(h, shape, dqk, dv)
-        torch.cuda.empty_cache()

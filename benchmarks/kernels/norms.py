@@ -1,8 +1,8 @@
 """RMSNorm and SwiGLU: k2c's fused Triton kernels against eager torch (their references), fwd+bwd in bf16.
 
 Shapes are a K2-style layer's over 8 sequences of 2048 tokens: RMSNorm over the 1536-wide q latent and the 7168-wide
-hidden state; SwiGLU at a Moonlight expert's 1408 and Kimi K2's dense 18432 intermediate sizes (RoPE is fused into
-MLA's attention inputs: benchmarks/kernels/attention_inputs.py). Each kernel's output and gradients are checked
+hidden state; SwiGLU at a Moonlight expert's 1408 and Kimi K2's dense 18432 intermediate sizes (RoPE runs inside
+MLA's attention: benchmarks/kernels/attention.py). Each kernel's output and gradients are checked
 against its reference before both are timed. The target is twice eager torch's speed.
 """
 

@@ -94,7 +94,7 @@ def _attention(layer: _Layer) -> AttentionPlan:
         kv_norm=_norm(layer["attn.kv_a_norm"]),
         rope=RopePlan(
             dim=rope["dim"], theta=rope["theta"], interleaved=rope["interleaved"],
-            yarn=YarnPlan(**yarn) if yarn is not None else None, kernel=rope["kernel"],
+            yarn=YarnPlan(**yarn) if yarn is not None else None,
         ),
         clip=ClipPlan(
             mode=clip.mode, tau=clip.tau, q_weight=clip.q_weight.removeprefix(f"{core['module']}."),

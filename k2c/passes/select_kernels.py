@@ -32,20 +32,17 @@ def _linear(op: Op) -> str:
 
 
 def _attention(op: Op) -> str:
-    """The fused causal attention, which also returns each head's max logit, fits head dims up to 256."""
+    """The fused causal attention, which also returns each head's max logit, fits head dims up to 256. It rotates
+    q's and k's rotary dims itself, reading the other dims in place from the projections, so RoPE has no kernel of
+    its own: the attention's choice covers it."""
     qk, v = op["qk_nope_head_dim"] + op["qk_rope_head_dim"], op["v_head_dim"]
     return TRITON if max(qk, v) <= ATTENTION_MAX_HEAD_DIM else TORCH
-
-
-def _rope(op: Op) -> str:
-    return TRITON if op["dim"] % 2 == 0 else TORCH
 
 
 RULES: dict[OpKind, Rule] = {
     OpKind.EMBEDDING: _reference,
     OpKind.RMSNORM: _rmsnorm,
     OpKind.LINEAR: _linear,
-    OpKind.ROPE: _rope,
     OpKind.ATTENTION: _attention,
     # routing and the expert GEMMs share the layer's Routing, so they are chosen together: grouped, dropless kernels
     # that never read routing back to the host

@@ -17,7 +17,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from k2c.runtime import ops
+from k2c.runtime.kernels.attention import attention_inputs_reference
 from k2c.runtime.model import Attention, CausalLM, RopeTables, Rotary
 
 
@@ -59,9 +59,9 @@ class KVCache:
         def core(q: torch.Tensor, kv: torch.Tensor, rotary: Rotary) -> torch.Tensor:
             """Attention.core's inputs and output, over the cached keys and values too."""
             b, t, _ = q.shape
-            heads, dv, rope = attention.heads, attention.dv, attention.plan.rope
-            q, k, v = ops.attention_inputs(q, rotary.k, kv, rotary.tables.cos, rotary.tables.sin, heads,
-                                           rope.interleaved, rope.kernel)
+            heads, dv = attention.heads, attention.dv
+            q, k, v = attention_inputs_reference(q, rotary.k, kv, rotary.tables.cos, rotary.tables.sin, heads,
+                                                 attention.plan.rope.interleaved)
             if attention in self.keys:
                 k = torch.cat([self.keys[attention], k], dim=2)
                 v = torch.cat([self.values[attention], v], dim=2)

@@ -283,27 +283,26 @@ class Forward:
         kv_a = self.linear(x, a.hidden_size, a.kv_lora_rank + dr, f"{at}.kv_a_proj_with_mqa")
         kv_norm = self.norm(kv_a, a.kv_lora_rank, a.kv_norm)
         kv = self.linear(kv_norm, a.kv_lora_rank, heads * (dn + dv), f"{at}.kv_b_proj")
-        # RoPE keeps only its cos/sin tables; q and k are new [b, h, t, dn+dr] tensors, and v a view of kv, or a new
-        # [b, h, t, dv] tensor where one fused kernel lays out all three
-        if q.grad or kv_a.grad:
+        if q.grad or kv_a.grad:  # RoPE keeps only its cos/sin tables
             self.save(self.rope_tables)
-        q_cat = self.new(heads * (dn + dr), q.grad)
-        k_cat = self.new(heads * (dn + dr), kv.grad or kv_a.grad)
-        fused = self.triton(a.rope.kernel)
-        v = self.new(heads * dv, kv.grad) if fused else kv
-        grad = q_cat.grad or k_cat.grad or kv.grad
+        grad = q.grad or kv.grad or kv_a.grad
         b, t = self.mesh.sequences, self.seq
         if self.triton(a.kernel):
-            if grad:  # q, k, v, the output and the log-sum-exp per row
-                self.save(q_cat, k_cat, v, self.new(heads * dv, True), self.new(heads, False, FP32))
-        elif grad:
-            # scores materialised: the causal mask, fp32 softmax (and its cast to the dtype), and v, copied to batch
-            # it unless it is laid out already
-            self.save(q_cat, k_cat, Tensor(t * t, False), Tensor(b * heads * t * t * FP32, True),
-                      v if fused else self.new(heads * dv, True))
-            if self.size != FP32:
-                self.save(Tensor(b * heads * t * t * self.size, True))
-        out = self.new(heads * dv, grad)  # [b, t, h*dv]: the attention's output transposed into a new tensor
+            out = self.new(heads * dv, grad)
+            if grad:  # q and kv read in place, the rotated dims of q and of the key, the output, the log-sum-exp
+                self.save(q, kv, self.new(heads * dr, False), self.new(dr, False), out,
+                          self.new(heads, False, FP32))
+        else:
+            # q and k new [b, h, t, dn+dr] tensors; the scores materialised: the causal mask, fp32 softmax (and its
+            # cast to the dtype); v, a view of kv, copied to batch it
+            q_cat = self.new(heads * (dn + dr), q.grad)
+            k_cat = self.new(heads * (dn + dr), kv.grad or kv_a.grad)
+            if grad:
+                self.save(q_cat, k_cat, Tensor(t * t, False), Tensor(b * heads * t * t * FP32, True),
+                          self.new(heads * dv, True))
+                if self.size != FP32:
+                    self.save(Tensor(b * heads * t * t * self.size, True))
+            out = self.new(heads * dv, grad)  # [b, t, h*dv]: the attention's output transposed into a new tensor
         return self.linear(out, heads * dv, a.hidden_size, f"{at}.o_proj")
 
     def moe(self, x: Tensor, plan: MoEPlan, at: str) -> Tensor:

@@ -106,8 +106,8 @@ def rope_frequencies(plan: RopePlan) -> tuple[torch.Tensor, float]:
 class Rotary:
     """What `Attention.rope` hands to `core`: the one rotary key all heads share, not rotated yet, and the tables.
 
-    `core` rotates it and q's rotary dims while it lays out q, k and v (`ops.attention_inputs`: on the Triton path one
-    fused pass each way instead of two RoPE passes, two concatenations and the zero-filled gradients of the slices).
+    `core` rotates it and q's rotary dims (`ops.attention`: on the Triton path a pass over just those dims each way,
+    beside kernels that read the rest of q, k and v in place).
     """
 
     k: torch.Tensor  # [b, t, dr]: a view of kv_a, its last dr dims
@@ -153,12 +153,11 @@ class Attention(nn.Module):
 
     def core(self, q: torch.Tensor, kv: torch.Tensor, rotary: Rotary) -> torch.Tensor:
         """Causal attention of q [b, t, h*(dn+dr)] over kv [b, t, h*(dn+dv)] -> [b, t, h*dv]; records max logits."""
-        b, t, _ = q.shape
-        cos, sin, rope = rotary.tables.cos, rotary.tables.sin, self.plan.rope
-        q, k, v = ops.attention_inputs(q, rotary.k, kv, cos, sin, self.heads, rope.interleaved, rope.kernel)
-        out, max_logit = ops.causal_attention(q, k, v, self.plan.softmax_scale, self.qk_scale, self.plan.kernel)
+        tables, rope = rotary.tables, self.plan.rope
+        out, max_logit = ops.attention(q, rotary.k, kv, tables.cos, tables.sin, self.heads, rope.interleaved,
+                                       self.plan.softmax_scale, self.qk_scale, self.plan.kernel)
         self.record_max_logit(max_logit)
-        return out.transpose(1, 2).reshape(b, t, self.heads * self.dv)
+        return out
 
     @torch.no_grad()
     def record_max_logit(self, max_logit: torch.Tensor) -> None:

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from k2c.runtime.kernels import attention as attention_kernel
-from k2c.runtime.kernels import attention_inputs as attention_inputs_kernel
 from k2c.runtime.kernels import cross_entropy as cross_entropy_kernel
 from k2c.runtime.kernels import rmsnorm as rmsnorm_kernel
 from k2c.runtime.kernels import swiglu as swiglu_kernel
@@ -45,28 +44,20 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, kernel: str = TORCH) -> torch.T
     return swiglu_kernel.swiglu_reference(gate, up)
 
 
-def attention_inputs(q: torch.Tensor, k_rot: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     heads: int, interleaved: bool,
-                     kernel: str = TORCH) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MLA's q [b, t, h*(dn+dr)], rotary key k_rot [b, t, dr] and kv [b, t, h*(dn+dv)] -> q, k [b, h, t, dn+dr] and
-    v [b, h, t, dv] for `causal_attention`: q's rotary dims and the key, which all heads share, rotated by cos/sin
-    [t, dr/2] and returned as [firsts of the pairs, seconds] (q and k get the same permutation, so their dot
-    products do not change). The Triton kernel does it in one pass each way."""
-    if use_triton(kernel, q):
-        return attention_inputs_kernel.attention_inputs(q, k_rot, kv, cos, sin, heads, interleaved)
-    return attention_inputs_kernel.attention_inputs_reference(q, k_rot, kv, cos, sin, heads, interleaved)
+def attention(q: torch.Tensor, k_rot: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              heads: int, interleaved: bool, softmax_scale: float, head_scale: torch.Tensor | None,
+              kernel: str = TORCH) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLA's causal attention from the q projection [b, t, h*(dn+dr)], the rotary key k_rot [b, t, dr] (which all heads
+    share) and kv_b's output [b, t, h*(dn+dv)] -> (out [b, t, h*dv], max pre-softmax logit per head [h], fp32).
 
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
-                     head_scale: torch.Tensor | None, kernel: str = TORCH) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k [b, h, t, dqk], v [b, h, t, dv] -> (out [b, h, t, dv], max pre-softmax logit per head [h], fp32).
-
-    `head_scale` [h] multiplies head h's logits (QK-Clip's scale for frozen weights). The max is over batch,
-    queries and unmasked keys, after every scale.
+    q's rotary dims and the key are rotated by cos/sin [t, dr/2]. `head_scale` [h] multiplies head h's logits
+    (QK-Clip's scale for frozen weights). The max is over batch, queries and unmasked keys, after every scale. The
+    Triton kernels read q, k and v in place from the projections.
     """
+    args = (q, k_rot, kv, cos, sin, heads, interleaved, softmax_scale, head_scale)
     if use_triton(kernel, q):
-        return attention_kernel.attention(q, k, v, softmax_scale, head_scale)
-    return attention_kernel.attention_reference(q, k, v, softmax_scale, head_scale)
+        return attention_kernel.attention(*args)
+    return attention_kernel.attention_reference(*args)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor | None, kernel: str = TORCH) -> torch.Tensor | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PLAN_SCHEMA = 4
+PLAN_SCHEMA = 5
 
 # What an op's `kernel` attribute may name: the torch reference, or a fused Triton kernel of k2c.runtime.kernels.
 TORCH = "torch"
@@ -45,7 +45,6 @@ class RopePlan:
     theta: float
     interleaved: bool  # pairs (0, 1), (2, 3), ... as published checkpoints store them; else (i, i + dim/2)
     yarn: YarnPlan | None = None
-    kernel: str = TORCH
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,22 @@
-"""Causal flash attention at MLA head dims that also returns each head's max pre-softmax logit.
+"""MLA's causal attention, read straight from its projections, as flash attention that also returns each head's
+max pre-softmax logit.
 
-Why: MuonClip's QK-Clip needs, after every forward, the largest logit of each head. The torch path gets it by
-materialising the [b, h, t, t] scores, several times the cost of the attention itself; FlexAttention returns it
-(`AuxRequest(max_scores=True)`) but runs about 2.6x slower than SDPA at MLA head dims. Here the forward is
-FlashAttention-2's online softmax, whose running row max already is the max logit: each program writes the max
+Why the max logit: MuonClip's QK-Clip needs, after every forward, the largest logit of each head. The torch path
+gets it by materialising the [b, h, t, t] scores, several times the cost of the attention itself; FlexAttention
+returns it (`AuxRequest(max_scores=True)`) but runs about 2.6x slower than SDPA at MLA head dims. Here the forward
+is FlashAttention-2's online softmax, whose running row max already is the max logit: each program writes the max
 over its query rows into a [b * h, row blocks] buffer, and one tiny amax gives [h]. No pass over the scores is
 added.
 
-Head dims: MLA's query/key head dim is 192 (128 without rope + 64 with rope), not a power of two, and the value
-head dim (128) differs from it. Triton blocks are powers of two of at least 16 (`tl.dot`'s minimum), so the qk
-head dim is covered by two blocks, D_HEAD + D_TAIL (192 = 128 + 64, 96 = 64 + 32): both dot products accumulate
-into one, with no padding to 256. Sizes that do not split into such blocks mask the padded columns (24 = 16 + 16
-with 8 masked); powers of two use one block (D_TAIL = 0).
+Why from the projections: a head of MLA's q is [dn dims without rope | dr rotary dims], its key [dn dims from kv_b's
+output | the one rotary key of the token, shared by every head], its value the other dims of kv_b's output. Laying
+out q, k and v as [b, h, t, d] tensors first moves every byte of both projections twice (once each way, about 4 ms
+a step at k2-1b's shape on an H200). Instead the kernels split the qk dot product in two, as MLA's heads split: the
+dims without rope are read in place through strides from q's and kv_b's outputs, v likewise, and the rotary part
+from what `rope.rotate` writes (q's rotary dims [b, t, h, dr] and the key [b, t, dr], the key read by every head
+with a head stride of 0). The backward writes dq's dims without rope into q's gradient, and dk's and dv into kv_b's,
+in place, and leaves the rotary ones to `rope.rotate_back`. Triton blocks are powers of two of at least 16, so
+dims that are not are padded and masked (dn 24 as a block of 32).
 
 The work, as in FlashAttention-2 and the Triton fused-attention tutorial:
 - forward: a program per (query block, b * h) walks the key blocks wholly below the diagonal without a mask, then
@@ -36,10 +41,12 @@ import triton
 import triton.language as tl
 
 from k2c.runtime.kernels import ATTENTION_MAX_HEAD_DIM
+from k2c.runtime.kernels import rope as rope_kernel
 from k2c.runtime.kernels.tuning import autotune
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # softmax in base 2: exp(x) = exp2(x log2 e), the fast one
 MAX_HEAD_DIM = ATTENTION_MAX_HEAD_DIM
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Under TRITON_INTERPRET=1 (the CPU tests) one small config runs and nothing is timed; read at import, as Triton
 # reads it.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
@@ -61,7 +68,7 @@ def _configs(gpu: list[tuple[int, int, int, int]], interpreted: tuple[int, int])
 FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3)], (32, 16))
 DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)], (32, 16))
 DKDV_CONFIGS = _configs([(32, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2)], (16, 32))
-TUNING_KEY = ["T", "QK_DIM", "V_DIM"]
+TUNING_KEY = ["T", "DN", "DR", "DV"]
 
 
 @triton.jit
@@ -76,21 +83,25 @@ def _below(offs, n: tl.constexpr, END: tl.constexpr):
 
 @triton.jit
 def _attn_fwd(
-    Q,  # [B, H, T, QK_DIM], last dim contiguous
-    K,  # [B, H, T, QK_DIM], last dim contiguous
-    V,  # [B, H, T, V_DIM], last dim contiguous
+    Q,  # [B, H, T, DN] strided, last dim contiguous: q's dims without rope
+    Q_ROT,  # [B, H, T, DR] strided, last dim contiguous: q's rotary dims, rotated
+    K,  # [B, H, T, DN] strided, last dim contiguous: k's dims without rope
+    K_ROT,  # [B, H, T, DR] strided, last dim contiguous: the rotated key (head stride 0 when the heads share it)
+    V,  # [B, H, T, DV] strided, last dim contiguous
     HEAD_SCALE,  # [H] fp32, or None
-    Out,  # [B, H, T, V_DIM], last dim contiguous
+    Out,  # [B, H, T, DV] strided, last dim contiguous
     LSE,  # [B * H, T] fp32: each row's log2 of sum(exp2(logit * log2 e))
     BLOCK_MAX,  # [B * H, max_stride] fp32, -inf where no program writes: max logit over each query block
     sm_scale,
     stride_qb, stride_qh, stride_qt,
+    stride_qrb, stride_qrh, stride_qrt,
     stride_kb, stride_kh, stride_kt,
+    stride_krb, stride_krh, stride_krt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
     max_stride, H, T,
-    QK_DIM: tl.constexpr, V_DIM: tl.constexpr,
-    D_HEAD: tl.constexpr, D_TAIL: tl.constexpr, D_V: tl.constexpr,
+    DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr,
+    BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,  # the dims rounded up to powers of 2
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # a program per (query block, b * h); the longest rows first, so that the short ones fill the last wave
@@ -98,8 +109,8 @@ def _attn_fwd(
     bh = tl.program_id(1)
     off_b = (bh // H).to(tl.int64)
     off_h = (bh % H).to(tl.int64)
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
     k_base = K + off_b * stride_kb + off_h * stride_kh
+    kr_base = K_ROT + off_b * stride_krb + off_h * stride_krh
     v_base = V + off_b * stride_vb + off_h * stride_vh
 
     logit_scale = sm_scale
@@ -109,20 +120,20 @@ def _attn_fwd(
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     m_ok = offs_m < T
-    offs_dh = tl.arange(0, D_HEAD)
-    dh_ok = _below(offs_dh, QK_DIM, D_HEAD)
-    offs_dv = tl.arange(0, D_V)
-    dv_ok = _below(offs_dv, V_DIM, D_V)
-    q_ptrs = q_base + offs_m[:, None] * stride_qt
-    q_head = tl.load(q_ptrs + offs_dh[None, :], mask=m_ok[:, None] & dh_ok[None, :], other=0.0)
-    if D_TAIL > 0:
-        offs_dt = D_HEAD + tl.arange(0, D_TAIL)
-        dt_ok = _below(offs_dt, QK_DIM, D_HEAD + D_TAIL)
-        q_tail = tl.load(q_ptrs + offs_dt[None, :], mask=m_ok[:, None] & dt_ok[None, :], other=0.0)
+    offs_dn = tl.arange(0, BLOCK_DN)
+    dn_ok = _below(offs_dn, DN, BLOCK_DN)
+    offs_dr = tl.arange(0, BLOCK_DR)
+    dr_ok = _below(offs_dr, DR, BLOCK_DR)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = _below(offs_dv, DV, BLOCK_DV)
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_dn[None, :],
+                mask=m_ok[:, None] & dn_ok[None, :], other=0.0)
+    q_rot = tl.load(Q_ROT + off_b * stride_qrb + off_h * stride_qrh + offs_m[:, None] * stride_qrt + offs_dr[None, :],
+                    mask=m_ok[:, None] & dr_ok[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max of logit * log2 e
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2(logit * log2 e - m_i)
-    acc = tl.zeros([BLOCK_M, D_V], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for phase in tl.static_range(2):
         if phase == 0:  # the key blocks wholly below the diagonal: every key exists and is visible
             lo, hi = 0, start_m
@@ -134,13 +145,12 @@ def _attn_fwd(
                 n_ok = tl.full([BLOCK_N], True, tl.int1)
             else:
                 n_ok = offs_n < T
-            # -- logits of this key block: q @ k^T, the head dim in one or two blocks --
-            k_ptrs = k_base + offs_n[None, :] * stride_kt
-            kT_head = tl.load(k_ptrs + offs_dh[:, None], mask=dh_ok[:, None] & n_ok[None, :], other=0.0)
-            qk = tl.dot(q_head, kT_head)
-            if D_TAIL > 0:
-                kT_tail = tl.load(k_ptrs + offs_dt[:, None], mask=dt_ok[:, None] & n_ok[None, :], other=0.0)
-                qk = tl.dot(q_tail, kT_tail, qk)
+            # -- logits of this key block: q @ k^T, the dims without rope and the rotary ones --
+            kT = tl.load(k_base + offs_n[None, :] * stride_kt + offs_dn[:, None], mask=dn_ok[:, None] & n_ok[None, :],
+                         other=0.0)
+            kT_rot = tl.load(kr_base + offs_n[None, :] * stride_krt + offs_dr[:, None],
+                             mask=dr_ok[:, None] & n_ok[None, :], other=0.0)
+            qk = tl.dot(q_rot, kT_rot, tl.dot(q, kT))
             if phase == 1:
                 qk = tl.where(offs_m[:, None] >= offs_n[None, :], qk, float("-inf"))
             # -- online softmax: the running max is also the max logit --
@@ -166,24 +176,27 @@ def _attn_fwd(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q,  # [B, H, T, QK_DIM], last dim contiguous
-    K,  # [B, H, T, QK_DIM], last dim contiguous
-    V,  # [B, H, T, V_DIM], last dim contiguous
+    Q, Q_ROT, K, K_ROT, V,  # as the forward's
     HEAD_SCALE,  # [H] fp32, or None
-    DO,  # [B, H, T, V_DIM], last dim contiguous
-    Out,  # [B, H, T, V_DIM], last dim contiguous, from the forward
+    DO,  # [B, H, T, DV] strided, last dim contiguous
+    Out,  # [B, H, T, DV] strided, last dim contiguous, from the forward
     LSE,  # [B * H, T] fp32, from the forward
     DELTA,  # [B * H, T] fp32, written here: rowsum(dO * O), for this kernel and the dK/dV one
-    DQ,  # [B, H, T, QK_DIM] contiguous
+    DQ,  # [B, H, T, DN] strided, last dim contiguous: the gradient of Q
+    DQ_ROT,  # [B, H, T, DR] strided, last dim contiguous: of Q_ROT
     sm_scale,
     stride_qb, stride_qh, stride_qt,
+    stride_qrb, stride_qrh, stride_qrt,
     stride_kb, stride_kh, stride_kt,
+    stride_krb, stride_krh, stride_krt,
     stride_vb, stride_vh, stride_vt,
     stride_db, stride_dh, stride_dt,
     H, T,
     stride_ob, stride_oh, stride_ot,
-    QK_DIM: tl.constexpr, V_DIM: tl.constexpr,
-    D_HEAD: tl.constexpr, D_TAIL: tl.constexpr, D_V: tl.constexpr,
+    stride_dqb, stride_dqh, stride_dqt,
+    stride_dqrb, stride_dqrh, stride_dqrt,
+    DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr,
+    BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # a program per (query block, b * h); the longest rows first
@@ -192,6 +205,7 @@ def _attn_bwd_dq(
     off_b = (bh // H).to(tl.int64)
     off_h = (bh % H).to(tl.int64)
     k_base = K + off_b * stride_kb + off_h * stride_kh
+    kr_base = K_ROT + off_b * stride_krb + off_h * stride_krh
     v_base = V + off_b * stride_vb + off_h * stride_vh
 
     logit_scale = sm_scale
@@ -201,18 +215,18 @@ def _attn_bwd_dq(
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     m_ok = offs_m < T
-    offs_dh = tl.arange(0, D_HEAD)
-    dh_ok = _below(offs_dh, QK_DIM, D_HEAD)
-    offs_dv = tl.arange(0, D_V)
-    dv_ok = _below(offs_dv, V_DIM, D_V)
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt
-    q_head = tl.load(q_ptrs + offs_dh[None, :], mask=m_ok[:, None] & dh_ok[None, :], other=0.0)
-    dq_head = tl.zeros([BLOCK_M, D_HEAD], tl.float32)
-    if D_TAIL > 0:
-        offs_dt = D_HEAD + tl.arange(0, D_TAIL)
-        dt_ok = _below(offs_dt, QK_DIM, D_HEAD + D_TAIL)
-        q_tail = tl.load(q_ptrs + offs_dt[None, :], mask=m_ok[:, None] & dt_ok[None, :], other=0.0)
-        dq_tail = tl.zeros([BLOCK_M, D_TAIL], tl.float32)
+    offs_dn = tl.arange(0, BLOCK_DN)
+    dn_ok = _below(offs_dn, DN, BLOCK_DN)
+    offs_dr = tl.arange(0, BLOCK_DR)
+    dr_ok = _below(offs_dr, DR, BLOCK_DR)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = _below(offs_dv, DV, BLOCK_DV)
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_dn[None, :],
+                mask=m_ok[:, None] & dn_ok[None, :], other=0.0)
+    q_rot = tl.load(Q_ROT + off_b * stride_qrb + off_h * stride_qrh + offs_m[:, None] * stride_qrt + offs_dr[None, :],
+                    mask=m_ok[:, None] & dr_ok[None, :], other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_DN], tl.float32)
+    dq_rot = tl.zeros([BLOCK_M, BLOCK_DR], tl.float32)
     do = tl.load(DO + off_b * stride_db + off_h * stride_dh + offs_m[:, None] * stride_dt + offs_dv[None, :],
                  mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
     row = bh.to(tl.int64) * T + offs_m
@@ -234,12 +248,11 @@ def _attn_bwd_dq(
             else:
                 n_ok = offs_n < T
             # -- p, recomputed from the logsumexp --
-            k_ptrs = k_base + offs_n[None, :] * stride_kt
-            kT_head = tl.load(k_ptrs + offs_dh[:, None], mask=dh_ok[:, None] & n_ok[None, :], other=0.0)
-            qk = tl.dot(q_head, kT_head)
-            if D_TAIL > 0:
-                kT_tail = tl.load(k_ptrs + offs_dt[:, None], mask=dt_ok[:, None] & n_ok[None, :], other=0.0)
-                qk = tl.dot(q_tail, kT_tail, qk)
+            kT = tl.load(k_base + offs_n[None, :] * stride_kt + offs_dn[:, None], mask=dn_ok[:, None] & n_ok[None, :],
+                         other=0.0)
+            kT_rot = tl.load(kr_base + offs_n[None, :] * stride_krt + offs_dr[:, None],
+                             mask=dr_ok[:, None] & n_ok[None, :], other=0.0)
+            qk = tl.dot(q_rot, kT_rot, tl.dot(q, kT))
             p = tl.math.exp2(qk * qk_scale - lse[:, None])
             if phase == 1:
                 p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
@@ -247,39 +260,40 @@ def _attn_bwd_dq(
             vT = tl.load(v_base + offs_n[None, :] * stride_vt + offs_dv[:, None],
                          mask=dv_ok[:, None] & n_ok[None, :], other=0.0)
             dp = tl.dot(do, vT)
-            ds = (p * (dp - delta[:, None])).to(kT_head.dtype)
-            dq_head = tl.dot(ds, tl.trans(kT_head), dq_head)
-            if D_TAIL > 0:
-                dq_tail = tl.dot(ds, tl.trans(kT_tail), dq_tail)
+            ds = (p * (dp - delta[:, None])).to(kT.dtype)
+            dq = tl.dot(ds, tl.trans(kT), dq)
+            dq_rot = tl.dot(ds, tl.trans(kT_rot), dq_rot)
 
     # -- epilogue: the logits' scale applies to dq once --
-    dq_ptrs = DQ + row[:, None] * QK_DIM
-    tl.store(dq_ptrs + offs_dh[None, :], (dq_head * logit_scale).to(DQ.dtype.element_ty),
-             mask=m_ok[:, None] & dh_ok[None, :])
-    if D_TAIL > 0:
-        tl.store(dq_ptrs + offs_dt[None, :], (dq_tail * logit_scale).to(DQ.dtype.element_ty),
-                 mask=m_ok[:, None] & dt_ok[None, :])
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqt + offs_dn[None, :],
+             (dq * logit_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & dn_ok[None, :])
+    tl.store(DQ_ROT + off_b * stride_dqrb + off_h * stride_dqrh + offs_m[:, None] * stride_dqrt + offs_dr[None, :],
+             (dq_rot * logit_scale).to(DQ_ROT.dtype.element_ty), mask=m_ok[:, None] & dr_ok[None, :])
 
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q,  # [B, H, T, QK_DIM], last dim contiguous
-    K,  # [B, H, T, QK_DIM], last dim contiguous
-    V,  # [B, H, T, V_DIM], last dim contiguous
+    Q, Q_ROT, K, K_ROT, V,  # as the forward's
     HEAD_SCALE,  # [H] fp32, or None
-    DO,  # [B, H, T, V_DIM], last dim contiguous
+    DO,  # [B, H, T, DV] strided, last dim contiguous
     LSE,  # [B * H, T] fp32, from the forward
     DELTA,  # [B * H, T] fp32, from the dQ kernel
-    DK,  # [B, H, T, QK_DIM] contiguous
-    DV,  # [B, H, T, V_DIM] contiguous
+    DK,  # [B, H, T, DN] strided, last dim contiguous: the gradient of K
+    DK_ROT,  # [B, H, T, DR] strided, last dim contiguous: of this head's read of K_ROT (the heads' sum is the caller's)
+    DVALUE,  # [B, H, T, DV] strided, last dim contiguous: of V
     sm_scale,
     stride_qb, stride_qh, stride_qt,
+    stride_qrb, stride_qrh, stride_qrt,
     stride_kb, stride_kh, stride_kt,
+    stride_krb, stride_krh, stride_krt,
     stride_vb, stride_vh, stride_vt,
     stride_db, stride_dh, stride_dt,
     H, T,
-    QK_DIM: tl.constexpr, V_DIM: tl.constexpr,
-    D_HEAD: tl.constexpr, D_TAIL: tl.constexpr, D_V: tl.constexpr,
+    stride_dkb, stride_dkh, stride_dkt,
+    stride_dkrb, stride_dkrh, stride_dkrt,
+    stride_dvb, stride_dvh, stride_dvt,
+    DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr,
+    BLOCK_DN: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # a program per (key block, b * h); the first key blocks see the most queries and come first
@@ -288,6 +302,7 @@ def _attn_bwd_dkdv(
     off_b = (bh // H).to(tl.int64)
     off_h = (bh % H).to(tl.int64)
     q_base = Q + off_b * stride_qb + off_h * stride_qh
+    qr_base = Q_ROT + off_b * stride_qrb + off_h * stride_qrh
     do_base = DO + off_b * stride_db + off_h * stride_dh
     lse_base = LSE + bh.to(tl.int64) * T
     delta_base = DELTA + bh.to(tl.int64) * T
@@ -299,21 +314,21 @@ def _attn_bwd_dkdv(
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = offs_n < T
-    offs_dh = tl.arange(0, D_HEAD)
-    dh_ok = _below(offs_dh, QK_DIM, D_HEAD)
-    offs_dv = tl.arange(0, D_V)
-    dv_ok = _below(offs_dv, V_DIM, D_V)
-    k_ptrs = K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kt
-    k_head = tl.load(k_ptrs + offs_dh[None, :], mask=n_ok[:, None] & dh_ok[None, :], other=0.0)
-    dk_head = tl.zeros([BLOCK_N, D_HEAD], tl.float32)
-    if D_TAIL > 0:
-        offs_dt = D_HEAD + tl.arange(0, D_TAIL)
-        dt_ok = _below(offs_dt, QK_DIM, D_HEAD + D_TAIL)
-        k_tail = tl.load(k_ptrs + offs_dt[None, :], mask=n_ok[:, None] & dt_ok[None, :], other=0.0)
-        dk_tail = tl.zeros([BLOCK_N, D_TAIL], tl.float32)
+    offs_dn = tl.arange(0, BLOCK_DN)
+    dn_ok = _below(offs_dn, DN, BLOCK_DN)
+    offs_dr = tl.arange(0, BLOCK_DR)
+    dr_ok = _below(offs_dr, DR, BLOCK_DR)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = _below(offs_dv, DV, BLOCK_DV)
+    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kt + offs_dn[None, :],
+                mask=n_ok[:, None] & dn_ok[None, :], other=0.0)
+    k_rot = tl.load(K_ROT + off_b * stride_krb + off_h * stride_krh + offs_n[:, None] * stride_krt + offs_dr[None, :],
+                    mask=n_ok[:, None] & dr_ok[None, :], other=0.0)
     v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vt + offs_dv[None, :],
                 mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
-    dv = tl.zeros([BLOCK_N, D_V], tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_DN], tl.float32)
+    dk_rot = tl.zeros([BLOCK_N, BLOCK_DR], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
 
     for phase in tl.static_range(2):
         if phase == 0:  # the diagonal: queries of this key block, causal mask
@@ -324,12 +339,11 @@ def _attn_bwd_dkdv(
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < T
             # -- p^T, recomputed from the logsumexp; rows past T get lse = inf, so p = 0 --
-            q_ptrs = q_base + offs_m[None, :] * stride_qt
-            qT_head = tl.load(q_ptrs + offs_dh[:, None], mask=dh_ok[:, None] & m_ok[None, :], other=0.0)
-            qkT = tl.dot(k_head, qT_head)
-            if D_TAIL > 0:
-                qT_tail = tl.load(q_ptrs + offs_dt[:, None], mask=dt_ok[:, None] & m_ok[None, :], other=0.0)
-                qkT = tl.dot(k_tail, qT_tail, qkT)
+            qT = tl.load(q_base + offs_m[None, :] * stride_qt + offs_dn[:, None], mask=dn_ok[:, None] & m_ok[None, :],
+                         other=0.0)
+            qT_rot = tl.load(qr_base + offs_m[None, :] * stride_qrt + offs_dr[:, None],
+                             mask=dr_ok[:, None] & m_ok[None, :], other=0.0)
+            qkT = tl.dot(k_rot, qT_rot, tl.dot(k, qT))
             lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
             pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
             if phase == 0:
@@ -341,21 +355,17 @@ def _attn_bwd_dkdv(
             # -- dS^T = p^T * (dP^T - delta), dk += dS^T @ q --
             delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
             dpT = tl.dot(v, tl.trans(do))
-            dsT = (pT * (dpT - delta[None, :])).to(qT_head.dtype)
-            dk_head = tl.dot(dsT, tl.trans(qT_head), dk_head)
-            if D_TAIL > 0:
-                dk_tail = tl.dot(dsT, tl.trans(qT_tail), dk_tail)
+            dsT = (pT * (dpT - delta[None, :])).to(qT.dtype)
+            dk = tl.dot(dsT, tl.trans(qT), dk)
+            dk_rot = tl.dot(dsT, tl.trans(qT_rot), dk_rot)
 
     # -- epilogue: the logits' scale applies to dk once, not to every dS --
-    row = bh.to(tl.int64) * T + offs_n
-    dk_ptrs = DK + row[:, None] * QK_DIM
-    tl.store(dk_ptrs + offs_dh[None, :], (dk_head * logit_scale).to(DK.dtype.element_ty),
-             mask=n_ok[:, None] & dh_ok[None, :])
-    if D_TAIL > 0:
-        tl.store(dk_ptrs + offs_dt[None, :], (dk_tail * logit_scale).to(DK.dtype.element_ty),
-                 mask=n_ok[:, None] & dt_ok[None, :])
-    tl.store(DV + row[:, None] * V_DIM + offs_dv[None, :], dv.to(DV.dtype.element_ty),
-             mask=n_ok[:, None] & dv_ok[None, :])
+    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkt + offs_dn[None, :],
+             (dk * logit_scale).to(DK.dtype.element_ty), mask=n_ok[:, None] & dn_ok[None, :])
+    tl.store(DK_ROT + off_b * stride_dkrb + off_h * stride_dkrh + offs_n[:, None] * stride_dkrt + offs_dr[None, :],
+             (dk_rot * logit_scale).to(DK_ROT.dtype.element_ty), mask=n_ok[:, None] & dr_ok[None, :])
+    tl.store(DVALUE + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvt + offs_dv[None, :],
+             dv.to(DVALUE.dtype.element_ty), mask=n_ok[:, None] & dv_ok[None, :])
 
 
 _attn_fwd_tuned = autotune(FWD_CONFIGS, key=TUNING_KEY)(_attn_fwd)
@@ -364,103 +374,169 @@ _attn_bwd_dkdv_tuned = autotune(DKDV_CONFIGS, key=TUNING_KEY)(_attn_bwd_dkdv)
 MIN_FWD_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in FWD_CONFIGS)  # sizes the block-max buffer for any config
 
 
-def _head_blocks(qk_dim: int, v_dim: int) -> dict[str, int]:
-    """The constexpr head-dim blocks: qk as D_HEAD + D_TAIL (powers of two >= 16; D_TAIL = 0 when one block is
-    exact), v as one block D_V. Padded columns are masked."""
-    if qk_dim <= 16 or qk_dim & (qk_dim - 1) == 0:
-        head, tail = max(qk_dim, 16), 0
-    else:
-        head = 1 << (qk_dim.bit_length() - 1)
-        tail = max(16, triton.next_power_of_2(qk_dim - head))
-    return {"QK_DIM": qk_dim, "V_DIM": v_dim, "D_HEAD": head, "D_TAIL": tail,
-            "D_V": max(16, triton.next_power_of_2(v_dim))}
+def _dims(dn: int, dr: int, dv: int) -> dict[str, int]:
+    """The constexpr head dims and their blocks: powers of two of at least 16, the padding masked."""
+    return {"DN": dn, "DR": dr, "DV": dv, **{f"BLOCK_{name}": max(16, triton.next_power_of_2(d))
+                                             for name, d in (("DN", dn), ("DR", dr), ("DV", dv))}}
 
 
-def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+def _bht(x: torch.Tensor) -> tuple[int, int, int]:
+    """The batch, head and token strides of a [b, h, t, d] view."""
     return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _heads(x: torch.Tensor, heads: int, *widths: int) -> list[torch.Tensor]:
+    """x [b, t, heads * sum(widths)] -> each head's consecutive slices of those widths, as [b, h, t, width] views."""
+    return list(x.unflatten(-1, (heads, -1)).transpose(1, 2).split(widths, dim=-1))
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k_rot, kv, cos, sin, head_scale, heads: int, interleaved: bool, softmax_scale: float):
+        b, t, dr = k_rot.shape
+        dn = q.shape[-1] // heads - dr
+        dv = kv.shape[-1] // heads - dn
+        q_rot, k_rope = rope_kernel.rotate(q, k_rot, cos, sin, heads, interleaved)
+        q_nope, _ = _heads(q, heads, dn, dr)
+        k_nope, v = _heads(kv, heads, dn, dv)
+        q_rope = q_rot.transpose(1, 2)
+        k_rope = k_rope.unsqueeze(1).expand(b, heads, t, dr)  # one rotary key for every head: head stride 0
+        # laid out [b, t, h, dv], as the output projection reads it: merging the heads then copies nothing
+        out = torch.empty((b, t, heads * dv), dtype=q.dtype, device=q.device)
+        (out_heads,) = _heads(out, heads, dv)
+        lse = torch.empty((b * heads, t), dtype=torch.float32, device=q.device)
+        block_max = torch.full((b * heads, triton.cdiv(t, MIN_FWD_BLOCK_M)), -math.inf, dtype=torch.float32,
+                               device=q.device)
+        _attn_fwd_tuned[lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * heads)](
+            q_nope, q_rope, k_nope, k_rope, v, head_scale, out_heads, lse, block_max, softmax_scale,
+            *_bht(q_nope), *_bht(q_rope), *_bht(k_nope), *_bht(k_rope), *_bht(v), *_bht(out_heads),
+            block_max.stride(0), heads, t, **_dims(dn, dr, dv))
+        ctx.save_for_backward(q, kv, q_rot, k_rope, out, lse, cos, sin, head_scale)
+        ctx.heads, ctx.interleaved, ctx.softmax_scale = heads, interleaved, softmax_scale
+        max_logit = block_max.view(b, heads, -1).amax(dim=(0, 2))
+        ctx.mark_non_differentiable(max_logit)
+        return out, max_logit
+
+    @staticmethod
+    def backward(ctx, dout, _dmax_logit):
+        q, kv, q_rot, k_rope, out, lse, cos, sin, head_scale = ctx.saved_tensors
+        heads = ctx.heads
+        b, t, _, dr = q_rot.shape
+        dn = q.shape[-1] // heads - dr
+        dv = kv.shape[-1] // heads - dn
+        q_nope, _ = _heads(q, heads, dn, dr)
+        k_nope, v = _heads(kv, heads, dn, dv)
+        q_rope = q_rot.transpose(1, 2)
+        (out_heads,) = _heads(out, heads, dv)
+        (dout_heads,) = _heads(dout if dout.stride(-1) == 1 else dout.contiguous(), heads, dv)
+        # the dims without rope go straight into the projections' gradients; the rotary ones into [b, t, h, dr]
+        # buffers that `rope.rotate_back` rotates back and, for the key, sums over the heads
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        dkv = torch.empty(kv.shape, dtype=kv.dtype, device=kv.device)
+        dq_rot = torch.empty_like(q_rot)
+        dk_rot = torch.empty_like(q_rot)
+        dq_nope, _ = _heads(dq, heads, dn, dr)
+        dk_nope, dv_heads = _heads(dkv, heads, dn, dv)
+        dq_rope, dk_rope = dq_rot.transpose(1, 2), dk_rot.transpose(1, 2)
+        delta = torch.empty_like(lse)
+        dims = _dims(dn, dr, dv)
+        inputs = (q_nope, q_rope, k_nope, k_rope, v, head_scale)
+        strides = (*_bht(q_nope), *_bht(q_rope), *_bht(k_nope), *_bht(k_rope), *_bht(v), *_bht(dout_heads),
+                   heads, t)
+        _attn_bwd_dq_tuned[lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * heads)](
+            *inputs, dout_heads, out_heads, lse, delta, dq_nope, dq_rope, ctx.softmax_scale, *strides,
+            *_bht(out_heads), *_bht(dq_nope), *_bht(dq_rope), **dims)
+        _attn_bwd_dkdv_tuned[lambda meta: (triton.cdiv(t, meta["BLOCK_N"]), b * heads)](
+            *inputs, dout_heads, lse, delta, dk_nope, dk_rope, dv_heads, ctx.softmax_scale, *strides,
+            *_bht(dk_nope), *_bht(dk_rope), *_bht(dv_heads), **dims)
+        dk = rope_kernel.rotate_back(dq_rot, dk_rot, cos, sin, dq, ctx.interleaved)
+        return dq, dk, dkv, None, None, None, None, None, None
+
+
+def _check_inputs(q: torch.Tensor, k_rot: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  heads: int, head_scale: torch.Tensor | None) -> None:
+    if q.ndim != 3 or k_rot.ndim != 3 or kv.ndim != 3:
+        raise ValueError(f"attention: q, k_rot and kv must be [batch, seq, dims], found shapes {tuple(q.shape)}, "
+                         f"{tuple(k_rot.shape)} and {tuple(kv.shape)}")
+    b, t, dr = k_rot.shape
+    if q.shape[:2] != (b, t) or kv.shape[:2] != (b, t) or t == 0:
+        raise ValueError(f"attention: q {tuple(q.shape)}, k_rot {tuple(k_rot.shape)} and kv {tuple(kv.shape)} "
+                         "must share a batch and a non-empty sequence")
+    if heads < 1 or q.shape[-1] % heads or kv.shape[-1] % heads:
+        raise ValueError(f"attention: q's dims {q.shape[-1]} and kv's {kv.shape[-1]} must split into {heads} heads")
+    dn = q.shape[-1] // heads - dr
+    dv = kv.shape[-1] // heads - dn
+    if dr % 2 or dr == 0 or dn < 1 or dv < 1 or max(dn + dr, dv) > MAX_HEAD_DIM:
+        raise ValueError(f"attention: a head of q ({q.shape[-1] // heads} dims) must be dn + dr and one of kv "
+                         f"({kv.shape[-1] // heads}) dn + dv, with dn, dv >= 1, dr = k_rot's {dr} even and >= 2, "
+                         f"and dn + dr and dv at most {MAX_HEAD_DIM}")
+    for name, x in (("q", q), ("k_rot", k_rot), ("kv", kv), ("cos", cos), ("sin", sin)):
+        if x.dtype not in DTYPES or x.dtype != q.dtype or x.device != q.device:
+            raise ValueError(f"attention: {name} must be fp32, bf16 or fp16, as q ({q.dtype} on {q.device}), "
+                             f"found {x.dtype} on {x.device}")
+    if not (q.is_cuda or INTERPRETED):
+        raise ValueError(f"attention: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
+    for name, x in (("cos", cos), ("sin", sin)):
+        if x.shape != (t, dr // 2):
+            raise ValueError(f"attention: {name} must have shape ({t}, {dr // 2}), found {tuple(x.shape)}")
+        if x.requires_grad:
+            raise ValueError(f"attention: {name} is taken as a constant and gets no gradient, but it requires one")
+    if head_scale is not None and (head_scale.shape != (heads,) or not head_scale.is_floating_point()
+                                   or head_scale.device != q.device):
+        raise ValueError(f"attention: head_scale must be a float tensor [{heads}] on {q.device}, got "
+                         f"{head_scale.dtype} {tuple(head_scale.shape)} on {head_scale.device}")
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-class _Attention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, softmax_scale: float, head_scale: torch.Tensor | None):
-        b, h, t, qk_dim = q.shape
-        dims = _head_blocks(qk_dim, v.shape[-1])
-        # laid out [b, t, h, dv], as the output projection reads it: merging the heads then copies nothing
-        out = torch.empty((b, t, h, dims["V_DIM"]), dtype=q.dtype, device=q.device).transpose(1, 2)
-        lse = torch.empty((b * h, t), dtype=torch.float32, device=q.device)
-        block_max = torch.full((b * h, triton.cdiv(t, MIN_FWD_BLOCK_M)), -math.inf, dtype=torch.float32,
-                               device=q.device)
-        _attn_fwd_tuned[lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * h)](
-            q, k, v, head_scale, out, lse, block_max, softmax_scale, *_strides(q), *_strides(k), *_strides(v),
-            *_strides(out), block_max.stride(0), h, t, **dims)
-        ctx.save_for_backward(q, k, v, out, lse, head_scale)
-        ctx.softmax_scale = softmax_scale
-        max_logit = block_max.view(b, h, -1).amax(dim=(0, 2))
-        ctx.mark_non_differentiable(max_logit)
-        return out, max_logit
-
-    @staticmethod
-    def backward(ctx, dout, _dmax_logit):
-        q, k, v, out, lse, head_scale = ctx.saved_tensors
-        b, h, t, qk_dim = q.shape
-        dims = _head_blocks(qk_dim, v.shape[-1])
-        dout = _last_dim_contiguous(dout)
-        delta = torch.empty_like(lse)
-        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-        args = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout), h, t)
-        _attn_bwd_dq_tuned[lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * h)](
-            q, k, v, head_scale, dout, out, lse, delta, dq, ctx.softmax_scale, *args, *_strides(out), **dims)
-        _attn_bwd_dkdv_tuned[lambda meta: (triton.cdiv(t, meta["BLOCK_N"]), b * h)](
-            q, k, v, head_scale, dout, lse, delta, dk, dv, ctx.softmax_scale, *args, **dims)
-        return dq, dk, dv, None, None
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
+def attention(q: torch.Tensor, k_rot: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              heads: int, interleaved: bool, softmax_scale: float,
               head_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention: q, k [b, h, t, dqk], v [b, h, t, dv] -> (out [b, h, t, dv] in q's dtype, max_logit [h] fp32).
+    """MLA's causal attention from its projections: (out [b, t, h*dv] in q's dtype, max_logit [h] fp32).
 
-    out is a view of [b, t, h, dv] storage, so that out.transpose(1, 2) is contiguous.
-
-    Query i sees keys 0..i. Head h's logits are `softmax_scale * head_scale[h] * q . k`; `head_scale` [h] is
-    QK-Clip's positive per-head scale for frozen weights, a constant (no gradient flows to it). `max_logit` is the
-    max over batch, queries and unmasked keys of those logits; it has no gradient. dq, dk and dv flow through
-    autograd. Needs CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+    q [b, t, h*(dn+dr)] is the q projection, k_rot [b, t, dr] the rotary key (kv_a's last dims, a slice), kv
+    [b, t, h*(dn+dv)] kv_b's output; cos and sin [t, dr/2] are RoPE's tables, constants. Each head attends with
+    q = [q_nope, rope(q_rot)], k = [k_nope, rope(k_rot)] and v (`attention_inputs_reference`); query i sees keys
+    0..i. Head h's logits are `softmax_scale * head_scale[h] * q . k`; `head_scale` [h] is QK-Clip's positive
+    per-head scale for frozen weights, a constant. `max_logit` is the max over batch, queries and unmasked keys of
+    those logits; it has no gradient. q, k_rot and kv get theirs through autograd. Needs CUDA tensors, or CPU
+    tensors under TRITON_INTERPRET=1.
     """
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.ndim != 4:
-            raise ValueError(f"attention: {name} must be [batch, heads, seq, head_dim], got shape {tuple(x.shape)}")
-        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise TypeError(f"attention: {name} must be float16, bfloat16 or float32, got {x.dtype}")
-        if x.dtype != q.dtype or x.device != q.device:
-            raise ValueError(f"attention: {name} is {x.dtype} on {x.device}, q is {q.dtype} on {q.device}")
-    if not (q.is_cuda or INTERPRETED):
-        raise ValueError(f"attention: the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
-    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must share "
-                         "[batch, heads, seq], and k the head dim of q")
-    if q.shape[2] == 0 or q.shape[3] > MAX_HEAD_DIM or v.shape[3] > MAX_HEAD_DIM:
-        raise ValueError(f"attention: needs seq >= 1 and head dims <= {MAX_HEAD_DIM}, got q {tuple(q.shape)}, "
-                         f"v {tuple(v.shape)}")
+    _check_inputs(q, k_rot, kv, cos, sin, heads, head_scale)
     if head_scale is not None:
-        if head_scale.shape != (q.shape[1],) or not head_scale.is_floating_point() or head_scale.device != q.device:
-            raise ValueError(f"attention: head_scale must be a float tensor [{q.shape[1]}] on {q.device}, got "
-                             f"{head_scale.dtype} {tuple(head_scale.shape)} on {head_scale.device}")
         head_scale = head_scale.detach().to(torch.float32).contiguous()
-    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    return _Attention.apply(q, k, v, float(softmax_scale), head_scale)
+    q, k_rot, kv = (_last_dim_contiguous(x) for x in (q, k_rot, kv))
+    return _Attention.apply(q, k_rot, kv, cos.contiguous(), sin.contiguous(), head_scale, heads, interleaved,
+                            float(softmax_scale))
 
 
-def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
+def attention_inputs_reference(q: torch.Tensor, k_rot: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor,
+                               sin: torch.Tensor, heads: int,
+                               interleaved: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [b, t, h*(dn+dr)], the rotary key k_rot [b, t, dr], kv [b, t, h*(dn+dv)] -> q, k [b, h, t, dn+dr] and
+    v [b, h, t, dv]: q's rotary dims and the key rotated by cos/sin [t, dr/2] (`rope_reference`), the key shared by
+    every head. k2c's torch path, step by step: slices, two rotations, two concatenations, and v a view of kv."""
+    b, t, _ = q.shape
+    q = q.view(b, t, heads, -1).transpose(1, 2)  # [b, h, t, dn+dr]
+    dn = q.shape[-1] - k_rot.shape[-1]
+    kv = kv.view(b, t, heads, -1).transpose(1, 2)  # [b, h, t, dn+dv]
+    k_nope, v = kv.split([dn, kv.shape[-1] - dn], dim=-1)
+    q_rot = rope_kernel.rope_reference(q[..., dn:], cos, sin, interleaved)
+    k_rot = rope_kernel.rope_reference(k_rot.unsqueeze(1), cos, sin, interleaved)
+    q = torch.cat([q[..., :dn], q_rot], dim=-1)
+    k = torch.cat([k_nope, k_rot.expand(-1, heads, -1, -1)], dim=-1)  # one rotary key for all heads
+    return q, k, v
+
+
+def attention_reference(q: torch.Tensor, k_rot: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor,
+                        sin: torch.Tensor, heads: int, interleaved: bool, softmax_scale: float,
                         head_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """k2c's torch numerics, which the kernel must match: scores materialised in q's dtype, softmax in fp32; the max
-    logit, as the kernel's, carries no gradient."""
-    t = q.shape[-2]
+    """k2c's torch numerics, which the kernels must match: `attention_inputs_reference`, then the scores
+    materialised in q's dtype, softmax in fp32; the max logit, as the kernel's, carries no gradient."""
+    b, t, _ = q.shape
+    q, k, v = attention_inputs_reference(q, k_rot, kv, cos, sin, heads, interleaved)
     scores = (q @ k.transpose(-2, -1)) * softmax_scale  # [b, h, t, t]
     if head_scale is not None:
         scores = scores * head_scale.to(scores.dtype).view(-1, 1, 1)
@@ -469,4 +545,4 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softm
     with torch.no_grad():
         max_logit = scores.amax(dim=(0, 2, 3)).float()  # masked entries are -inf and never win
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return probs @ v, max_logit
+    return (probs @ v).transpose(1, 2).reshape(b, t, -1), max_logit
