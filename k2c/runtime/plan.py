@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PLAN_SCHEMA = 4
+PLAN_SCHEMA = 5
 
 # What an op's `kernel` attribute may name: the torch reference, or a fused Triton kernel of k2c.runtime.kernels.
 TORCH = "torch"
@@ -25,6 +25,9 @@ class NormPlan:
     dim: int
     eps: float
     kernel: str = TORCH
+    # the residual add whose sum it reads runs in its pass (fuse_residual_norm): the wiring calls add_norm(residual,
+    # delta), which returns the sum and its norm
+    adds_residual: bool = False
 
 
 @dataclass(frozen=True)
