@@ -107,13 +107,16 @@ def group_rows(graph: Graph) -> list[dict[str, Any]]:
 
 
 def kernel_rows(graph: Graph) -> list[dict[str, Any]]:
-    """What select_kernels chose: per op kind and kernel, how many ops."""
-    counts: dict[tuple[str, str], int] = {}
+    """What select_kernels chose: per op kind and kernel, how many ops, and for ops that a fusion pass folded into
+    another op's call (fuse_experts, fuse_residual_norm), that op's kind and kernel, which is what runs them."""
+    counts: dict[tuple[str, str, str], int] = {}
     for op in graph.ops():
         if "kernel" in op:
-            key = (op.kind.value, op["kernel"])
+            host = graph.op(op["fused_into"]) if "fused_into" in op else None
+            key = (op.kind.value, op["kernel"], "" if host is None else f"{host.kind.value} ({host['kernel']})")
             counts[key] = counts.get(key, 0) + 1
-    return [{"op_kind": kind, "kernel": kernel, "ops": n} for (kind, kernel), n in sorted(counts.items())]
+    return [{"op_kind": kind, "kernel": kernel, "fused_into": host or None, "ops": n}
+            for (kind, kernel, host), n in sorted(counts.items())]
 
 
 def adapter_params(graph: Graph) -> dict[str, int]:
@@ -180,8 +183,9 @@ def inspect_text(spec: Spec, graph: Graph) -> str:
     out += _table("Optimizer groups", ("optimizer", "weight decay", "op kind", "tensors", "numel"),
                   [(r["optimizer"], "yes" if r["weight_decay"] else "no", r["op_kind"], r["tensors"],
                     _human(r["numel"])) for r in group_rows(graph)])
-    out += _table("Kernels (select_kernels)", ("op kind", "kernel", "ops"),
-                  [(r["op_kind"], r["kernel"], r["ops"]) for r in kernel_rows(graph)])
+    out += _table("Kernels (select_kernels; fused ops run in the call of the op they join)",
+                  ("op kind", "kernel", "fused into", "ops"),
+                  [(r["op_kind"], r["kernel"], r["fused_into"] or "-", r["ops"]) for r in kernel_rows(graph)])
     return out
 
 

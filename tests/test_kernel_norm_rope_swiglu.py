@@ -1,5 +1,6 @@
-"""The fused RMSNorm and SwiGLU kernels against their torch references, under the Triton CPU interpreter; RoPE's
-reference (part of the attention's, which the fused attention is tested against) against an fp64 formula.
+"""The fused RMSNorm (alone and with the residual add before it) and SwiGLU kernels against their torch references,
+under the Triton CPU interpreter; RoPE's reference (part of the attention's, which the fused attention is tested
+against) against an fp64 formula.
 
 The interpreter is switched on by TRITON_INTERPRET=1, read when a kernel module is imported, and an xdist worker
 may already have imported triton or the kernels for another test. So every check runs in a fresh Python, this file
@@ -27,22 +28,31 @@ EPS = 1e-6
 
 
 
-def value_and_grads(fn, inputs: tuple[torch.Tensor, ...], dy: torch.Tensor) -> list[torch.Tensor]:
-    """[fn(*inputs), d(fn . dy)/d input for each input]."""
+def outputs_of(fn, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     y = fn(*inputs)
-    return [y, *torch.autograd.grad(y, inputs, dy)]
+    return y if isinstance(y, tuple) else (y,)
 
 
-def compare(what: str, kernel, reference, truth, inputs: tuple[torch.Tensor, ...], names: tuple[str, ...]) -> None:
-    """Kernel against reference in the inputs' dtype; reference against the fp64 formula, output and gradients."""
-    dy = torch.randn_like(reference(*inputs))
-    got = value_and_grads(kernel, inputs, dy)
-    want = value_and_grads(reference, inputs, dy)
-    exact = value_and_grads(truth, tuple(t.detach().double().requires_grad_() for t in inputs), dy.double())
-    for name, g, w, e in zip(("y", *names), got, want, exact, strict=True):
+def value_and_grads(fn, inputs: tuple[torch.Tensor, ...], dys: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """[each output of fn(*inputs), d(sum of output . dy)/d input for each input]."""
+    ys = outputs_of(fn, inputs)
+    return [*ys, *torch.autograd.grad(ys, inputs, dys)]
+
+
+def compare(what: str, kernel, reference, truth, inputs: tuple[torch.Tensor, ...], names: tuple[str, ...],
+            outputs: tuple[str, ...] = ("y",)) -> None:
+    """Kernel against reference in the inputs' dtype; reference and kernel against the fp64 formula; outputs and
+    gradients."""
+    dys = tuple(torch.randn_like(y) for y in outputs_of(reference, inputs))
+    got = value_and_grads(kernel, inputs, dys)
+    want = value_and_grads(reference, inputs, dys)
+    exact = value_and_grads(truth, tuple(t.detach().double().requires_grad_() for t in inputs),
+                            tuple(dy.double() for dy in dys))
+    for name, g, w, e in zip((*outputs, *names), got, want, exact, strict=True):
         assert g.dtype == w.dtype, f"{what} {name}: dtype {g.dtype}, the reference's {w.dtype}"
         assert_close(f"{what} {name}", g, w)
         assert_close(f"{what} {name} (reference against the fp64 formula)", w, e, dtype=w.dtype)
+        assert_close(f"{what} {name} (kernel against the fp64 formula)", g, e, dtype=g.dtype)
 
 
 def strided(shape: tuple[int, ...], layout: str, dtype: torch.dtype) -> torch.Tensor:
@@ -76,6 +86,60 @@ def check_rmsnorm() -> None:
         weight = (1 + 0.2 * torch.randn(shape[-1])).to(dtype).requires_grad_()
         compare(f"rmsnorm {shape} {layout} {dtype}", partial(rmsnorm, eps=EPS), partial(rmsnorm_reference, eps=EPS),
                 truth, (x, weight), ("dx", "dweight"))
+
+
+def check_add_rmsnorm() -> None:
+    from k2c.runtime.kernels.rmsnorm import add_rmsnorm, add_rmsnorm_reference
+
+    def truth(residual, delta, weight):
+        h = residual + delta
+        return h, weight * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
+
+    torch.manual_seed(3)
+    kernel, reference = partial(add_rmsnorm, eps=EPS), partial(add_rmsnorm_reference, eps=EPS)
+    # delta in the layouts the kernel reads in place or copies; odd row counts, dims not powers of two
+    shapes = [((7, 96), "contiguous"), ((2, 5, 13, 160), "contiguous"), ((37, 160), "slice"),
+              ((3, 11, 24), "transposed"), ((1, 1000), "contiguous")]
+    for dtype, (shape, layout) in itertools.product(DTYPES, shapes):
+        residual, delta = strided(shape, "contiguous", dtype), strided(shape, layout, dtype)
+        weight = (1 + 0.2 * torch.randn(shape[-1])).to(dtype).requires_grad_()
+        compare(f"add_rmsnorm {shape} delta {layout} {dtype}", kernel, reference, truth, (residual, delta, weight),
+                ("dresidual", "ddelta", "dweight"), outputs=("h", "y"))
+
+
+def shared_gradient_grads(fn, inputs: tuple[torch.Tensor, ...], coeffs: list[torch.Tensor], leaves: bool,
+                          others: bool) -> list[torch.Tensor]:
+    """The .grad of residual, delta and weight (copies of `inputs`) after two backwards of a loss that reads h and y,
+    and with `others` residual and delta too; `leaves` False: residual and delta come out of other ops."""
+    residual, delta, weight = (t.clone().requires_grad_() for t in inputs)
+    for _ in range(2):  # the second backward adds into the gradients of the first
+        r, d = (residual, delta) if leaves else (residual * 1.5, delta * 0.5)
+        h, y = fn(r, d, weight, EPS)
+        loss = (y * coeffs[0]).sum() + (h * coeffs[1]).sum()
+        if others:
+            loss = loss + (r * coeffs[2]).sum() + (d * coeffs[3]).sum()
+        loss.backward()
+    return [residual.grad, delta.grad, weight.grad]
+
+
+def check_add_rmsnorm_gradient_is_shared_safely() -> None:
+    """The fused backward hands one tensor to residual and to delta as their gradient. Where each also has other
+    consumers autograd sums into it, and a second backward adds into leaves' .grad: neither sum may reach the other
+    input's gradient. Leaves (AccumulateGrad may keep the tensor as .grad) and outputs of other ops, against the
+    reference, whose add gives each input a gradient of its own."""
+    from k2c.runtime.kernels.rmsnorm import add_rmsnorm, add_rmsnorm_reference
+
+    torch.manual_seed(4)
+    for dtype, leaves, others in itertools.product(DTYPES, (True, False), (True, False)):
+        inputs = (torch.randn(9, 40, dtype=dtype), torch.randn(9, 40, dtype=dtype),
+                  (1 + 0.2 * torch.randn(40)).to(dtype))
+        coeffs = [torch.randn(9, 40, dtype=dtype) for _ in range(4)]
+        what = f"add_rmsnorm shared gradient, leaves={leaves} other consumers={others} {dtype}"
+        got = shared_gradient_grads(add_rmsnorm, inputs, coeffs, leaves, others)
+        want = shared_gradient_grads(add_rmsnorm_reference, inputs, coeffs, leaves, others)
+        for name, g, w in zip(("dresidual", "ddelta", "dweight"), got, want, strict=True):
+            assert_close(f"{what} {name}", g, w)
+        assert got[0].data_ptr() != got[1].data_ptr(), f"{what}: residual and delta share one .grad"
 
 
 def rope_truth(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
@@ -123,10 +187,15 @@ def check_swiglu() -> None:
 
 
 def check_errors() -> None:
-    from k2c.runtime.kernels.rmsnorm import rmsnorm
+    from k2c.runtime.kernels.rmsnorm import add_rmsnorm, rmsnorm
     from k2c.runtime.kernels.swiglu import swiglu
 
     x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"add_rmsnorm: delta must match residual's shape, dtype and device \(4, 8\) "
+                                         r"torch.float32 cpu, found \(4, 7\)"):
+        add_rmsnorm(x, x[:, 1:], torch.ones(8), EPS)
+    with pytest.raises(ValueError, match="add_rmsnorm: residual must be fp32, bf16 or fp16, found torch.float64"):
+        add_rmsnorm(x.double(), x.double(), torch.ones(8, dtype=torch.float64), EPS)
     with pytest.raises(ValueError, match=r"weight must have shape \(8,\) for x of shape \(4, 8\), found \(4,\)"):
         rmsnorm(x, torch.ones(4), EPS)
     with pytest.raises(ValueError, match="weight must have x's dtype torch.float32, found torch.float16"):
@@ -146,7 +215,8 @@ def run_check(check: str) -> None:
     assert child.returncode == 0, f"{check} failed:\n{child.stdout}{child.stderr[-5000:]}"
 
 
-@pytest.mark.parametrize("kernel", ["rmsnorm", "rope", "swiglu"])
+@pytest.mark.parametrize("kernel", ["rmsnorm", "add_rmsnorm", "add_rmsnorm_gradient_is_shared_safely", "rope",
+                                    "swiglu"])
 def test_kernel_matches_reference(kernel: str) -> None:
     run_check(f"check_{kernel}")
 

@@ -3,6 +3,7 @@ package is small, readable and refuses a runtime of another plan schema."""
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 
@@ -80,7 +81,9 @@ def test_plan_values_come_from_the_ops():
 def test_generated_packages_stay_small(spec_file):
     folder = REPO / "generated" / load_spec(spec_file).name
     lines = sum(len(p.read_text().splitlines()) for p in folder.glob("*.py"))
-    assert lines < 400, f"{folder}: {lines} lines"
+    # 450: DeepSeek-V3's first three layers are dense, and two wirings: layer 0 reads the embedding, layers 1 and 2
+    # add the terms the layer before hands on in their input norm
+    assert lines < 450, f"{folder}: {lines} lines"
 
 
 def test_layers_that_share_a_plan_share_one_class():
@@ -109,3 +112,25 @@ def test_generated_model_runs_the_plan(build_generated):
     assert out.logits.shape == (2, 8, g.CONFIG.vocab_size) and torch.isfinite(out.loss)
     assert type(model.model.layers[0]).__name__ == "Layer0"
     assert type(model.model.layers[2]).__name__ == "Layers1To2"
+
+
+def test_a_recomputed_layer_is_handed_its_input_summed(build_generated):
+    """With the MoE layers recomputed (1 and 2 of 3), the adds before them stay in the layers that end with them;
+    the model computes what the one that hands on the two terms everywhere computes."""
+    fused = build_generated(tiny_spec())
+    recomputing = build_generated(tiny_spec(parallel={"activation_checkpoint": ["moe"]}))
+    models = []
+    for g in (fused, recomputing):
+        torch.manual_seed(0)
+        models.append(g.build_model())
+    params = [list(inspect.signature(type(layer).forward).parameters) for layer in models[1].model.layers]
+    assert params == [["self", "x", "rope"], ["self", "x", "rope"], ["self", "x", "rope"]]
+    assert [list(inspect.signature(type(layer).forward).parameters) for layer in models[0].model.layers][1:] == [
+        ["self", "residual", "delta", "rope"]] * 2
+    ids = torch.randint(0, fused.CONFIG.vocab_size, (2, 8))
+    losses = [model(ids, labels=ids).loss for model in models]
+    assert torch.equal(losses[0], losses[1])  # the torch path runs the same add and norm either way
+    for loss in losses:
+        loss.backward()
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7, msg=name)

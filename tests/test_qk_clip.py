@@ -82,18 +82,19 @@ def forward(g, model, input_ids, attention_inputs=None):
     """
     fed, outputs, hooks = {}, {}, []
 
-    def feed(module, args, out, layer):  # the attention's input is its layer's input_layernorm output
-        if attention_inputs is not None:
-            out = attention_inputs[layer]
-        fed[layer] = out
-        return out
+    def feed(module, args, layer):  # the attention's input, as the projections that read it receive it
+        x = args[0] if attention_inputs is None else attention_inputs[layer]
+        fed[layer] = x
+        return (x,)
 
     def keep(module, args, out, name):
         outputs[name] = out
 
     for site in g.QK_CLIP_SITES:
-        norm = model.get_submodule(f"model.layers.{site.layer}.input_layernorm")
-        hooks.append(norm.register_forward_hook(partial(feed, layer=site.layer)))
+        attention = model.get_submodule(attention_path(site))
+        readers = (attention.q_a_proj if hasattr(attention, "q_a_proj") else attention.q_proj,
+                   attention.kv_a_proj_with_mqa)
+        hooks += [m.register_forward_pre_hook(partial(feed, layer=site.layer)) for m in readers]
         hooks += [model.get_submodule(m).register_forward_hook(partial(keep, name=m)) for m in projections(site)]
     with torch.no_grad():
         model(input_ids)

@@ -25,3 +25,13 @@ def test_json_lists_every_site():
     spec = tiny_spec(adapter={"kind": "lora", "targets": [{"match": "attn.o"}]})
     sites = inspect_json(spec, compile_spec(spec))["adapter_sites"]
     assert [s["site"] for s in sites if s["kind"] == "lora"] == [f"layers.{i}.attn.o" for i in range(3)]
+
+
+def test_kernel_table_says_where_fused_ops_run():
+    spec = tiny_spec()
+    rows = inspect_json(spec, compile_spec(spec))["kernels"]
+    # 3 layers: two residual adds each, run by the norms after them (the last by the final norm)
+    assert {"op_kind": "add", "kernel": "torch", "fused_into": "rmsnorm (triton)", "ops": 6} in rows
+    assert {"op_kind": "rmsnorm", "kernel": "triton", "fused_into": None, "ops": 13} in rows
+    assert ["add", "torch", "rmsnorm", "(triton)", "6"] in [line.split() for line in
+                                                           inspect_text(spec, compile_spec(spec)).splitlines()]

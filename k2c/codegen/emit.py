@@ -3,7 +3,9 @@
 `plan.py` prints the `Plan` record tree; layers that share one `LayerPlan` are printed once, under a name, and the
 layer tuple is a run-length sum of those names. `model.py` is printed the way torch.fx prints a graph as code:
 one line per IR op, each value named after its op, one rule per op kind (`RULES`; a kind without a rule is an
-error naming the op). Consecutive layers whose lines and plans agree share one class.
+error naming the op). Consecutive layers whose lines and plans agree share one class. A layer returns a tuple that the
+next one takes as its arguments: its output, or the two terms of it where the next norm adds them
+(fuse_residual_norm).
 """
 
 from __future__ import annotations
@@ -152,6 +154,8 @@ Rule = Callable[[Op, list[str], Graph], str]
 
 
 def _rmsnorm(op: Op, ins: list[str], graph: Graph) -> str:
+    if "fuses" in op:  # ins: the two terms of the residual add it fuses (fuse_residual_norm)
+        return f"{_module(op)}.add_norm({', '.join(ins)})"
     src = f"{ins[0]}[..., : {op['dim']}]" if op.get("leading_part") else ins[0]
     return f"{_module(op)}({src})"
 
@@ -187,17 +191,45 @@ def _line(op: Op, graph: Graph, var: Callable[[Op], str]) -> str:
     rule = RULES.get(op.kind)
     if rule is None:
         raise EmitError(f"no emit rule for op kind {op.kind.value!r} ({op.name})")
-    return f"{var(op)} = {rule(op, [var(i) for i in graph.inputs(op)], graph)}"
+    ins, target = graph.inputs(op), var(op)
+    if op.kind is OpKind.RMSNORM and "fuses" in op:
+        # the norm runs the residual add it fuses: it takes the add's two terms and returns their sum beside the norm
+        (add,) = ins
+        ins, target = graph.inputs(add), f"{var(add)}, {target}"
+    return f"{target} = {rule(op, [var(i) for i in ins], graph)}"
 
 
-def _layer_lines(graph: Graph, layer: int) -> list[str]:
+def _handed_on(graph: Graph, output: Op) -> tuple[Op, ...]:
+    """What a layer whose last op is `output` hands on: that output, or the two terms of it where it is a residual
+    add that the next norm fuses."""
+    return graph.inputs(output) if "fused_into" in output else (output,)
+
+
+def _names_after(graph: Graph, output: Op) -> dict[str, str]:
+    """The names, after the layer whose last op is `output`, of what it hands on (`x`, or `residual` and `delta`)
+    and of `output` itself (`x`: the sum, where the next norm returns it)."""
+    names = {output.name: "x"}
+    if "fused_into" in output:
+        names.update(zip((op.name for op in graph.inputs(output)), ("residual", "delta")))
+    return names
+
+
+def _layer_lines(graph: Graph, layer: int) -> tuple[list[str], list[str]]:
+    """(the forward's parameters before `rope`, its lines)."""
+    ops = [op for op in graph.ops() if op.layer == layer]
+    (incoming,) = {i for op in ops for i in graph.inputs(op) if i.layer != layer}  # the previous layer's last op
+    outside = _names_after(graph, incoming)
+
     def var(op: Op) -> str:
-        return _var(op) if op.layer == layer else "x"  # the previous layer's output (or the embedding)
+        return _var(op) if op.layer == layer else outside[op.name]
 
-    ops = [op for op in graph.ops() if op.layer == layer and "fused_into" not in op]
-    lines = [_line(op, graph, var) for op in ops]
-    lines[-1] = "return " + lines[-1].split(" = ", 1)[1]
-    return lines
+    *body, output = ops
+    lines = [_line(op, graph, var) for op in body if "fused_into" not in op]
+    if "fused_into" in output:  # the next norm adds the two terms of the layer's output
+        lines.append(f"return {', '.join(var(op) for op in graph.inputs(output))}")
+    else:
+        lines.append(f"return ({_line(output, graph, var).split(' = ', 1)[1]},)")
+    return [outside[op.name] for op in _handed_on(graph, incoming)], lines
 
 
 def _class_name(first: int, last: int) -> str:
@@ -205,38 +237,47 @@ def _class_name(first: int, last: int) -> str:
 
 
 def emit_model(graph: Graph, plan: Plan, header: str) -> str:
-    groups: list[tuple[int, int, list[str]]] = []
+    groups: list[tuple[int, int, tuple[list[str], list[str]]]] = []
     for first, last in layer_groups(plan):
         for i in range(first, last + 1):
-            lines = _layer_lines(graph, i)
-            shared = groups and groups[-1][1] == i - 1 and groups[-1][2] == lines \
+            wiring = _layer_lines(graph, i)
+            shared = groups and groups[-1][1] == i - 1 and groups[-1][2] == wiring \
                 and plan.model.layers[groups[-1][0]] == plan.model.layers[i]
             if shared:
-                groups[-1] = (groups[-1][0], i, lines)
+                groups[-1] = (groups[-1][0], i, wiring)
             else:
-                groups.append((i, i, lines))
+                groups.append((i, i, wiring))
     classes = []
-    for first, last, lines in groups:
+    for first, last, (params, lines) in groups:
         # the lines name layer `first`; every layer of the group has the same ones
         what = f"layer {first}" if first == last else f"layers {first} to {last}"
         body = "".join(f"        {line}\n" for line in lines)
+        inputs = "".join(f"{name}: torch.Tensor, " for name in params)
         classes.append(
             f"class {_class_name(first, last)}(rt.DecoderLayer):\n"
             f'    """The wiring of {what}."""\n\n'
-            "    def forward(self, x: torch.Tensor, rope: rt.RopeTables) -> torch.Tensor:\n"
+            f"    def forward(self, {inputs}rope: rt.RopeTables) -> tuple[torch.Tensor, ...]:\n"
             f"{body}"
         )
     layer_types = " + ".join(f"({_class_name(a, b)},) * {b - a + 1}" for a, b, _ in groups)
 
-    top = [op for op in graph.ops() if op.layer is None]
+    *_, last_layer_op = (op for op in graph.ops() if op.layer is not None)
+    outside = _names_after(graph, last_layer_op)
+    handed = [outside[op.name] for op in _handed_on(graph, last_layer_op)]
+    unpack = ", ".join(handed) if len(handed) > 1 else f"({handed[0]},)"
     forward = ["rope = self.rope(input_ids)"]
-    for op in top:
-        if op.kind is OpKind.INPUT:
+    for op in graph.ops():
+        if op.layer is not None or op.kind is OpKind.INPUT:
             continue
-        line = _line(op, graph, lambda o: "x" if o.layer is not None else o.name)
-        forward.append(line)
+        forward.append(_line(op, graph, lambda o: outside[o.name] if o.layer is not None else o.name))
         if op.kind is OpKind.EMBEDDING:
-            forward += ["x = embed", "for layer in self.model.layers:", "    x = layer(x, rope)"]
+            forward += [
+                f"hidden = ({op.name},)  # what a layer hands the next: its output, or the two terms that the next "
+                "norm adds",
+                "for layer in self.model.layers:",
+                "    hidden = layer(*hidden, rope)",
+                f"{unpack} = hidden",
+            ]
     loss = next(graph.ops(OpKind.LOSS))
     logits = graph.inputs(loss)[0]
     forward.append(f"return rt.Output({logits.name}, {loss.name})")

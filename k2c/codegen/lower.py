@@ -73,7 +73,7 @@ def _layers(graph: Graph) -> list[_Layer]:
 
 
 def _norm(op: Op) -> NormPlan:
-    return NormPlan(dim=op["dim"], eps=op["eps"], kernel=op["kernel"])
+    return NormPlan(dim=op["dim"], eps=op["eps"], kernel=op["kernel"], adds_residual="fuses" in op)
 
 
 def _attention(layer: _Layer) -> AttentionPlan:

@@ -121,7 +121,7 @@ def _show(value: Any) -> str:
         ]
         return f"{type(value).__name__}({', '.join(fields)})"
     if isinstance(value, tuple):
-        return "(" + ", ".join(_show(v) for v in value) + ")"
+        return "(" + ", ".join(_show(v) for v in value) + ("," if len(value) == 1 else "") + ")"
     if isinstance(value, enum.Enum):
         return value.value
     return repr(value)

@@ -10,6 +10,7 @@ from k2c.passes.balance_routers import balance_routers
 from k2c.passes.count_params import count_params
 from k2c.passes.errors import PlacementError
 from k2c.passes.fuse_experts import fuse_experts
+from k2c.passes.fuse_residual_norm import fuse_residual_norm
 from k2c.passes.group_params import group_params
 from k2c.passes.infer_shapes import infer_shapes
 from k2c.passes.place_adapters import place_adapters
@@ -29,6 +30,7 @@ PIPELINE: tuple[Pass, ...] = (
     select_kernels,
     fuse_experts,
     plan_parallel,
+    fuse_residual_norm,  # after plan_parallel: it reads which layers recompute
 )
 
 
@@ -54,5 +56,5 @@ def run_pipeline(graph: Graph, dump_dir: Path | None = None) -> Graph:
 
 
 __all__ = ["PIPELINE", "PassError", "PlacementError", "run_pipeline", "balance_routers", "count_params",
-           "fuse_experts", "group_params", "infer_shapes", "place_adapters", "place_qk_clip", "plan_parallel",
-           "select_kernels"]
+           "fuse_experts", "fuse_residual_norm", "group_params", "infer_shapes", "place_adapters", "place_qk_clip",
+           "plan_parallel", "select_kernels"]

@@ -52,6 +52,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.rmsnorm(x, self.weight, self.eps, self.kernel)
 
+    def add_norm(self, residual: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual + delta, this norm of it): the wiring of a norm that fuse_residual_norm joined to its add."""
+        return ops.add_rmsnorm(residual, delta, self.weight, self.eps, self.kernel)
+
 
 def linear(n_in: int, n_out: int, device=None, dtype=None) -> nn.Linear:
     return nn.Linear(n_in, n_out, bias=False, device=device, dtype=dtype)

@@ -38,6 +38,15 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernel: str = TOR
     return rmsnorm_kernel.rmsnorm_reference(x, weight, eps)
 
 
+def add_rmsnorm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                kernel: str = TORCH) -> tuple[torch.Tensor, torch.Tensor]:
+    """(residual + delta, `rmsnorm` of it): the residual stream's add and the norm that reads it, one pass each way
+    on the kernels, which also add the sum's gradient from its other consumer to the norm's."""
+    if use_triton(kernel, residual):
+        return rmsnorm_kernel.add_rmsnorm(residual, delta, weight, eps)
+    return rmsnorm_kernel.add_rmsnorm_reference(residual, delta, weight, eps)
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor, kernel: str = TORCH) -> torch.Tensor:
     if use_triton(kernel, gate):
         return swiglu_kernel.swiglu(gate, up)

@@ -25,6 +25,9 @@ class NormPlan:
     dim: int
     eps: float
     kernel: str = TORCH
+    # the residual add whose sum it reads runs in its pass (fuse_residual_norm): the wiring calls add_norm(residual,
+    # delta), which returns the sum and its norm
+    adds_residual: bool = False
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,13 @@ forward is one pass over x and the backward one pass over x and dy, plus a small
 The weight gradient is summed per program into its own row of partial sums and those rows are then added up in
 torch: no atomics, so the result is the same on every run.
 
-Numerics are the reference's: normalise in fp32, round to x's dtype, then multiply by the gain.
+`add_rmsnorm` folds the residual add before a norm into the same kernels (`ADD`): the forward also reads delta and
+writes h = residual + delta, and the backward adds the gradient that h gets from its other consumer (the next
+residual add) to the norm's, so that h's whole gradient, which is residual's and delta's, leaves in the same pass.
+That saves the add's pass and autograd's sum of h's two gradients.
+
+Numerics are the reference's: normalise in fp32, round to x's dtype, then multiply by the gain; h is the sum rounded
+to the dtype, as torch's add rounds it.
 """
 
 from __future__ import annotations
@@ -34,13 +40,17 @@ def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
 @triton.jit
 def _rmsnorm_forward_kernel(
     x_ptr,  # [rows, dim], rows stride_x apart
+    delta_ptr,  # [rows, dim], rows stride_delta apart: added to x (ADD only)
     w_ptr,  # [dim]
+    h_ptr,  # [rows, dim], contiguous: x + delta in x's dtype, the rows that are normalised (ADD only)
     y_ptr,  # [rows, dim], contiguous
     rstd_ptr,  # [rows], fp32: 1 / rms of each row, kept for the backward
     rows,
     dim,
     stride_x,
+    stride_delta,
     eps,
+    ADD: tl.constexpr,  # normalise x + delta, and store that sum, instead of x
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_N: tl.constexpr,  # dim rounded up to a power of two
 ):
@@ -51,6 +61,12 @@ def _rmsnorm_forward_kernel(
     row = row.to(tl.int64)  # rows * dim can pass 2**31
 
     x = tl.load(x_ptr + row[:, None] * stride_x + col[None, :], mask=mask, other=0.0).to(tl.float32)
+    if ADD:
+        delta = tl.load(delta_ptr + row[:, None] * stride_delta + col[None, :], mask=mask, other=0.0)
+        # torch's add rounds the sum to the dtype, and the reference normalises that rounded sum
+        h = (x + delta.to(tl.float32)).to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + row[:, None] * dim + col[None, :], h, mask=mask)
+        x = h.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / dim + eps)
     tl.store(rstd_ptr + row, rstd, mask=row_ok)
 
@@ -66,12 +82,15 @@ def _rmsnorm_backward_kernel(
     x_ptr,  # [rows, dim], rows stride_x apart
     w_ptr,  # [dim]
     rstd_ptr,  # [rows], fp32, from the forward
+    dh_ptr,  # [rows, dim], rows stride_dh apart: the gradient x gets from its other consumers (ADD only)
     dx_ptr,  # [rows, dim], contiguous
     dw_partial_ptr,  # [programs, dim], fp32: row p is program p's share of the weight gradient
     rows,
     dim,
     stride_dy,
     stride_x,
+    stride_dh,
+    ADD: tl.constexpr,  # add dh into dx: x's whole gradient
     BLOCK_M: tl.constexpr,  # rows per tile
     BLOCK_N: tl.constexpr,  # dim rounded up to a power of two
 ):
@@ -97,6 +116,8 @@ def _rmsnorm_backward_kernel(
         dn = dy * w[None, :]
         # d/dx of x * rstd(x): rstd * (dn - n * mean(dn * n)) along the row
         dx = rstd[:, None] * (dn - n * (tl.sum(dn * n, axis=1) / dim)[:, None])
+        if ADD:
+            dx += tl.load(dh_ptr + row[:, None] * stride_dh + col[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + row[:, None] * dim + col[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
     tl.store(dw_partial_ptr + pid * dim + col, dw, mask=col_ok)
@@ -123,33 +144,91 @@ def _backward_programs(x: torch.Tensor, tiles: int) -> int:
     return min(tiles, 4)  # the CPU interpreter runs programs one after another: any count is right, few is quick
 
 
+def _forward(x_rows: torch.Tensor, weight: torch.Tensor, eps: float,
+             delta_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h, y, rstd) over rows [rows, dim]: h the rows normalised, x itself or with delta a new x + delta; y their
+    norm; rstd [rows] fp32."""
+    rows, dim = x_rows.shape
+    y = torch.empty((rows, dim), device=x_rows.device, dtype=x_rows.dtype)
+    rstd = torch.empty(rows, device=x_rows.device, dtype=torch.float32)
+    h = x_rows if delta_rows is None else torch.empty_like(y)
+    delta = x_rows if delta_rows is None else delta_rows  # without the add the kernel reads no delta, writes no h
+    block_m, block_n, num_warps = _tile(dim, FORWARD_PER_THREAD)
+    grid = (triton.cdiv(rows, block_m),)
+    _rmsnorm_forward_kernel[grid](x_rows, delta, weight, h, y, rstd, rows, dim, x_rows.stride(0), delta.stride(0),
+                                  eps, ADD=delta_rows is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+                                  num_warps=num_warps)
+    return h, y, rstd
+
+
+def _backward(dy_rows: torch.Tensor, x_rows: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+              dh_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dweight) over rows [rows, dim]; with dh, dx is the norm's input gradient plus dh."""
+    rows, dim = x_rows.shape
+    dx = torch.empty((rows, dim), device=x_rows.device, dtype=x_rows.dtype)
+    block_m, block_n, num_warps = _tile(dim, BACKWARD_PER_THREAD)
+    programs = _backward_programs(x_rows, triton.cdiv(rows, block_m))
+    dw_partial = torch.empty((programs, dim), device=x_rows.device, dtype=torch.float32)
+    dh = dy_rows if dh_rows is None else dh_rows  # a stand-in the kernel does not read
+    _rmsnorm_backward_kernel[(programs,)](dy_rows, x_rows, weight, rstd, dh, dx, dw_partial, rows, dim,
+                                          dy_rows.stride(0), x_rows.stride(0), dh.stride(0), ADD=dh_rows is not None,
+                                          BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    return dx, dw_partial.sum(0).to(weight.dtype)
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        x_rows = _as_rows(x)
-        rows, dim = x_rows.shape
-        y = torch.empty((rows, dim), device=x.device, dtype=x.dtype)
-        rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
-        block_m, block_n, num_warps = _tile(dim, FORWARD_PER_THREAD)
-        grid = (triton.cdiv(rows, block_m),)
-        _rmsnorm_forward_kernel[grid](x_rows, weight, y, rstd, rows, dim, x_rows.stride(0), eps,
-                                      BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+        x_rows, y, rstd = _forward(_as_rows(x), weight, eps)
         ctx.save_for_backward(x_rows, weight, rstd)
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
         x_rows, weight, rstd = ctx.saved_tensors
-        dy_rows = _as_rows(dy)
-        rows, dim = x_rows.shape
-        dx = torch.empty((rows, dim), device=x_rows.device, dtype=x_rows.dtype)
-        block_m, block_n, num_warps = _tile(dim, BACKWARD_PER_THREAD)
-        programs = _backward_programs(x_rows, triton.cdiv(rows, block_m))
-        dw_partial = torch.empty((programs, dim), device=x_rows.device, dtype=torch.float32)
-        _rmsnorm_backward_kernel[(programs,)](dy_rows, x_rows, weight, rstd, dx, dw_partial, rows, dim,
-                                              dy_rows.stride(0), x_rows.stride(0),
-                                              BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
-        return dx.view(dy.shape), dw_partial.sum(0).to(weight.dtype), None
+        dx, dweight = _backward(_as_rows(dy), x_rows, weight, rstd)
+        return dx.view(dy.shape), dweight, None
+
+
+class _AddRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        # an output that nothing reads (the final norm's h) gets None, not zeros that the backward would add
+        ctx.set_materialize_grads(False)
+        h, y, rstd = _forward(_as_rows(residual), weight, eps, _as_rows(delta))
+        ctx.save_for_backward(h, weight, rstd)
+        return h.view(residual.shape), y.view(residual.shape)
+
+    @staticmethod
+    def backward(ctx, dh: torch.Tensor | None,
+                 dy: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None]:
+        if dy is None:  # y unused: h's gradient is all there is
+            return dh, dh, None, None
+        h, weight, rstd = ctx.saved_tensors
+        dx, dweight = _backward(_as_rows(dy), h, weight, rstd, None if dh is None else _as_rows(dh))
+        # h = residual + delta: h's whole gradient is each one's; autograd never adds into a gradient that another
+        # input still holds (tests/test_kernel_norm_rope_swiglu.py checks both inputs with other consumers)
+        dx = dx.view(dy.shape)
+        return dx, dx, dweight, None
+
+
+def _check(fn: str, name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """The kernels' demands on x, the rows to normalise, and on the gain; `name` is x's name in `fn`'s arguments."""
+    if x.dtype not in DTYPES:
+        raise ValueError(f"{fn}: {name} must be fp32, bf16 or fp16, found {x.dtype}")
+    if x.ndim == 0 or x.numel() == 0:
+        raise ValueError(f"{fn}: {name} must have a last dim and at least one row, found shape {tuple(x.shape)}")
+    dim = x.shape[-1]
+    if dim > MAX_DIM:
+        raise ValueError(f"{fn}: the last dim must be at most {MAX_DIM}, found {dim}")
+    if weight.shape != (dim,):
+        raise ValueError(f"{fn}: weight must have shape ({dim},) for {name} of shape {tuple(x.shape)}, "
+                         f"found {tuple(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"{fn}: weight must have {name}'s dtype {x.dtype}, found {weight.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"{fn}: weight must be on {name}'s device {x.device}, found {weight.device}")
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -158,18 +237,28 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x [..., dim] (fp32, bf16 or fp16) may be any view whose rows are evenly spaced with unit column stride (a
     slice of the last dim, say); other layouts are copied once to contiguous. weight [dim] has x's dtype.
     """
-    if x.dtype not in DTYPES:
-        raise ValueError(f"rmsnorm: x must be fp32, bf16 or fp16, found {x.dtype}")
-    if x.ndim == 0 or x.numel() == 0:
-        raise ValueError(f"rmsnorm: x must have a last dim and at least one row, found shape {tuple(x.shape)}")
-    dim = x.shape[-1]
-    if dim > MAX_DIM:
-        raise ValueError(f"rmsnorm: the last dim must be at most {MAX_DIM}, found {dim}")
-    if weight.shape != (dim,):
-        raise ValueError(f"rmsnorm: weight must have shape ({dim},) for x of shape {tuple(x.shape)}, "
-                         f"found {tuple(weight.shape)}")
-    if weight.dtype != x.dtype:
-        raise ValueError(f"rmsnorm: weight must have x's dtype {x.dtype}, found {weight.dtype}")
-    if weight.device != x.device:
-        raise ValueError(f"rmsnorm: weight must be on x's device {x.device}, found {weight.device}")
+    _check("rmsnorm", "x", x, weight)
     return _RMSNorm.apply(x, weight.contiguous(), float(eps))
+
+
+def add_rmsnorm_reference(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, y): h = residual + delta as torch adds it, y = rmsnorm_reference(h, weight, eps)."""
+    h = residual + delta
+    return h, rmsnorm_reference(h, weight, eps)
+
+
+def add_rmsnorm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`add_rmsnorm_reference(residual, delta, weight, eps)` as the fused kernels, one pass each way; differentiable
+    in residual, delta and weight.
+
+    residual and delta [..., dim] have one shape, dtype and device, with the layouts `rmsnorm` takes; h and y are
+    contiguous. The backward returns one tensor as the gradient of both residual and delta.
+    """
+    _check("add_rmsnorm", "residual", residual, weight)
+    if delta.shape != residual.shape or delta.dtype != residual.dtype or delta.device != residual.device:
+        raise ValueError(f"add_rmsnorm: delta must match residual's shape, dtype and device {tuple(residual.shape)} "
+                         f"{residual.dtype} {residual.device}, found {tuple(delta.shape)} {delta.dtype} "
+                         f"{delta.device}")
+    return _AddRMSNorm.apply(residual, delta, weight.contiguous(), float(eps))
