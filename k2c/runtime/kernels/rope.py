@@ -19,7 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-TILE = 512  # elements of the [tokens, heads, dr/2] tile a program holds, per half of the pairs
+# elements of the [tokens, heads, dr/2] tile a program holds, per half of the pairs, and its warps: the best of a
+# sweep for interleaved pairs on an H200 (benchmarks/results/2026-12-01-nvidia-h200-rope-sweep.md)
+TILE = 512
 WARPS = 1
 
 
@@ -55,8 +57,9 @@ def _flat(x):
 def _load_pairs(ptr, i, ok, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
     """The pairs i of the rotary dims at ptr, as [tokens, heads, pairs] fp32 tensors: (firsts, seconds).
 
-    Interleaved pairs are loaded as one contiguous run per row and split in registers: loads that the compiler sees
-    as runs of 2 elements took 2 to 4x the time at k2-1b's shape on an H200."""
+    Interleaved pairs are loaded as one contiguous run per row and split in registers. Loading every other element
+    took 1.5 to 4x the time of pairs laid out as halves (`benchmarks/results/2026-12-01-nvidia-h200-rope-sweep.md`);
+    the backward pass still takes about 4x the halves' time at k2-1b's shape."""
     if INTERLEAVED:
         run, mask = _pair_runs(ptr, i, ok)
         x = tl.load(run, mask=mask, other=0.0).to(tl.float32)
