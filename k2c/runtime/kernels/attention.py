@@ -82,6 +82,27 @@ def _below(offs, n: tl.constexpr, END: tl.constexpr):
 
 
 @triton.jit
+def _logit_scales(sm_scale, HEAD_SCALE, off_h):
+    """Head off_h's logit scale (softmax_scale, times QK-Clip's head scale where there is one), and that scale in
+    units of log2, for exp2."""
+    logit_scale = sm_scale
+    if HEAD_SCALE is not None:
+        logit_scale = logit_scale * tl.load(HEAD_SCALE + off_h)
+    return logit_scale, logit_scale * LOG2E
+
+
+@triton.jit
+def _head_dims(DN: tl.constexpr, DR: tl.constexpr, DV: tl.constexpr, BLOCK_DN: tl.constexpr,
+               BLOCK_DR: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The offsets of a head's dims without rope, its rotary dims and its value dims, each with its mask."""
+    offs_dn = tl.arange(0, BLOCK_DN)
+    offs_dr = tl.arange(0, BLOCK_DR)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    return (offs_dn, _below(offs_dn, DN, BLOCK_DN), offs_dr, _below(offs_dr, DR, BLOCK_DR), offs_dv,
+            _below(offs_dv, DV, BLOCK_DV))
+
+
+@triton.jit
 def _attn_fwd(
     Q,  # [B, H, T, DN] strided, last dim contiguous: q's dims without rope
     Q_ROT,  # [B, H, T, DR] strided, last dim contiguous: q's rotary dims, rotated
@@ -113,19 +134,11 @@ def _attn_fwd(
     kr_base = K_ROT + off_b * stride_krb + off_h * stride_krh
     v_base = V + off_b * stride_vb + off_h * stride_vh
 
-    logit_scale = sm_scale
-    if HEAD_SCALE is not None:
-        logit_scale = logit_scale * tl.load(HEAD_SCALE + off_h)
-    qk_scale = logit_scale * LOG2E  # logits in units of log2, for exp2
+    logit_scale, qk_scale = _logit_scales(sm_scale, HEAD_SCALE, off_h)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     m_ok = offs_m < T
-    offs_dn = tl.arange(0, BLOCK_DN)
-    dn_ok = _below(offs_dn, DN, BLOCK_DN)
-    offs_dr = tl.arange(0, BLOCK_DR)
-    dr_ok = _below(offs_dr, DR, BLOCK_DR)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    dv_ok = _below(offs_dv, DV, BLOCK_DV)
+    offs_dn, dn_ok, offs_dr, dr_ok, offs_dv, dv_ok = _head_dims(DN, DR, DV, BLOCK_DN, BLOCK_DR, BLOCK_DV)
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_dn[None, :],
                 mask=m_ok[:, None] & dn_ok[None, :], other=0.0)
     q_rot = tl.load(Q_ROT + off_b * stride_qrb + off_h * stride_qrh + offs_m[:, None] * stride_qrt + offs_dr[None, :],
@@ -208,19 +221,11 @@ def _attn_bwd_dq(
     kr_base = K_ROT + off_b * stride_krb + off_h * stride_krh
     v_base = V + off_b * stride_vb + off_h * stride_vh
 
-    logit_scale = sm_scale
-    if HEAD_SCALE is not None:
-        logit_scale = logit_scale * tl.load(HEAD_SCALE + off_h)
-    qk_scale = logit_scale * LOG2E
+    logit_scale, qk_scale = _logit_scales(sm_scale, HEAD_SCALE, off_h)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     m_ok = offs_m < T
-    offs_dn = tl.arange(0, BLOCK_DN)
-    dn_ok = _below(offs_dn, DN, BLOCK_DN)
-    offs_dr = tl.arange(0, BLOCK_DR)
-    dr_ok = _below(offs_dr, DR, BLOCK_DR)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    dv_ok = _below(offs_dv, DV, BLOCK_DV)
+    offs_dn, dn_ok, offs_dr, dr_ok, offs_dv, dv_ok = _head_dims(DN, DR, DV, BLOCK_DN, BLOCK_DR, BLOCK_DV)
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_dn[None, :],
                 mask=m_ok[:, None] & dn_ok[None, :], other=0.0)
     q_rot = tl.load(Q_ROT + off_b * stride_qrb + off_h * stride_qrh + offs_m[:, None] * stride_qrt + offs_dr[None, :],
@@ -307,19 +312,11 @@ def _attn_bwd_dkdv(
     lse_base = LSE + bh.to(tl.int64) * T
     delta_base = DELTA + bh.to(tl.int64) * T
 
-    logit_scale = sm_scale
-    if HEAD_SCALE is not None:
-        logit_scale = logit_scale * tl.load(HEAD_SCALE + off_h)
-    qk_scale = logit_scale * LOG2E
+    logit_scale, qk_scale = _logit_scales(sm_scale, HEAD_SCALE, off_h)
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = offs_n < T
-    offs_dn = tl.arange(0, BLOCK_DN)
-    dn_ok = _below(offs_dn, DN, BLOCK_DN)
-    offs_dr = tl.arange(0, BLOCK_DR)
-    dr_ok = _below(offs_dr, DR, BLOCK_DR)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    dv_ok = _below(offs_dv, DV, BLOCK_DV)
+    offs_dn, dn_ok, offs_dr, dr_ok, offs_dv, dv_ok = _head_dims(DN, DR, DV, BLOCK_DN, BLOCK_DR, BLOCK_DV)
     k = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kt + offs_dn[None, :],
                 mask=n_ok[:, None] & dn_ok[None, :], other=0.0)
     k_rot = tl.load(K_ROT + off_b * stride_krb + off_h * stride_krh + offs_n[:, None] * stride_krt + offs_dr[None, :],
@@ -428,7 +425,7 @@ class _Attention(torch.autograd.Function):
         k_nope, v = _heads(kv, heads, dn, dv)
         q_rope = q_rot.transpose(1, 2)
         (out_heads,) = _heads(out, heads, dv)
-        (dout_heads,) = _heads(dout if dout.stride(-1) == 1 else dout.contiguous(), heads, dv)
+        (dout_heads,) = _heads(_last_dim_contiguous(dout), heads, dv)
         # the dims without rope go straight into the projections' gradients; the rotary ones into [b, t, h, dr]
         # buffers that `rope.rotate_back` rotates back and, for the key, sums over the heads
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)

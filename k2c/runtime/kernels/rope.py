@@ -58,8 +58,8 @@ def _load_pairs(ptr, i, ok, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
     """The pairs i of the rotary dims at ptr, as [tokens, heads, pairs] fp32 tensors: (firsts, seconds).
 
     Interleaved pairs are loaded as one contiguous run per row and split in registers. Loading every other element
-    took 1.5 to 4x the time of pairs laid out as halves (`benchmarks/results/2026-12-01-nvidia-h200-rope-sweep.md`);
-    the backward pass still takes about 4x the halves' time at k2-1b's shape."""
+    took, at each layout's best tile, 2x the forward's and 4x the backward's time of pairs laid out as halves
+    (`benchmarks/results/2026-12-01-nvidia-h200-rope-sweep.md`); this backward still takes about 4x the halves'."""
     if INTERLEAVED:
         run, mask = _pair_runs(ptr, i, ok)
         x = tl.load(run, mask=mask, other=0.0).to(tl.float32)
