@@ -24,6 +24,11 @@ import triton.language as tl
 TILE = 512
 WARPS = 1
 
+# How a tensor's rotary pairs lie, as the kernels read and write them (`_pairs`):
+HALVES = tl.constexpr(0)  # dim i pairs with i + dr/2
+RUNS = tl.constexpr(1)  # interleaved (2i, 2i + 1), read as one contiguous run of elements per row and split
+WORDS = tl.constexpr(2)  # interleaved 16-bit elements, each pair one 32-bit word: pairs aligned to words
+
 
 def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """Rotate the pairs of x [..., seq, dr] by cos/sin [seq, dr/2].
@@ -54,13 +59,19 @@ def _flat(x):
 
 
 @triton.jit
-def _load_pairs(ptr, i, ok, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+def _load_pairs(ptr, i, ok, HALF: tl.constexpr, PAIRS: tl.constexpr):
     """The pairs i of the rotary dims at ptr, as [tokens, heads, pairs] fp32 tensors: (firsts, seconds).
 
-    Interleaved pairs are loaded as one contiguous run per row and split in registers. Loading every other element
-    took, at each layout's best tile, 2x the forward's and 4x the backward's time of pairs laid out as halves
-    (`benchmarks/results/2026-12-01-nvidia-h200-rope-sweep.md`); this backward still takes about 4x the halves'."""
-    if INTERLEAVED:
+    Interleaved pairs read element by element, or as runs split in registers, took 2x the forward's and 4x the
+    backward's time of pairs laid out as halves on an H200 (`benchmarks/results/2026-12-01-nvidia-h200-rope-sweep.md`):
+    Triton accesses runs 4 bytes at a time. Read as words, a pair is one element of a contiguous row, as the halves'
+    elements are, and goes in 16-byte accesses as theirs do."""
+    dtype: tl.constexpr = ptr.dtype.element_ty
+    if PAIRS == WORDS:
+        w = tl.load(ptr.to(tl.pointer_type(tl.uint32)) + i, mask=ok, other=0)  # little-endian: dim 2i in the low half
+        x1 = w.to(tl.uint16).to(dtype, bitcast=True).to(tl.float32)
+        x2 = (w >> 16).to(tl.uint16).to(dtype, bitcast=True).to(tl.float32)
+    elif PAIRS == RUNS:
         run, mask = _pair_runs(ptr, i, ok)
         x = tl.load(run, mask=mask, other=0.0).to(tl.float32)
         x1, x2 = tl.split(tl.reshape(x, (x.shape[0], x.shape[1], x.shape[2] // 2, 2)))
@@ -71,14 +82,19 @@ def _load_pairs(ptr, i, ok, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
 
 
 @triton.jit
-def _store_pairs(ptr, i, ok, x1, x2, HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+def _store_pairs(ptr, i, ok, x1, x2, HALF: tl.constexpr, PAIRS: tl.constexpr):
     """`_load_pairs`' inverse: firsts x1 and seconds x2 stored as the pairs i of the rotary dims at ptr."""
-    if INTERLEAVED:
+    dtype: tl.constexpr = ptr.dtype.element_ty
+    if PAIRS == WORDS:
+        lo = x1.to(dtype).to(tl.uint16, bitcast=True).to(tl.uint32)
+        hi = x2.to(dtype).to(tl.uint16, bitcast=True).to(tl.uint32)
+        tl.store(ptr.to(tl.pointer_type(tl.uint32)) + i, lo | (hi << 16), mask=ok)
+    elif PAIRS == RUNS:
         run, mask = _pair_runs(ptr, i, ok)
-        tl.store(run, _flat(tl.join(x1, x2)).to(ptr.dtype.element_ty), mask=mask)
+        tl.store(run, _flat(tl.join(x1, x2)).to(dtype), mask=mask)
     else:
-        tl.store(ptr + i, x1.to(ptr.dtype.element_ty), mask=ok)
-        tl.store(ptr + HALF + i, x2.to(ptr.dtype.element_ty), mask=ok)
+        tl.store(ptr + i, x1.to(dtype), mask=ok)
+        tl.store(ptr + HALF + i, x2.to(dtype), mask=ok)
 
 
 @triton.jit
@@ -111,22 +127,22 @@ def _rope_fwd(
     stride_rb, stride_rt,
     H, T,
     QK: tl.constexpr, HALF: tl.constexpr,
-    INTERLEAVED: tl.constexpr,
+    PAIRS: tl.constexpr,  # q's and the key's pairs (the rotated buffers' are HALVES)
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     # a program per (token block, b) holds all the heads of its tokens as a [tokens, heads, pairs] tile, and the key
     # as a [tokens, 1, pairs] one
     b = tl.program_id(1).to(tl.int64)
     t, i, ok, cos, sin = _angles(COS, SIN, T, HALF, BLOCK_T, BLOCK_HALF)
-    x1, x2 = _load_pairs(K_ROT + b * stride_rb + t * stride_rt, i, ok, HALF, INTERLEAVED)
+    x1, x2 = _load_pairs(K_ROT + b * stride_rb + t * stride_rt, i, ok, HALF, PAIRS)
     y1, y2 = _rotate(x1, x2, cos, sin)
-    _store_pairs(K_OUT + (b * T + t) * (2 * HALF), i, ok, y1, y2, HALF, False)
+    _store_pairs(K_OUT + (b * T + t) * (2 * HALF), i, ok, y1, y2, HALF, HALVES)
 
     h = tl.arange(0, BLOCK_H)[None, :, None]
     ok = ok & (h < H)
-    x1, x2 = _load_pairs(Q + b * stride_qb + t * stride_qt + h * QK + (QK - 2 * HALF), i, ok, HALF, INTERLEAVED)
+    x1, x2 = _load_pairs(Q + b * stride_qb + t * stride_qt + h * QK + (QK - 2 * HALF), i, ok, HALF, PAIRS)
     y1, y2 = _rotate(x1, x2, cos, sin)
-    _store_pairs(Q_OUT + ((b * T + t) * H + h) * (2 * HALF), i, ok, y1, y2, HALF, False)
+    _store_pairs(Q_OUT + ((b * T + t) * H + h) * (2 * HALF), i, ok, y1, y2, HALF, HALVES)
 
 
 @triton.jit
@@ -139,7 +155,7 @@ def _rope_bwd(
     DK,  # [B, T, 2 * HALF] contiguous: the rotary key's gradient
     H, T,
     QK: tl.constexpr, HALF: tl.constexpr,
-    INTERLEAVED: tl.constexpr,
+    PAIRS: tl.constexpr,  # q's and the key's pairs (the rotated buffers' are HALVES)
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     # a program per (token block, b) holds all the heads of its tokens: the key's gradient sums over them
@@ -150,13 +166,13 @@ def _rope_bwd(
     rows = ((b * T + t) * H + h) * (2 * HALF)
 
     # the key: summed in fp32 over the heads (masked lanes hold zeros), then rotated back once
-    y1, y2 = _load_pairs(DK_ROT + rows, i, heads_ok, HALF, False)
+    y1, y2 = _load_pairs(DK_ROT + rows, i, heads_ok, HALF, HALVES)
     x1, x2 = _rotate(tl.sum(y1, 1, keep_dims=True), tl.sum(y2, 1, keep_dims=True), cos, -sin)
-    _store_pairs(DK + (b * T + t) * (2 * HALF), i, ok, x1, x2, HALF, INTERLEAVED)
+    _store_pairs(DK + (b * T + t) * (2 * HALF), i, ok, x1, x2, HALF, PAIRS)
 
-    y1, y2 = _load_pairs(DQ_ROT + rows, i, heads_ok, HALF, False)
+    y1, y2 = _load_pairs(DQ_ROT + rows, i, heads_ok, HALF, HALVES)
     x1, x2 = _rotate(y1, y2, cos, -sin)
-    _store_pairs(DQ + (b * T + t) * (H * QK) + h * QK + (QK - 2 * HALF), i, heads_ok, x1, x2, HALF, INTERLEAVED)
+    _store_pairs(DQ + (b * T + t) * (H * QK) + h * QK + (QK - 2 * HALF), i, heads_ok, x1, x2, HALF, PAIRS)
 
 
 def _blocks(heads: int, half: int, t: int) -> tuple[dict[str, int], int]:
@@ -166,17 +182,29 @@ def _blocks(heads: int, half: int, t: int) -> tuple[dict[str, int], int]:
     return {"HALF": half, "BLOCK_T": block_t, "BLOCK_H": block_h, "BLOCK_HALF": block_half}, block_t
 
 
+def _pairs(interleaved: bool, *rows: tuple[torch.Tensor, int]) -> int:
+    """How the kernels read pairs: WORDS for interleaved 16-bit ones wherever each (tensor, element offset of its
+    rotary dims in a row) starts every pair on a word's boundary (address, batch and token strides and offset all
+    even: the heads' rotary dims lie an even head width apart), RUNS for other interleaved ones, else HALVES."""
+    if not interleaved:
+        return HALVES.value
+    aligned = all(x.element_size() == 2 and x.data_ptr() % 4 == 0 and x.stride(0) % 2 == 0 and x.stride(1) % 2 == 0
+                  and first % 2 == 0 for x, first in rows)
+    return (WORDS if aligned else RUNS).value
+
+
 def rotate(q: torch.Tensor, k_rot: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
            interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """q [b, t, h*qk] (each head's last dr dims rotary) and the key k_rot [b, t, dr], both last-dim contiguous ->
     q's rotary dims rotated [b, t, h, dr] and the key rotated [b, t, dr], by cos/sin [t, dr/2] (contiguous)."""
     b, t, dr = k_rot.shape
+    qk = q.shape[-1] // heads
     q_rot = torch.empty((b, t, heads, dr), dtype=q.dtype, device=q.device)
     k_out = torch.empty((b, t, dr), dtype=q.dtype, device=q.device)
     dims, block_t = _blocks(heads, dr // 2, t)
     _rope_fwd[(triton.cdiv(t, block_t), b)](
         q, k_rot, cos, sin, q_rot, k_out, q.stride(0), q.stride(1), k_rot.stride(0), k_rot.stride(1), heads, t,
-        QK=q.shape[-1] // heads, INTERLEAVED=interleaved, **dims, num_warps=WARPS)
+        QK=qk, PAIRS=_pairs(interleaved, (q, qk - dr), (k_rot, 0)), **dims, num_warps=WARPS)
     return q_rot, k_out
 
 
@@ -185,9 +213,10 @@ def rotate_back(dq_rot: torch.Tensor, dk_rot: torch.Tensor, cos: torch.Tensor, s
     """`rotate`'s backward: the gradients of the rotated q dims and of every head's rotated key, both [b, t, h, dr]
     contiguous -> q's rotary dims of dq [b, t, h*qk] (written in place) and the key's gradient [b, t, dr]."""
     b, t, heads, dr = dq_rot.shape
+    qk = dq.shape[-1] // heads
     dk = torch.empty((b, t, dr), dtype=dq.dtype, device=dq.device)
     dims, block_t = _blocks(heads, dr // 2, t)
     _rope_bwd[(triton.cdiv(t, block_t), b)](
-        dq_rot, dk_rot, cos, sin, dq, dk, heads, t, QK=dq.shape[-1] // heads, INTERLEAVED=interleaved, **dims,
+        dq_rot, dk_rot, cos, sin, dq, dk, heads, t, QK=qk, PAIRS=_pairs(interleaved, (dq, qk - dr)), **dims,
         num_warps=WARPS)
     return dk
