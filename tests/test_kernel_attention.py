@@ -96,6 +96,38 @@ def check_attention(dtype: torch.dtype) -> None:
             assert_close(f"{what} {name} (reference against the fp64 definition)", w, e, dtype)
 
 
+def check_pair_layouts() -> None:
+    """RoPE reads interleaved 16-bit pairs as words where every pair is word-aligned, else as runs of elements:
+    both give the same bits, forward and backward."""
+    from k2c.runtime.kernels import rope
+
+    torch.manual_seed(2)
+    b, t, h, dn, dr = 2, 5, 3, 6, 8
+    dtype = torch.float16
+    q = torch.randn(b, t, h * (dn + dr), dtype=dtype)
+    k = torch.randn(b, t, dr, dtype=dtype)
+    k_odd = torch.empty(b, t, dr + 1, dtype=dtype)[..., 1:]  # the same key one element off a word's boundary
+    k_odd.copy_(k)
+    assert rope._pairs(True, (q, dn), (k, 0)) == rope.WORDS.value
+    assert rope._pairs(True, (q, dn), (k_odd, 0)) == rope.RUNS.value
+    assert rope._pairs(True, (q, dn + 1)) == rope.RUNS.value  # heads whose rotary dims start at an odd dim
+    assert rope._pairs(True, (q.float(), dn), (k.float(), 0)) == rope.RUNS.value  # words are 2 x 16 bits
+    assert rope._pairs(False, (q, dn), (k, 0)) == rope.HALVES.value
+    angles = torch.rand(t, dr // 2) * 2 * torch.pi
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    for got, want in zip(rope.rotate(q, k, cos, sin, h, True), rope.rotate(q, k_odd, cos, sin, h, True),
+                         strict=True):
+        assert torch.equal(got, want), "rotate: words and runs differ"
+
+    dq_rot, dk_rot = torch.randn(b, t, h, dr, dtype=dtype), torch.randn(b, t, h, dr, dtype=dtype)
+    dq = torch.zeros(b, t, h * (dn + dr), dtype=dtype)
+    dq_odd = torch.zeros(dq.numel() + 1, dtype=dtype)[1:].view(dq.shape)  # one element off a word's boundary
+    assert rope._pairs(True, (dq_odd, dn)) == rope.RUNS.value
+    dk = rope.rotate_back(dq_rot, dk_rot, cos, sin, dq, True)
+    dk_runs = rope.rotate_back(dq_rot, dk_rot, cos, sin, dq_odd, True)
+    assert torch.equal(dq, dq_odd) and torch.equal(dk, dk_runs), "rotate_back: words and runs differ"
+
+
 def check_errors() -> None:
     from k2c.runtime.kernels.attention import attention
 
@@ -134,6 +166,10 @@ def run_check(check: str, *args: str) -> None:
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_attention_matches_reference(dtype: str) -> None:
     run_check("check_attention", dtype)
+
+
+def test_rope_reads_word_aligned_pairs_as_words_with_the_same_bits() -> None:
+    run_check("check_pair_layouts")
 
 
 def test_attention_rejects_bad_inputs() -> None:
