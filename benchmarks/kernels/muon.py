@@ -7,8 +7,9 @@ kv_b [16 * (128 + 128), 512] and o_proj [2048, 2048]. The anchor is torch.optim.
 parameters, one at a time, with the settings of Moonlight's plan (lr 2e-4 held constant, weight decay 0.1,
 Nesterov momentum 0.95, RMS matched to AdamW). One step of each from the same weights and gradients must agree per
 matrix before anything is timed; then the anchor, k2c's step on the Triton kernels, and k2c's step with the torch
-Newton-Schulz (K2C_KERNELS=torch). Newton-Schulz alone, on the 192 expert matrices, is timed too: torch bmm (the
-reference, and anchors.md's second figure) against the Triton kernels.
+Newton-Schulz (K2C_KERNELS=torch). Newton-Schulz alone is timed too, on the 192 expert matrices and on 276 matrices
+512 x 1536 (a batch of k2-1b's, whose short products the training step spends most of its Newton-Schulz time on):
+torch bmm (the reference, and anchors.md's second figure) against the Triton kernels.
 
 TFLOP/s counts Newton-Schulz with the full Gram products, 5 (4 n^2 m + 2 n^3) per n x m matrix (n <= m), as
 anchors.md does. The Triton kernels compute only the tiles of X X^T and of G G from the diagonal rightwards: at
@@ -149,13 +150,13 @@ def step_rows(h: Harness, plan) -> None:
             h.row(work, variant, h.time(step), anchor_ms, checks[choice], flops=ns_flops(shapes))
 
 
-def newton_schulz_rows(h: Harness, plan) -> None:
-    """Newton-Schulz alone on the expert matrices, one batch [192, 1408, 2048], normalisation included."""
-    u = torch.randn(3 * EXPERTS, EXPERT_INTER, HIDDEN, device=DEV)
+def newton_schulz_rows(h: Harness, plan, batch: int, n: int, m: int, what: str) -> None:
+    """Newton-Schulz alone on one batch [batch, n, m], normalisation included."""
+    u = torch.randn(batch, n, m, device=DEV)
     check = h.check("Newton-Schulz", newton_schulz(u, plan.ns_steps, plan.ns_coefficients),
                     optim.newton_schulz(u, plan.ns_steps, plan.ns_coefficients))
-    work = f"Newton-Schulz alone, {3 * EXPERTS} matrices {EXPERT_INTER}x{HIDDEN} in one batch, bf16"
-    flops = ns_flops([(EXPERT_INTER, HIDDEN)] * 3 * EXPERTS)
+    work = f"Newton-Schulz alone, {batch} matrices {n}x{m} in one batch ({what}), bf16"
+    flops = ns_flops([(n, m)] * batch)
     anchor_ms = h.time(lambda: optim.newton_schulz(u, plan.ns_steps, plan.ns_coefficients))
     h.row(work, "torch bmm (anchor)", anchor_ms, anchor_ms, flops=flops)
     h.row(work, "k2c Triton (symmetric Gram)", h.time(lambda: newton_schulz(u, plan.ns_steps, plan.ns_coefficients)),
@@ -166,4 +167,6 @@ def run(h: Harness) -> None:
     moonlight = import_package(REPO / "generated" / "moonlight_16b_a3b", "bench_moonlight")
     plan = dataclasses.replace(moonlight.PLAN.optimizer, lr=2e-4, warmup_steps=0, decay="constant", weight_decay=0.1)
     step_rows(h, plan)
-    newton_schulz_rows(h, plan)
+    newton_schulz_rows(h, plan, 3 * EXPERTS, EXPERT_INTER, HIDDEN, "one Moonlight MoE layer's experts")
+    # k2-1b's expert, shared-expert and q_a matrices, transposed where tall: the optimizer's largest batch there
+    newton_schulz_rows(h, plan, 276, 512, 1536, "a batch of k2-1b's")
