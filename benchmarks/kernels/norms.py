@@ -30,9 +30,10 @@ def outputs(y: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, .
 
 
 def compare(h: Harness, work: str, kernel, reference, inputs: tuple[torch.Tensor, ...], names: tuple[str, ...],
-            others: tuple[tuple[str, Callable], ...] = ()) -> None:
+            others: tuple[tuple[str, Callable], ...] = (), gpu_time: bool = False) -> None:
     """Check the kernel's outputs and input gradients against the reference's, then time both fwd+bwd, and each of
-    `others` (name, function): a row each. `names`: the outputs', then the gradients'."""
+    `others` (name, function): a row each. `names`: the outputs', then the gradients'. gpu_time: the kernel and
+    the reference again by the GPU time of their kernels, for work small enough that the wall time is the host's."""
     dys = [torch.randn_like(y) for y in outputs(reference(*inputs))]
 
     def fwd_bwd(fn):
@@ -53,6 +54,11 @@ def compare(h: Harness, work: str, kernel, reference, inputs: tuple[torch.Tensor
     for variant, fn in others:
         h.row(work, variant, h.time(fwd_bwd(fn)), anchor_ms)
     h.row(work, "k2c Triton", h.time(fwd_bwd(kernel)), anchor_ms, check)
+    if gpu_time:
+        work += "; GPU kernel time"
+        anchor_ms = h.kernel_time(fwd_bwd(reference))
+        h.row(work, "eager torch (anchor)", anchor_ms, anchor_ms)
+        h.row(work, "k2c Triton", h.kernel_time(fwd_bwd(kernel)), anchor_ms, check)
 
 
 def add_then_rmsnorm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor):
@@ -81,4 +87,4 @@ def run(h: Harness) -> None:
 
     for inter in (1408, 18432):
         compare(h, f"SwiGLU fwd+bwd, gate and up [{TOKENS}, {inter}], bf16", swiglu, swiglu_reference,
-                (leaf(TOKENS, inter), leaf(TOKENS, inter)), ("y", "dgate", "dup"))
+                (leaf(TOKENS, inter), leaf(TOKENS, inter)), ("y", "dgate", "dup"), gpu_time=True)
