@@ -13,9 +13,9 @@ torch bmm (the reference, and anchors.md's second figure) against the Triton ker
 
 TFLOP/s counts Newton-Schulz with the full Gram products, 5 (4 n^2 m + 2 n^3) per n x m matrix (n <= m), as
 anchors.md does. The Triton kernels compute only the tiles of X X^T and of G G from the diagonal rightwards: at
-1408 x 2048 that is 0.715 of the count with 128 x 128 tiles, 0.746 with 128 x 256 ones (the exact half would be
-(3 n^2 m + n^3) / (4 n^2 m + 2 n^3) = 0.686), so their rate is effective and may pass the ~700 TFLOP/s the tensor
-cores can do. The target: the step in at most 0.4x torch.optim.Muon's time.
+1408 x 2048 that is 0.715 of the count with 128 x 128 tiles (the exact half would be (3 n^2 m + n^3) /
+(4 n^2 m + 2 n^3) = 0.686), so their rate is effective and may pass the ~700 TFLOP/s the tensor cores can do.
+The target: the step in at most 0.4x torch.optim.Muon's time.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def step_rows(h: Harness, plan) -> None:
                                 f"update difference {worst:.3f}")
         checks[choice] = (f"update within {worst:.3f} relative of the anchor's, per matrix (bf16 Newton-Schulz in "
                           "both); TFLOP/s counts full Gram products"
-                          + (", of which the kernels compute about 0.73" if choice == "triton" else ""))
+                          + (", of which the kernels compute about 0.72" if choice == "triton" else ""))
     del before
 
     shapes = [tuple(m.shape) for m in matrices(model.parameters())]

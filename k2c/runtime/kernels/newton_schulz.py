@@ -14,9 +14,10 @@ edges), so a matrix's rows must be a multiple of 16 bytes (`fits`; other shapes 
 numbered matrix by matrix: the programs resident at one time work on one or two matrices, whose X and G stay in L2.
 A persistent grid (a program per multiprocessor, looping over tiles) is one of the autotuned choices: small matrices
 make short tiles, whose set-up a launch per tile would repeat. Flattened, its tile loop and K loop are pipelined as
-one, so that the next tile's loads overlap this one's epilogue: on an H200, at 276 matrices 512 x 1536, 9% off the
-Gram product and 15% off G G. Tall matrices are iterated on transposed (the Gram matrix is then the small one); a
-caller batches them with the wide matrices of the transposed shape.
+one, so that the next tile's loads overlap this one's epilogue: on an H200, at 276 matrices 512 x 1536, 4-9% off
+the Gram product and 14-15% off G G for the same tiles (benchmarks/results/*-newton-schulz-sweep.md). Tall matrices
+are iterated on transposed (the Gram matrix is then the small one); a caller batches them with the wide matrices of
+the transposed shape.
 
 `muon_input` and `muon_update` are a Muon step's elementwise work, one pass over memory each. The input pass
 advances the momentum, forms the Nesterov input U and writes it, unnormalised, into the batch in the working dtype
@@ -64,9 +65,9 @@ def _configs(symmetric: bool) -> list[triton.Config]:
                                "FLATTEN": True})]
     # bf16 on Hopper (H200 sweep at 276 matrices 512 x 1536, 2026-12-01): 128 x 128 tiles for the symmetric
     # products, whose mirrored store stages a transposed tile in shared memory (128 x 256 ones do not fit); 128 x 256
-    # tiles keep two warpgroups busy in the polynomial's, with 2 stages where the flattened loop's epilogue needs
-    # the room; smaller tiles for matrices too small to fill the GPU. Configs that do not fit are dropped by the
-    # autotuner.
+    # tiles keep two warpgroups busy in the polynomial's (the 2-stage one, added for the room the flattened loop's
+    # epilogue needs, came after that sweep); smaller tiles for matrices too small to fill the GPU. Configs that do
+    # not fit are dropped by the autotuner.
     if symmetric:
         shapes = [(128, 128, 64, 4, 4), (128, 128, 64, 5, 8), (64, 64, 64, 4, 4)]
     else:
