@@ -252,6 +252,44 @@ def check_slot_sum() -> None:
     print("ok slot sum")
 
 
+def check_weight_grad() -> None:
+    """Expert weight gradients P_e^T Q_e against a per-expert formula in fp64, one expert without rows: the Triton
+    kernel on gathered and weighted rows (fp32), and the cuBLAS grouped GEMM a bf16 full weight takes on rows in
+    expert order; and `gather_rows`, which puts them in that order, against the gather and weighting in fp32,
+    rounded once."""
+    from k2c.runtime.kernels import moe as kernels
+
+    torch.manual_seed(8)
+    rows_per_expert = torch.tensor([9, 0, 17, 5, 30, 3])
+    offsets = torch.nn.functional.pad(rows_per_expert.cumsum(0), (1, 0))
+    m, tokens, wide = int(offsets[-1]), 29, (80, 72)  # wider than a LoRA rank, rows of 16-byte multiples in bf16
+    rows = torch.randint(0, tokens, (m,))
+    weights = torch.rand(m)
+
+    def formula(p, q):
+        return torch.stack([p[a:b].double().t() @ q[a:b].double() for a, b in zip(offsets[:-1], offsets[1:])])
+
+    # fp16 for the weighted rows: the interpreter rounds fp32 to bf16 toward zero, a GPU to nearest
+    x = torch.randn(tokens, wide[0], dtype=torch.float16)
+    assert torch.equal(kernels.gather_rows(x, rows, weights), (x[rows].float() * weights[:, None]).half())
+    assert torch.equal(kernels.gather_rows(x.bfloat16(), rows), x.bfloat16()[rows])
+
+    p, q = torch.randn(tokens, wide[0]), torch.randn(m, wide[1])
+    want = formula((p[rows] * weights[:, None]), q)
+    got = kernels.grouped_weight_grad(p, q, offsets, p_rows=rows, p_scale=weights)
+    assert_close("weight grad fp32, gathered and weighted rows", got, want, torch.float32)
+    assert torch.equal(got[1], torch.zeros_like(got[1]))
+
+    p, q = (p[rows] * weights[:, None]).bfloat16(), q.bfloat16()
+    assert kernels._by_cublas(p, q)
+    got = kernels.grouped_weight_grad(p, q, offsets)
+    assert got.dtype == torch.bfloat16 and got.shape == (E, *wide)
+    assert_close("weight grad bf16 by cuBLAS's grouped GEMM", got, formula(p, q), torch.bfloat16)
+    assert torch.equal(got[1], torch.zeros_like(got[1]))
+    assert not kernels._by_cublas(p[:, :RANK * 4], q), "a LoRA rank's side goes to the Triton kernel"
+    print("ok weight grad")
+
+
 def check_errors() -> None:
     from k2c.runtime.kernels import moe as kernels
 
@@ -275,7 +313,7 @@ def check_errors() -> None:
 # --------------------------------------------------------------------------- the tests: one fresh Python each
 
 
-@pytest.mark.parametrize("check", ["router", "experts", "lora", "celora", "slot_sum", "errors"])
+@pytest.mark.parametrize("check", ["router", "experts", "lora", "celora", "slot_sum", "weight_grad", "errors"])
 def test_moe_kernels_match_the_torch_path(check: str) -> None:
     child = subprocess.run([sys.executable, __file__, f"check_{check}"], capture_output=True, text=True, timeout=300,
                            env=subprocess_env(TRITON_INTERPRET="1", K2C_KERNELS="triton"))
