@@ -69,6 +69,7 @@ def _configs(symmetric: bool) -> list[triton.Config]:
     # with its epilogue in halves (`benchmarks/offline_compile.py`: 208 KiB, whole 272), with 2 stages whole (both
     # came after that sweep); smaller tiles for matrices too small to fill the GPU. Configs that do not fit are
     # dropped by the autotuner.
+    shapes: list[tuple[int, int, int, int, int, bool | None]]  # HALVES: None for the symmetric products
     if symmetric:
         shapes = [(128, 128, 64, 4, 4, None), (128, 128, 64, 5, 8, None), (64, 64, 64, 4, 4, None)]
     else:
