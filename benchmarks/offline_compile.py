@@ -53,8 +53,8 @@ def accesses(compiled) -> str:
 
 
 def newton_schulz_family() -> None:
-    print("| kernel | tile | stages | warps | persistent | flattened | shared KiB | fits |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| kernel | tile | stages | warps | persistent | flattened | epilogue in halves | shared KiB | fits |")
+    print("|---|---|---|---|---|---|---|---|---|")
     kernels = {"symmetric product": (newton_schulz._symmetric_product_kernel, True, {"SCALED": False, "ADD_X": True},
                                      {"x_ptr": "*bf16", "scale_ptr": "*fp32", "out_ptr": "*bf16", "BATCH": "i32",
                                       "N": "i32:16", "K": "i32:16", "alpha": "fp32", "beta": "fp32"}),
@@ -67,7 +67,8 @@ def newton_schulz_family() -> None:
             compiled = compile_for_hopper(kernel, signature, {**fixed, **meta}, config.num_warps, config.num_stages)
             shared = compiled.metadata.shared
             print(f"| {name} | {meta['BLOCK_N']}x{meta['BLOCK_M']}x{meta['BLOCK_K']} | {config.num_stages} | "
-                  f"{config.num_warps} | {meta['PERSISTENT']} | {meta['FLATTEN']} | {shared / 1024:.0f} | "
+                  f"{config.num_warps} | {meta['PERSISTENT']} | {meta['FLATTEN']} | {meta.get('HALVES', '')} | "
+                  f"{shared / 1024:.0f} | "
                   f"{'yes' if shared <= SHARED_LIMIT else 'no'} |")
 
 

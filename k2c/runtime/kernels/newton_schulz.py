@@ -62,20 +62,22 @@ def _configs(symmetric: bool) -> list[triton.Config]:
         # their edges; four persistent programs (`_multiprocessors`), so that each loops over several tiles and
         # matrices (flattening changes nothing under the interpreter)
         return [triton.Config({"BLOCK_N": 16, "BLOCK_M": 16 if symmetric else 32, "BLOCK_K": 16, "PERSISTENT": True,
-                               "FLATTEN": True})]
+                               "FLATTEN": True, **({} if symmetric else {"HALVES": True})})]
     # bf16 on Hopper (H200 sweep at 276 matrices 512 x 1536, 2026-12-01): 128 x 128 tiles for the symmetric
     # products, whose mirrored store stages a transposed tile in shared memory (128 x 256 ones do not fit); 128 x 256
-    # tiles keep two warpgroups busy in the polynomial's (the 2-stage one, added for the room the flattened loop's
-    # epilogue needs, came after that sweep); smaller tiles for matrices too small to fill the GPU. Configs that do
-    # not fit are dropped by the autotuner.
+    # tiles keep two warpgroups busy in the polynomial's: with 3 stages, the flattened loop fits in shared memory only
+    # with its epilogue in halves (`benchmarks/offline_compile.py`: 208 KiB, whole 272), with 2 stages whole (both
+    # came after that sweep); smaller tiles for matrices too small to fill the GPU. Configs that do not fit are
+    # dropped by the autotuner.
+    shapes: list[tuple[int, int, int, int, int, bool | None]]  # HALVES: None for the symmetric products
     if symmetric:
-        shapes = [(128, 128, 64, 4, 4), (128, 128, 64, 5, 8), (64, 64, 64, 4, 4)]
+        shapes = [(128, 128, 64, 4, 4, None), (128, 128, 64, 5, 8, None), (64, 64, 64, 4, 4, None)]
     else:
-        shapes = [(128, 256, 64, 2, 8), (128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
-                  (64, 128, 64, 4, 4)]
-    return [triton.Config({"BLOCK_N": n, "BLOCK_M": m, "BLOCK_K": k, "PERSISTENT": persistent, "FLATTEN": flat},
-                          num_stages=stages, num_warps=warps)
-            for n, m, k, stages, warps in shapes
+        shapes = [(128, 256, 64, 2, 8, False), (128, 256, 64, 3, 8, True), (128, 128, 64, 4, 8, False),
+                  (128, 128, 64, 4, 4, False), (64, 128, 64, 4, 4, False)]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_M": m, "BLOCK_K": k, "PERSISTENT": persistent, "FLATTEN": flat,
+                           **({} if halves is None else {"HALVES": halves})}, num_stages=stages, num_warps=warps)
+            for n, m, k, stages, warps, halves in shapes
             for persistent, flat in ((False, False), (True, False), (True, True))]
 
 
@@ -164,11 +166,13 @@ def _apply_polynomial_kernel(
     BLOCK_K: tl.constexpr,
     PERSISTENT: tl.constexpr,  # read by the grid only
     FLATTEN: tl.constexpr,
+    HALVES: tl.constexpr,  # the epilogue a half tile of columns at a time: half the shared memory for X and OUT
 ):
     p_of = tl.make_tensor_descriptor(p_ptr, [BATCH, N, N], [N * N, N, 1], [1, BLOCK_N, BLOCK_K])
     x_of = tl.make_tensor_descriptor(x_ptr, [BATCH, N, M], [N * M, M, 1], [1, BLOCK_K, BLOCK_M])
-    x_tile = tl.make_tensor_descriptor(x_ptr, [BATCH, N, M], [N * M, M, 1], [1, BLOCK_N, BLOCK_M])
-    out_tile = tl.make_tensor_descriptor(out_ptr, [BATCH, N, M], [N * M, M, 1], [1, BLOCK_N, BLOCK_M])
+    cols: tl.constexpr = BLOCK_M // 2 if HALVES else BLOCK_M  # of the epilogue's pieces
+    x_tile = tl.make_tensor_descriptor(x_ptr, [BATCH, N, M], [N * M, M, 1], [1, BLOCK_N, cols])
+    out_tile = tl.make_tensor_descriptor(out_ptr, [BATCH, N, M], [N * M, M, 1], [1, BLOCK_N, cols])
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles = tl.cdiv(N, BLOCK_N) * tiles_m
     # tiles numbered matrix by matrix, row by row within one
@@ -182,11 +186,22 @@ def _apply_polynomial_kernel(
             x = x_of.load([batch, k, col]).reshape(BLOCK_K, BLOCK_M)
             acc = tl.dot(p, x, acc, input_precision="ieee")
 
-        # epilogue: a X, the scale, then one rounding
-        acc += a * x_tile.load([batch, row, col]).reshape(BLOCK_N, BLOCK_M).to(tl.float32)
-        if SCALED:
-            acc *= tl.load(scale_ptr + batch)
-        out_tile.store([batch, row, col], acc.to(out_ptr.dtype.element_ty).reshape(1, BLOCK_N, BLOCK_M))
+        s = tl.load(scale_ptr + batch) if SCALED else 1.0
+        dtype: tl.constexpr = out_ptr.dtype.element_ty
+        if HALVES:
+            left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_N, 2, cols)), (0, 2, 1)))
+            _finish_polynomial(left, x_tile, out_tile, batch, row, col, a, s, BLOCK_N, cols, dtype)
+            _finish_polynomial(right, x_tile, out_tile, batch, row, col + cols, a, s, BLOCK_N, cols, dtype)
+        else:
+            _finish_polynomial(acc, x_tile, out_tile, batch, row, col, a, s, BLOCK_N, cols, dtype)
+
+
+@triton.jit
+def _finish_polynomial(acc, x_tile, out_tile, batch, row, col, a, s, ROWS: tl.constexpr, COLS: tl.constexpr,
+                       DTYPE: tl.constexpr):
+    """The epilogue of a piece of P X: a X added, the scale applied, then one rounding, and the store."""
+    acc = (acc + a * x_tile.load([batch, row, col]).reshape(ROWS, COLS).to(tl.float32)) * s
+    out_tile.store([batch, row, col], acc.to(DTYPE).reshape(1, ROWS, COLS))
 
 
 # --------------------------------------------------------------------------- Muon's elementwise kernels
