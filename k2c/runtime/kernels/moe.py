@@ -58,6 +58,7 @@ import triton
 import triton.language as tl
 
 from k2c.runtime.kernels import lora as lora_kernel
+from k2c.runtime.kernels.tiles import column_halves
 from k2c.runtime.kernels.tuning import autotune
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -69,13 +70,13 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "
 DOWN_BACKWARD_BLOCK_N = 16 if INTERPRETED else 128
 
 
-def _configs(gpu: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
+def _configs(gpu: list[tuple[int, int, int, int, int]], **fixed) -> list[triton.Config]:
     """Autotuning candidates (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU; one small one under the
-    interpreter, where every program runs in numpy."""
+    interpreter, where every program runs in numpy. `fixed`: further meta-parameters, the same in every one."""
     if INTERPRETED:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2})]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in gpu]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, **fixed})]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, **fixed}, num_warps=w,
+                          num_stages=s) for m, n, k, w, s in gpu]
 
 
 # bf16 on Hopper: 128-row tiles feed wgmma; 128 x 256 keeps two warpgroups busy on the wide products. The thin ones
@@ -563,7 +564,7 @@ def _gate_up_kernel(
     tl.store(act_ptr + out, act, mask=mask)
 
 
-@autotune(_configs(DOWN_BACKWARD), key=["N", "K", "R", "GATHER", "LOW_RANK"])
+@autotune(_configs(DOWN_BACKWARD, HALVES=True), key=["N", "K", "R", "GATHER", "LOW_RANK"])
 @triton.jit
 def _down_backward_kernel(
     dout_ptr,  # dOut [*, K]: the gradient of each (token, slot)'s weighted output
@@ -592,6 +593,7 @@ def _down_backward_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    HALVES: tl.constexpr,
 ):
     expert, rows, row_in, tile_n = _row_tile(offsets_ptr, M, N, E, BLOCK_M, BLOCK_N, BLOCK_E, GROUP_M)
     if expert >= E:
@@ -606,7 +608,35 @@ def _down_backward_kernel(
     acc = _dot_loop(acc, dout_ptr, dout_rows, stride_dk, wd_ptr + e * stride_we, stride_wk, stride_wn, cols_w, K,
                     BLOCK_K)
 
-    # epilogue: recompute act from gate and up as the forward rounded it
+    # epilogue, a half tile of columns at a time when HALVES: a whole 128 x 128 tile's fp32 temporaries spill
+    # registers at 8 warps
+    full = acc
+    if LOW_RANK:
+        full = _add_low_rank(acc, lu_ptr, rows, stride_lum, stride_lur, ad_ptr + e * stride_ade, stride_adr,
+                             stride_adn, cols_w, R, scale_d, BLOCK_R)
+    row_weight = tl.load(weight_ptr + rows)
+    if HALVES:
+        half: tl.constexpr = BLOCK_N // 2
+        acc_left, acc_right = column_halves(acc, BLOCK_M, half)
+        full_left, full_right = column_halves(full, BLOCK_M, half)
+        left = tile_n * BLOCK_N + tl.arange(0, half)
+        dw = _down_epilogue(acc_left, full_left, rows, row_in, left, N, row_weight, gate_ptr, up_ptr, dgate_ptr,
+                            dup_ptr, stride_gm, stride_gn)
+        dw += _down_epilogue(acc_right, full_right, rows, row_in, left + half, N, row_weight, gate_ptr, up_ptr,
+                             dgate_ptr, dup_ptr, stride_gm, stride_gn)
+    else:
+        dw = _down_epilogue(acc, full, rows, row_in, cols, N, row_weight, gate_ptr, up_ptr, dgate_ptr, dup_ptr,
+                            stride_gm, stride_gn)
+    if COMBINE:
+        tl.store(dw_ptr + rows * stride_dwm + tile_n, dw, mask=row_in)
+
+
+@triton.jit
+def _down_epilogue(acc, full, rows, row_in, cols, N, row_weight, gate_ptr, up_ptr, dgate_ptr, dup_ptr, stride_gm,
+                   stride_gn):
+    """The down backward's epilogue over columns `cols`: act recomputed from gate and up as the forward rounded it,
+    dAct = weight * full (the product, with the adapter's term) rounded as the reference's is, the SwiGLU backward
+    stored; returns each row's act . acc, its share of the combine weight's gradient (masked columns have act 0)."""
     mask = row_in[:, None] & (cols[None, :] < N)
     gu = rows[:, None] * stride_gm + cols[None, :] * stride_gn
     dtype = dgate_ptr.dtype.element_ty
@@ -615,18 +645,11 @@ def _down_backward_kernel(
     sig = tl.sigmoid(g)
     silu = (g * sig).to(dtype).to(tl.float32)
     act = (silu * u).to(dtype).to(tl.float32)
-    # the combine weight's gradient is dOut . y = act . (dOut W_d) (+ the adapter's share, added by the caller);
-    # masked columns have act = 0
-    if COMBINE:
-        tl.store(dw_ptr + rows * stride_dwm + tile_n, tl.sum(acc * act, axis=1), mask=row_in)
-    if LOW_RANK:
-        acc = _add_low_rank(acc, lu_ptr, rows, stride_lum, stride_lur, ad_ptr + e * stride_ade, stride_adr,
-                            stride_adn, cols_w, R, scale_d, BLOCK_R)
-    row_weight = tl.load(weight_ptr + rows)
-    dact = (acc * row_weight[:, None]).to(dtype).to(tl.float32)  # rounded, as the reference's dAct is
+    dact = (full * row_weight[:, None]).to(dtype).to(tl.float32)
     # silu'(g) = s + g s (1 - s)
     tl.store(dup_ptr + gu, (dact * silu).to(dtype), mask=mask)
     tl.store(dgate_ptr + gu, (dact * u * sig * (1.0 + g * (1.0 - sig))).to(dtype), mask=mask)
+    return tl.sum(acc * act, axis=1)
 
 
 # --------------------------------------------------------------------------- per-expert reductions over rows

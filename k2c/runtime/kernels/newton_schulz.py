@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from k2c.runtime.kernels.tiles import column_halves
 from k2c.runtime.kernels.tuning import autotune
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -189,7 +190,7 @@ def _apply_polynomial_kernel(
         s = tl.load(scale_ptr + batch) if SCALED else 1.0
         dtype: tl.constexpr = out_ptr.dtype.element_ty
         if HALVES:
-            left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_N, 2, cols)), (0, 2, 1)))
+            left, right = column_halves(acc, BLOCK_N, cols)
             _finish_polynomial(left, x_tile, out_tile, batch, row, col, a, s, BLOCK_N, cols, dtype)
             _finish_polynomial(right, x_tile, out_tile, batch, row, col + cols, a, s, BLOCK_N, cols, dtype)
         else:
