@@ -67,9 +67,9 @@ def _configs(symmetric: bool) -> list[triton.Config]:
     # bf16 on Hopper (H200 sweep at 276 matrices 512 x 1536, 2026-12-01): 128 x 128 tiles for the symmetric
     # products, whose mirrored store stages a transposed tile in shared memory (128 x 256 ones do not fit); 128 x 256
     # tiles keep two warpgroups busy in the polynomial's: with 3 stages, the flattened loop fits in shared memory only
-    # with its epilogue in halves (`benchmarks/offline_compile.py`: 208 KiB, whole 272), with 2 stages whole (both
-    # came after that sweep); smaller tiles for matrices too small to fill the GPU. Configs that do not fit are
-    # dropped by the autotuner.
+    # with its epilogue in halves (`benchmarks/offline_compile.py`: 208 KiB, whole 272), with 2 stages whole; in a
+    # later sweep (`-newton-schulz-px-sweep.md`) the halves took 0.488 ms, 2 stages 0.583, 128 x 128 0.514; smaller
+    # tiles for matrices too small to fill the GPU. Configs that do not fit are dropped by the autotuner.
     shapes: list[tuple[int, int, int, int, int, bool | None]]  # HALVES: None for the symmetric products
     if symmetric:
         shapes = [(128, 128, 64, 4, 4, None), (128, 128, 64, 5, 8, None), (64, 64, 64, 4, 4, None)]
