@@ -609,7 +609,8 @@ def _down_backward_kernel(
                     BLOCK_K)
 
     # epilogue, a half tile of columns at a time when HALVES: a whole 128 x 128 tile's fp32 temporaries spill
-    # registers at 8 warps
+    # registers at 8 warps (on an H200 at k2-1b's experts, halves took 0.78x the time at the best config, 0.324
+    # against 0.416 ms, and less at every other; `benchmarks/results/2026-12-01-nvidia-h200-down-backward-sweep.md`)
     full = acc
     if LOW_RANK:
         full = _add_low_rank(acc, lu_ptr, rows, stride_lum, stride_lur, ad_ptr + e * stride_ade, stride_adr,
@@ -989,11 +990,12 @@ def grouped_weight_grad(p: torch.Tensor, q: torch.Tensor, offsets: torch.Tensor,
 
 
 def _by_cublas(p: torch.Tensor, q: torch.Tensor) -> bool:
-    """Whether P^T Q per expert runs as cuBLAS's grouped GEMM (`torch._grouped_mm`): bf16 (its only dtype on a GPU),
+    """Whether P^T Q per expert runs as cuBLAS's grouped GEMM (`torch._grouped_mm`): bf16 (as it was measured),
     both sides wider than a LoRA rank, rows contiguous and 16-byte aligned, offsets that fit int32, and a Hopper GPU
-    or the CPU (where torch has a reference of it, which the tests run). On an H200 at k2-1b's experts it took 0.56x
-    the Triton kernel's time on gathered and weighted rows (0.175 against 0.312 ms) and 0.80x on grouped ones; the
-    gathers it needs first cost 0.05-0.07 ms each."""
+    or the CPU (where torch has a reference of it, which the tests run). On an H200 at k2-1b's experts it took 0.175
+    ms against the Triton kernel's 0.312 on rows gathered and weighted in its loads (down) and 0.261 on gathered ones
+    (gate, up); the copies into expert order it needs first take 0.08 ms each, one for down and one shared by gate
+    and up: 0.82x the time per layer (`benchmarks/results/2026-12-01-nvidia-h200-moe-weight-grad-sweep.md`)."""
     if p.dtype != torch.bfloat16 or min(p.shape[1], q.shape[1]) <= WEIGHT_GRAD_THIN_SIDE or p.shape[0] >= 2**31:
         return False
     for t in (p, q):
