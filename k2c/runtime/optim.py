@@ -121,9 +121,19 @@ def write_back(params, masters) -> None:
         torch._foreach_copy_([params[i] for i in lower], [masters[i] for i in lower])
 
 
+def fp32_copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors in fp32: fp32 ones themselves, the others copied in one foreach copy (a launch per tensor, for
+    the dozens of small norm weights a model has, would cost more than the copying)."""
+    out = [t if t.dtype == torch.float32 else torch.empty_like(t, dtype=torch.float32) for t in tensors]
+    lower = [i for i, (t, copy) in enumerate(zip(tensors, out)) if copy is not t]
+    if lower:
+        torch._foreach_copy_([out[i] for i in lower], [tensors[i] for i in lower])
+    return out
+
+
 def fp32_grads(grads: list[torch.Tensor], grad_scale: torch.Tensor | None) -> list[torch.Tensor]:
     """The gradients in fp32 (fp32 ones themselves), times grad_scale if given: scaled in place as a clip would."""
-    grads = [g.float() for g in grads]
+    grads = fp32_copies(grads)
     if grad_scale is not None:
         torch._foreach_mul_(grads, grad_scale)
     return grads
@@ -362,7 +372,7 @@ class MuonClip(torch.optim.Optimizer):
             return
         states = [self.state_of(p, "adamw") for p in params]
         held = [local(p) for p in params]  # the element-wise update runs on each process's shards
-        masters = [p.float() for p in held]  # the parameters themselves when fp32
+        masters = fp32_copies(held)  # the parameters themselves when fp32
         grads = fp32_grads([local(p.grad) for p in params], grad_scale)
         beta1, beta2 = self.plan.adamw_betas
         # the fused kernel reads a tensor lr on the GPU as fp32, where the CPU's reads the double it holds
