@@ -7,6 +7,7 @@ its clip sites and the attention's own `ClipPlan`; the compiler decided both.
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 from collections import defaultdict
@@ -139,25 +140,39 @@ def fp32_grads(grads: list[torch.Tensor], grad_scale: torch.Tensor | None) -> li
     return grads
 
 
-def scale_rows(weight: torch.Tensor, *scalings: tuple[tuple[int, int, int], torch.Tensor]) -> None:
-    """For each (rows, factor): multiply head h's rows `[h*stride + offset, +count)` of weight [heads*stride, in] by
-    factor[h] (on the rows this process holds, when the weight is sharded). All of them in one pass over the weight;
-    the row ranges share one stride."""
-    (_, _, stride), factor = scalings[0]
-    if any(rows[2] != stride for rows, _ in scalings):
-        raise ValueError(f"scale_rows: row ranges of one weight must share its head stride, found {scalings}")
-    per_row = torch.ones(factor.shape[0], stride, dtype=factor.dtype, device=factor.device)
-    for (offset, count, _), factor in scalings:
-        per_row[:, offset : offset + count] = factor[:, None]
+Rows = tuple[int, int, int]  # (offset, count, stride): head h's rows [h*stride + offset, +count) of a weight
+ROOT, GAMMA = 0, 1  # where a row range's factor lies in a head table [root | gamma | 1]: sqrt(gamma_h) or gamma_h
+
+
+@functools.cache
+def _row_sources(heads: int, ranges: tuple[tuple[Rows, int], ...], device: torch.device) -> torch.Tensor:
+    """[heads * stride] int64: for each row of a weight, the index of its factor in a head table [root | gamma | 1]
+    of 2 heads + 1 entries (ranges: (rows, ROOT or GAMMA); rows in no range take the 1). Made once per geometry, in
+    the eager steps before a CUDA graph is captured."""
+    stride = ranges[0][0][2]
+    if any(rows[2] != stride for rows, _ in ranges):
+        raise ValueError(f"scale_rows: row ranges of one weight must share its head stride, found {ranges}")
+    index = torch.full((heads, stride), 2 * heads, dtype=torch.int64)
+    for (offset, count, _), source in ranges:
+        index[:, offset : offset + count] = torch.arange(heads)[:, None] + source * heads
+    return index.view(-1).to(device)
+
+
+def scale_rows(weight: torch.Tensor, table: torch.Tensor, ranges: tuple[tuple[Rows, int], ...]) -> None:
+    """Multiply each row range of weight [heads*stride, in] by its factor per head, from the head table [root | gamma
+    | 1] (ranges: (rows, ROOT or GAMMA)), on the rows this process holds when the weight is sharded: one gather of the
+    rows' factors and one pass over the weight."""
+    per_row = table[_row_sources((table.shape[0] - 1) // 2, ranges, table.device)]
     held = local(weight)
-    held.mul_(rows_of(weight, per_row.view(-1)).to(held.device)[:, None])
+    held.mul_(rows_of(weight, per_row).to(held.device)[:, None])
 
 
-def clip_heads(attention: Attention, gamma: torch.Tensor) -> None:
+def clip_heads(attention: Attention, gamma: torch.Tensor, table: torch.Tensor | None = None) -> None:
     """Scale every pre-softmax logit of head h of `attention` by gamma[h] (K2's per-head QK-Clip for MLA).
 
     The non-rotary query and key rows take sqrt(gamma) each and the rotary query rows take gamma; the rotary key
-    (shared by all heads), the values and o_proj stay as they are, and so does the optimizer state.
+    (shared by all heads), the values and o_proj stay as they are, and so does the optimizer state. table: the head
+    table [sqrt(gamma) | gamma | 1], when the caller made it for several layers at once.
     """
     clip = attention.plan.clip
     if clip.mode == "scale":
@@ -166,9 +181,11 @@ def clip_heads(attention: Attention, gamma: torch.Tensor) -> None:
         scale = attention.qk_scale
         local(scale).mul_(rows_of(scale, gamma).to(local(scale).device))
         return
-    root = gamma.sqrt()
-    scale_rows(attention.get_parameter(clip.q_weight), (clip.q_sqrt_gamma_rows, root), (clip.q_gamma_rows, gamma))
-    scale_rows(attention.get_parameter(clip.kv_weight), (clip.kv_sqrt_gamma_rows, root))
+    if table is None:
+        table = torch.cat((gamma.sqrt(), gamma, gamma.new_ones(1)))
+    scale_rows(attention.get_parameter(clip.q_weight), table,
+               ((clip.q_sqrt_gamma_rows, ROOT), (clip.q_gamma_rows, GAMMA)))
+    scale_rows(attention.get_parameter(clip.kv_weight), table, ((clip.kv_sqrt_gamma_rows, ROOT),))
 
 
 class MuonClip(torch.optim.Optimizer):
@@ -194,6 +211,7 @@ class MuonClip(torch.optim.Optimizer):
         self.state["step"] = 0  # type: ignore[index]  # the optimizer-wide counter beside per-tensor state
         # written in place by every step, eager or replayed: lr (fp64), clipped_heads (int64), max_logits [layers]
         self.stats: dict[str, torch.Tensor] | None = None
+        self._taus: torch.Tensor | None = None  # [layers, 1] fp32: each attention's tau, inf where QK-Clip is off
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -405,14 +423,18 @@ class MuonClip(torch.optim.Optimizer):
             self.stats = {"lr": torch.zeros_like(self._lrs[0]),
                           "clipped_heads": torch.zeros((), dtype=torch.int64, device=max_logits.device),
                           "max_logits": max_logits.new_empty(max_logits.shape[0])}
-        clipped = self.stats["clipped_heads"].zero_()
-        for attention, logits in zip(self.model.attentions(), max_logits):
-            clip = attention.plan.clip
-            if clip.mode == "off":
-                continue
-            over = logits > clip.tau
-            clip_heads(attention, torch.where(over, clip.tau / logits, 1.0))
-            clipped += over.sum()
+        # every layer's heads at once, then a gather and a pass per weight: a step runs no kernel per head or range
+        attentions = list(self.model.attentions())
+        if self._taus is None:  # made in the eager steps before a CUDA graph is captured, then read in place
+            taus = [[a.plan.clip.tau if a.plan.clip.mode != "off" else math.inf] for a in attentions]
+            self._taus = torch.tensor(taus, dtype=torch.float32, device=max_logits.device)
+        over = max_logits > self._taus
+        gamma = torch.where(over, max_logits.reciprocal() * self._taus, 1.0)  # tau / logit, as a number would divide
+        tables = torch.cat((gamma.sqrt(), gamma, gamma.new_ones(gamma.shape[0], 1)), dim=1)
+        torch.sum(over, dim=(0, 1), out=self.stats["clipped_heads"])
+        for attention, layer_gamma, table in zip(attentions, gamma, tables):
+            if attention.plan.clip.mode != "off":
+                clip_heads(attention, layer_gamma, table)
         self.stats["lr"].copy_(self._lrs[0])
         torch.amax(max_logits, dim=1, out=self.stats["max_logits"])
 
