@@ -362,12 +362,6 @@ class MoE(nn.Module):
         out = slots.sum(dim=1).view(routing.shape).to(routing.input.dtype)
         return out if shared is None else out + shared
 
-    @torch.no_grad()
-    def balance(self, load: torch.Tensor) -> None:
-        """Aux-loss-free balancing (DeepSeek-V3): raise the bias of under-loaded experts, lower the over-loaded."""
-        if self.plan.router.bias_rate:
-            self.gate.e_score_correction_bias.add_(torch.sign(load.mean() - load), alpha=self.plan.router.bias_rate)
-
 
 # --------------------------------------------------------------------------- initialisation
 

@@ -212,6 +212,7 @@ class MuonClip(torch.optim.Optimizer):
         # written in place by every step, eager or replayed: lr (fp64), clipped_heads (int64), max_logits [layers]
         self.stats: dict[str, torch.Tensor] | None = None
         self._taus: torch.Tensor | None = None  # [layers, 1] fp32: each attention's tau, inf where QK-Clip is off
+        self._bias_rates: torch.Tensor | None = None  # [balanced MoE layers, 1]: each one's router bias rate
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -404,14 +405,19 @@ class MuonClip(torch.optim.Optimizer):
         write_back(held, masters)
 
     def _update_router_bias(self):
-        """Aux-loss-free balancing: each MoE layer moves its router bias as its plan says (maybe not at all)."""
-        for moe in self.model.moe_layers().values():
-            if not moe.plan.router.bias_rate:
-                continue
-            load = moe.expert_load.clone()
-            if distributed():
-                dist.all_reduce(load)  # every rank must move its biases alike
-            moe.balance(load)
+        """Aux-loss-free balancing (DeepSeek-V3), every MoE layer at once: raise the bias of each layer's under-loaded
+        experts by its plan's rate, lower the over-loaded ones'."""
+        layers = [moe for moe in self.model.moe_layers().values() if moe.plan.router.bias_rate]
+        if not layers:
+            return
+        loads = torch.stack([moe.expert_load for moe in layers])  # [layers, experts], a copy
+        if distributed():
+            dist.all_reduce(loads)  # every rank must move its biases alike
+        if self._bias_rates is None:  # made in the eager steps before a CUDA graph is captured, then read in place
+            rates = [[moe.plan.router.bias_rate] for moe in layers]
+            self._bias_rates = torch.tensor(rates, dtype=loads.dtype, device=loads.device)
+        moves = torch.sign(loads.mean(dim=1, keepdim=True) - loads) * self._bias_rates
+        torch._foreach_add_([moe.gate.e_score_correction_bias for moe in layers], list(moves.unbind(0)))
 
     def _qk_clip(self) -> None:
         """Clip every head over tau, and write this step's `stats`."""
