@@ -574,7 +574,12 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def reset_step_stats(self) -> None:
-        for attn in self.attentions():
-            attn.step_max_logit.fill_(-math.inf)
-        for moe in self.moe_layers().values():
-            moe.expert_load.zero_()
+        # foreach: a kernel for all layers, not one per layer (zero first, so that a NaN max is reset too); torch's
+        # foreach ops refuse empty lists (a model without MoE layers)
+        maxima = [attn.step_max_logit for attn in self.attentions()]
+        loads = [moe.expert_load for moe in self.moe_layers().values()]
+        if maxima:
+            torch._foreach_zero_(maxima)
+            torch._foreach_sub_(maxima, math.inf)
+        if loads:
+            torch._foreach_zero_(loads)

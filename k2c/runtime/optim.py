@@ -213,6 +213,7 @@ class MuonClip(torch.optim.Optimizer):
         self.stats: dict[str, torch.Tensor] | None = None
         self._taus: torch.Tensor | None = None  # [layers, 1] fp32: each attention's tau, inf where QK-Clip is off
         self._bias_rates: torch.Tensor | None = None  # [balanced MoE layers, 1]: each one's router bias rate
+        self._step_factors: dict[tuple[int, ...], torch.Tensor] = {}  # `_step_sizes`' constants, fp64
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -298,8 +299,8 @@ class MuonClip(torch.optim.Optimizer):
                 by_shape[tuple(sorted(p.shape[-2:]))].append(p)
         # the factors on the device, in fp64 from the lr and rounded once to fp32, as a number argument would be
         shrink = (1 - lr * decay).float()
-        for (n, m), params in by_shape.items():
-            step = self._step_size(lr, m).float()
+        steps = self._step_sizes(lr, tuple(m for _, m in by_shape)).float()  # all shapes' at once
+        for ((n, m), params), step in zip(by_shape.items(), steps):
             for batch in ns_batches(params, n * m):
                 matrices = [self._matrices(p, first, end) for p, first, end in batch]
                 weight = batch[0][0]
@@ -339,6 +340,16 @@ class MuonClip(torch.optim.Optimizer):
     def _step_size(self, lr: torch.Tensor, larger_dim: int) -> torch.Tensor:
         """An orthogonal n x m update has RMS 1/sqrt(max(n, m)); the step brings it to AdamW's rms_scale."""
         return -lr * (self.plan.rms_scale * math.sqrt(larger_dim))
+
+    def _step_sizes(self, lr: torch.Tensor, larger_dims: tuple[int, ...]) -> torch.Tensor:
+        """`_step_size` for each of larger_dims, fp64, in one pass: the same products, element by element. The
+        factors are made once per set of dims, in the eager steps before a CUDA graph is captured."""
+        factors = self._step_factors.get(larger_dims)
+        if factors is None:
+            factors = torch.tensor([self.plan.rms_scale * math.sqrt(m) for m in larger_dims], dtype=torch.float64,
+                                   device=lr.device)
+            self._step_factors[larger_dims] = factors
+        return -lr * factors
 
     def _matrices(self, p, first, end):
         """Matrices [first, end) of p [..., r, c] as [end - first, r, c]: views of the weight and the momentum (written
