@@ -167,12 +167,12 @@ def scale_rows(weight: torch.Tensor, table: torch.Tensor, ranges: tuple[tuple[Ro
     held.mul_(rows_of(weight, per_row).to(held.device)[:, None])
 
 
-def clip_heads(attention: Attention, gamma: torch.Tensor, table: torch.Tensor | None = None) -> None:
+def clip_heads(attention: Attention, gamma: torch.Tensor, table: torch.Tensor) -> None:
     """Scale every pre-softmax logit of head h of `attention` by gamma[h] (K2's per-head QK-Clip for MLA).
 
     The non-rotary query and key rows take sqrt(gamma) each and the rotary query rows take gamma; the rotary key
     (shared by all heads), the values and o_proj stay as they are, and so does the optimizer state. table: the head
-    table [sqrt(gamma) | gamma | 1], when the caller made it for several layers at once.
+    table [sqrt(gamma) | gamma | 1], which the caller makes for all layers at once.
     """
     clip = attention.plan.clip
     if clip.mode == "scale":
@@ -181,8 +181,6 @@ def clip_heads(attention: Attention, gamma: torch.Tensor, table: torch.Tensor | 
         scale = attention.qk_scale
         local(scale).mul_(rows_of(scale, gamma).to(local(scale).device))
         return
-    if table is None:
-        table = torch.cat((gamma.sqrt(), gamma, gamma.new_ones(1)))
     scale_rows(attention.get_parameter(clip.q_weight), table,
                ((clip.q_sqrt_gamma_rows, ROOT), (clip.q_gamma_rows, GAMMA)))
     scale_rows(attention.get_parameter(clip.kv_weight), table, ((clip.kv_sqrt_gamma_rows, ROOT),))
@@ -333,17 +331,14 @@ class MuonClip(torch.optim.Optimizer):
                     sent = local(p).new_empty(p.shape, dtype=torch.float32)
                 held = local(p)
                 master = held.float()  # the shard itself when fp32
-                step = self._step_size(lr, max(p.shape[-2:])).float()
+                (step,) = self._step_sizes(lr, (max(p.shape[-2:]),)).float()
                 master.mul_((1 - lr * decay).float()).addcmul_(scatter(sent, p, owner), step)
                 write_back([held], [master])
 
-    def _step_size(self, lr: torch.Tensor, larger_dim: int) -> torch.Tensor:
-        """An orthogonal n x m update has RMS 1/sqrt(max(n, m)); the step brings it to AdamW's rms_scale."""
-        return -lr * (self.plan.rms_scale * math.sqrt(larger_dim))
-
     def _step_sizes(self, lr: torch.Tensor, larger_dims: tuple[int, ...]) -> torch.Tensor:
-        """`_step_size` for each of larger_dims, fp64, in one pass: the same products, element by element. The
-        factors are made once per set of dims, in the eager steps before a CUDA graph is captured."""
+        """The step for each of larger_dims, fp64, in one pass: an orthogonal n x m update has RMS 1/sqrt(max(n, m)),
+        and the step brings it to AdamW's rms_scale. The factors are made once per set of dims, in the eager steps
+        before a CUDA graph is captured."""
         factors = self._step_factors.get(larger_dims)
         if factors is None:
             factors = torch.tensor([self.plan.rms_scale * math.sqrt(m) for m in larger_dims], dtype=torch.float64,

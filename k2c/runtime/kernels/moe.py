@@ -610,7 +610,7 @@ def _down_backward_kernel(
 
     # epilogue, a half tile of columns at a time when HALVES: a whole 128 x 128 tile's fp32 temporaries spill
     # registers at 8 warps (on an H200 at k2-1b's experts, halves took 0.78x the time at the best config, 0.324
-    # against 0.416 ms, and less at every other; `benchmarks/results/2026-12-01-nvidia-h200-down-backward-sweep.md`)
+    # against 0.416 ms, and were faster at every config swept: `-down-backward-sweep.md` in benchmarks/results)
     full = acc
     if LOW_RANK:
         full = _add_low_rank(acc, lu_ptr, rows, stride_lum, stride_lur, ad_ptr + e * stride_ade, stride_adr,
@@ -875,6 +875,12 @@ def _check_rows(what: str, name: str, rows: torch.Tensor | None, m: int, like: t
                          f"shape {tuple(rows.shape)} on {rows.device}")
 
 
+def _check_row_scale(what: str, name: str, scale: torch.Tensor | None, m: int, like: torch.Tensor) -> None:
+    if scale is not None and (scale.dtype != torch.float32 or scale.shape != (m,) or scale.device != like.device):
+        raise ValueError(f"{what}: {name} must be fp32 of shape ({m},) on {like.device}, found {scale.dtype} of "
+                         f"shape {tuple(scale.shape)} on {scale.device}")
+
+
 def _check_dtype(what: str, like: torch.Tensor, **tensors: torch.Tensor | None) -> None:
     if like.dtype not in DTYPES:
         raise ValueError(f"{what}: expected fp32, bf16 or fp16 tensors, found {like.dtype}")
@@ -917,9 +923,7 @@ def grouped_mm(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, a_row
     if low is not None and (low[0].shape[0] != m or low[1].shape != (experts, low[0].shape[1], n)):
         raise ValueError(f"grouped_mm: the low-rank pair {tuple(low[0].shape)} {tuple(low[1].shape)} does not fit "
                          f"M={m}, E={experts}, N={n}")
-    if row_scale is not None and (row_scale.dtype != torch.float32 or row_scale.shape != (m,)):
-        raise ValueError(f"grouped_mm: row_scale must be fp32 of shape ({m},), found {row_scale.dtype} "
-                         f"{tuple(row_scale.shape)}")
+    _check_row_scale("grouped_mm", "row_scale", row_scale, m, a)
     c = lora_kernel.empty_aligned_rows(m if out_size is None else out_size, n, a)
     if unscaled is not None and (unscaled.shape != (m, n) or not unscaled.is_contiguous()
                                  or unscaled.dtype != c.dtype or unscaled.device != c.device):
@@ -969,8 +973,7 @@ def grouped_weight_grad(p: torch.Tensor, q: torch.Tensor, offsets: torch.Tensor,
     _check_rows("grouped_weight_grad", "q_rows", q_rows, m, p)
     if q_rows is None and q.shape[0] != m:
         raise ValueError(f"grouped_weight_grad: q must have {m} rows like p, found {tuple(q.shape)}")
-    if p_scale is not None and (p_scale.dtype != torch.float32 or p_scale.shape != (m,)):
-        raise ValueError(f"grouped_weight_grad: p_scale must be fp32 of shape ({m},)")
+    _check_row_scale("grouped_weight_grad", "p_scale", p_scale, m, p)
     if p_rows is None and p_scale is None and q_rows is None and scale == 1.0 and _by_cublas(p, q):
         # P^T as a column-major view: every expert's rows then lie along the strided dim, which needs no alignment
         return torch._grouped_mm(p.t(), q, offs=offsets[1:].to(torch.int32))
@@ -1010,9 +1013,7 @@ def gather_rows(x: torch.Tensor, rows: torch.Tensor | None = None, scale: torch.
     `grouped_weight_grad`'s cuBLAS path."""
     m = rows.shape[0] if rows is not None else x.shape[0]
     _check_rows("gather_rows", "rows", rows, m, x)
-    if scale is not None and (scale.dtype != torch.float32 or scale.shape != (m,) or scale.device != x.device):
-        raise ValueError(f"gather_rows: scale must be fp32 of shape ({m},) on {x.device}, found {scale.dtype} "
-                         f"{tuple(scale.shape)} on {scale.device}")
+    _check_row_scale("gather_rows", "scale", scale, m, x)
     out = torch.empty((m, x.shape[1]), device=x.device, dtype=x.dtype)
     if m == 0:
         return out
@@ -1034,8 +1035,7 @@ def segment_norms(x: torch.Tensor, offsets: torch.Tensor, *, rows: torch.Tensor 
     m = rows.shape[0] if rows is not None else x.shape[0]
     _check_offsets("segment_norms", offsets, experts, x)
     _check_rows("segment_norms", "rows", rows, m, x)
-    if row_scale is not None and (row_scale.dtype != torch.float32 or row_scale.shape != (m,)):
-        raise ValueError(f"segment_norms: row_scale must be fp32 of shape ({m},)")
+    _check_row_scale("segment_norms", "row_scale", row_scale, m, x)
     out = torch.empty((experts, x.shape[1]), device=x.device, dtype=torch.float32)
     block_c = 16 if INTERPRETED else 128
     _segment_sumsq_kernel[(experts, triton.cdiv(x.shape[1], block_c))](
