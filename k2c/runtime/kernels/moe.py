@@ -487,7 +487,7 @@ def _grouped_matmul_kernel(
 # --------------------------------------------------------------------------- SwiGLU experts: gate/up and its backward
 
 
-@autotune(_configs(GATE_UP), key=["N", "K", "RG", "RU", "LORA_GATE", "LORA_UP"])
+@autotune(_configs(GATE_UP, HALVES=True), key=["N", "K", "RG", "RU", "LORA_GATE", "LORA_UP"])
 @triton.jit
 def _gate_up_kernel(
     x_ptr,  # X [*, K]: the layer's input, a row per token
@@ -517,6 +517,7 @@ def _gate_up_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    HALVES: tl.constexpr,
 ):
     expert, rows, row_in, tile_n = _row_tile(offsets_ptr, M, N, E, BLOCK_M, BLOCK_N, BLOCK_E, GROUP_M)
     if expert >= E:
@@ -551,6 +552,21 @@ def _gate_up_kernel(
     if LORA_UP:
         acc_u = _add_low_rank(acc_u, lau_ptr, rows, stride_laum, stride_laur, lbu_ptr + e * stride_lbue, stride_lbur,
                               stride_lbun, cols_w, RU, scale_u, BLOCK_RU)
+    if HALVES:  # a half tile of columns at a time: the whole tile's epilogue spills registers at 8 warps
+        half: tl.constexpr = BLOCK_N // 2
+        gate_left, gate_right = column_halves(acc_g, BLOCK_M, half)
+        up_left, up_right = column_halves(acc_u, BLOCK_M, half)
+        left = tile_n * BLOCK_N + tl.arange(0, half)
+        _swiglu_epilogue(gate_left, up_left, rows, row_in, left, N, gate_ptr, up_ptr, act_ptr, stride_om, stride_on)
+        _swiglu_epilogue(gate_right, up_right, rows, row_in, left + half, N, gate_ptr, up_ptr, act_ptr, stride_om,
+                         stride_on)
+    else:
+        _swiglu_epilogue(acc_g, acc_u, rows, row_in, cols, N, gate_ptr, up_ptr, act_ptr, stride_om, stride_on)
+
+
+@triton.jit
+def _swiglu_epilogue(acc_g, acc_u, rows, row_in, cols, N, gate_ptr, up_ptr, act_ptr, stride_om, stride_on):
+    """gate, up and silu(gate) * up over columns `cols`, stored; silu(gate) rounded as the reference rounds it."""
     dtype = act_ptr.dtype.element_ty
     gate = acc_g.to(dtype)
     up = acc_u.to(dtype)
