@@ -99,7 +99,7 @@ def check_newton_schulz() -> None:
 
 
 def check_muon_passes() -> None:
-    from k2c.runtime.kernels.newton_schulz import muon_input, muon_update
+    from k2c.runtime.kernels.newton_schulz import inverse_norms, muon_input, muon_update, norm_tiles
 
     torch.manual_seed(2)
     mu, decay, step = 0.95, 0.998, -0.3
@@ -114,7 +114,9 @@ def check_muon_passes() -> None:
         u = g + mu * want_momentum if nesterov else want_momentum
         want_scale = 1 / (torch.linalg.matrix_norm(u) + 1e-7)
         out = torch.full((e, min(r, c), max(r, c)), torch.nan, dtype=dtype)
-        scale = muon_input(momentum, grad, mu, nesterov, out, None if clip is None else torch.tensor(clip))
+        sumsq = torch.full((e, norm_tiles(r, c)), torch.nan)
+        muon_input(momentum, grad, mu, nesterov, out, sumsq, None if clip is None else torch.tensor(clip))
+        scale = inverse_norms(sumsq)
         assert_close(f"muon_input momentum {what}", momentum, want_momentum, torch.float32)
         assert_close(f"muon_input {what}", out, u.mT if r > c else u, dtype)
         assert_close(f"muon_input scale {what}", scale, want_scale, torch.float32)
@@ -190,7 +192,9 @@ def check_errors() -> None:
     with pytest.raises(ValueError, match=r"x must be wide \(n <= m\)"):
         newton_schulz_(torch.randn(2, 16, 8), 5, COEFFICIENTS)
     with pytest.raises(ValueError, match=r"out must have shape \(2, 8, 16\)"):
-        muon_input(torch.randn(2, 16, 8), torch.randn(2, 16, 8), 0.95, True, torch.empty(2, 16, 8))
+        muon_input(torch.randn(2, 16, 8), torch.randn(2, 16, 8), 0.95, True, torch.empty(2, 16, 8), torch.empty(2, 1))
+    with pytest.raises(ValueError, match=r"sumsq must be a contiguous fp32 \[2, 1\]"):
+        muon_input(torch.randn(2, 16, 8), torch.randn(2, 16, 8), 0.95, True, torch.empty(2, 8, 16), torch.empty(2, 2))
     with pytest.raises(ValueError, match=r"scale must be fp32 of shape \(2,\)"):
         newton_schulz_(x, 5, COEFFICIENTS, torch.ones(2, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"x's rows must .* a multiple of 16 bytes .* rows of 18 x torch.float16"):

@@ -362,11 +362,12 @@ class MuonClip(torch.optim.Optimizer):
         counts = [w.shape[0] for w, _, _ in matrices]
         device = matrices[0][0].device
         x = torch.empty((sum(counts), n, m), device=device, dtype=ns_dtype(device))
-        scale = torch.cat([
-            ns_kernels.muon_input(momentum, grad.contiguous(), self.plan.momentum, self.plan.nesterov, rows, grad_scale)
-            for (_, momentum, grad), rows in zip(matrices, x.split(counts))
-        ])
-        x = ns_kernels.newton_schulz_(x, self.plan.ns_steps, self.plan.ns_coefficients, scale)
+        sumsq = torch.empty((sum(counts), ns_kernels.norm_tiles(n, m)), device=device, dtype=torch.float32)
+        for (_, momentum, grad), rows, sums in zip(matrices, x.split(counts), sumsq.split(counts)):
+            ns_kernels.muon_input(momentum, grad.contiguous(), self.plan.momentum, self.plan.nesterov, rows, sums,
+                                  grad_scale)
+        x = ns_kernels.newton_schulz_(x, self.plan.ns_steps, self.plan.ns_coefficients,
+                                      ns_kernels.inverse_norms(sumsq))
         for (weight, _, _), update in zip(matrices, x.split(counts)):
             ns_kernels.muon_update(weight, update, decay, step)
 

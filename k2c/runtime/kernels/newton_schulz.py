@@ -447,13 +447,20 @@ def _check_factor(fn: str, name: str, factor: torch.Tensor, device: torch.device
                          f"{tuple(factor.shape)} on {factor.device}")
 
 
-def muon_input(momentum: torch.Tensor, grad: torch.Tensor, mu: float, nesterov: bool,
-               out: torch.Tensor, grad_scale: torch.Tensor | None = None) -> torch.Tensor:
+def norm_tiles(r: int, c: int) -> int:
+    """How many partial sums of squares `muon_input` writes for an r x c matrix: one per tile."""
+    return triton.cdiv(r, TILE) * triton.cdiv(c, TILE)
+
+
+def muon_input(momentum: torch.Tensor, grad: torch.Tensor, mu: float, nesterov: bool, out: torch.Tensor,
+               sumsq: torch.Tensor, grad_scale: torch.Tensor | None = None) -> None:
     """Advance the momentum M [E, R, C] (fp32) to mu M + G and write each matrix's U into out; one pass.
 
     G is grad, times grad_scale (a 0-dim fp32 tensor on its device: the gradient clip's factor) if given, in fp32.
     U = G + mu M with Nesterov, else M. out [E, n, m] holds the matrices wide (n <= m), transposed if R > C, in its
-    dtype. Returns 1 / (||U||_F + EPS) per matrix [E], fp32, the scale for `newton_schulz_`.
+    dtype. sumsq [E, norm_tiles(R, C)] fp32, contiguous, gets each matrix's partial sums of U^2: a caller fills the
+    rows of one buffer for its whole batch, then `inverse_norms` finishes them all at once (four small kernels for
+    the batch, where finishing them here took four for every call).
     """
     _check("muon_input", momentum=momentum, grad=grad, out=out)
     e, r, c = momentum.shape
@@ -464,11 +471,18 @@ def muon_input(momentum: torch.Tensor, grad: torch.Tensor, mu: float, nesterov: 
         raise ValueError(f"muon_input: out must have shape {(e, min(r, c), max(r, c))}, found {tuple(out.shape)}")
     if grad_scale is not None:
         _check_factor("muon_input", "grad_scale", grad_scale, momentum.device)
-    tiles = triton.cdiv(r, TILE) * triton.cdiv(c, TILE)
-    sumsq = torch.empty((e, tiles), dtype=torch.float32, device=momentum.device)
+    tiles = norm_tiles(r, c)
+    if sumsq.shape != (e, tiles) or sumsq.dtype != torch.float32 or not sumsq.is_contiguous():
+        raise ValueError(f"muon_input: sumsq must be a contiguous fp32 [{e}, {tiles}], found {sumsq.dtype} of shape "
+                         f"{tuple(sumsq.shape)}")
     _momentum_kernel[(tiles, e)](momentum, grad, grad if grad_scale is None else grad_scale, out, sumsq, r, c,
                                  *_orientation(r, c, out), float(mu), NESTEROV=nesterov,
                                  SCALED=grad_scale is not None, BLOCK=TILE)
+
+
+def inverse_norms(sumsq: torch.Tensor) -> torch.Tensor:
+    """1 / (||U||_F + EPS) per matrix [B], fp32, from `muon_input`'s partial sums [B, tiles]: `newton_schulz_`'s
+    scale."""
     return sumsq.sum(1).sqrt_().add_(EPS).reciprocal_()
 
 
