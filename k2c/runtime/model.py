@@ -224,6 +224,11 @@ class Router(nn.Module):
         return experts, weights * plan.routed_scaling, torch.bincount(experts.flatten(), minlength=plan.experts)
 
 
+def sort_key_dtype(experts: int) -> torch.dtype:
+    """The narrowest integer dtype that holds every expert index below `experts`."""
+    return torch.uint8 if experts <= 256 else torch.int16 if experts <= 2**15 else torch.int32
+
+
 @dataclass
 class Routing:
     """Where the tokens of one MoE layer go: their (token, slot) pairs, k per token, grouped by expert.
@@ -343,7 +348,8 @@ class MoE(nn.Module):
         if self.training:
             with torch.no_grad():
                 self.expert_load += counts
-        order = experts.flatten().argsort(stable=True)
+        # a stable radix sort makes a pass per byte of its keys: 1 for expert indices as bytes, 8 as int64
+        order = experts.flatten().to(sort_key_dtype(self.plan.experts)).argsort(stable=True)
         offsets = F.pad(counts.cumsum(0), (1, 0))
         return Routing(flat, order, offsets, weights.flatten()[order].unsqueeze(1), x.shape, experts.shape[1], fused)
 
