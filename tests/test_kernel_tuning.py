@@ -1,33 +1,71 @@
-"""K2C_AUTOTUNE (k2c/runtime/kernels/tuning.py): `first` leaves each kernel its first config; anything else but unset
-is refused by name. Each case imports the kernels in a fresh Python, since the configs are fixed at import."""
+"""K2C_AUTOTUNE (k2c/runtime/kernels/tuning.py): `first` takes each kernel's first config that runs, untimed and
+uncached; anything else but unset is refused by name. Each case imports the kernels in a fresh Python, since the
+choice is fixed at import."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
+import pytest
 from conftest import subprocess_env
+from triton.runtime.errors import OutOfResources
 
-COUNT = """
+from k2c.runtime.kernels.tuning import FirstThatRuns
+
+SETTINGS = """
 from k2c.runtime.kernels import attention, moe, newton_schulz
+from k2c.runtime.kernels.tuning import FirstThatRuns
 kernels = (newton_schulz._apply_polynomial_kernel, moe._weight_grad_kernel, attention._attn_fwd_tuned)
-print(",".join(str(len(k.configs)) for k in kernels))
+print(",".join(f"{len(k.configs)} {isinstance(k._do_bench, FirstThatRuns)} {k.cache_results}" for k in kernels))
 """
 
 
-def configs_per_kernel(**env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", COUNT], capture_output=True, text=True, timeout=120,
+def settings_per_kernel(**env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", SETTINGS], capture_output=True, text=True, timeout=120,
                           env=subprocess_env(TRITON_INTERPRET="0", **env))
 
 
-def test_first_leaves_each_kernel_its_first_config_and_unset_leaves_all() -> None:
-    tuned, first = configs_per_kernel(), configs_per_kernel(K2C_AUTOTUNE="first")
+def test_first_times_nothing_and_caches_nothing_and_unset_tunes_and_caches() -> None:
+    tuned, first = settings_per_kernel(), settings_per_kernel(K2C_AUTOTUNE="first")
     assert tuned.returncode == 0 and first.returncode == 0, tuned.stderr + first.stderr
-    assert all(int(n) > 1 for n in tuned.stdout.strip().split(",")), tuned.stdout
-    assert first.stdout.strip() == "1,1,1"
+    tuned_rows, first_rows = tuned.stdout.strip().split(","), first.stdout.strip().split(",")
+    assert [row.split()[0] for row in tuned_rows] == [row.split()[0] for row in first_rows]
+    assert all(int(row.split()[0]) > 1 and row.split()[1:] == ["False", "True"] for row in tuned_rows), tuned.stdout
+    assert all(row.split()[1:] == ["True", "False"] for row in first_rows), first.stdout
+
+
+def test_first_that_runs_skips_a_config_that_does_not_fit_and_runs_none_after_the_pick() -> None:
+    ran: list[tuple[int, int]] = []
+
+    def call(key: int, config: int, fits: bool):
+        def kernel_call():
+            ran.append((key, config))
+            if not fits:
+                raise OutOfResources(262144, 232448, "shared memory")
+        return kernel_call
+
+    bench, quantiles = FirstThatRuns(3), (0.5, 0.2, 0.8)
+    # the autotuner's loop for two tuning keys; under the second, the first config does not fit
+    picked = []
+    for key, fitting in ((0, (True, True, True)), (1, (False, True, True))):
+        timings = []
+        for config, fits in enumerate(fitting):
+            try:
+                timings.append(bench(call(key, config, fits), quantiles)[0])
+            except OutOfResources:  # the autotuner's own handling: the config is infinitely slow
+                timings.append(math.inf)
+        picked.append(timings.index(min(timings)))
+    assert picked == [0, 1]
+    assert ran == [(0, 0), (1, 0), (1, 1)]
 
 
 def test_an_unknown_value_is_refused_by_name() -> None:
-    child = configs_per_kernel(K2C_AUTOTUNE="fastest")
+    child = settings_per_kernel(K2C_AUTOTUNE="fastest")
     assert child.returncode != 0
     assert "K2C_AUTOTUNE='fastest': expected 'first'" in child.stderr
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__]))

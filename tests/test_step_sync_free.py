@@ -296,9 +296,9 @@ def test_a_diverged_loss_is_named_by_its_step():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("case", CASES)
 def test_the_cuda_graph_step_is_the_eager_step(case):
-    """`check_cuda_graph` in a fresh process whose kernels take their first config untimed (K2C_AUTOTUNE=first):
-    graph and eager steps must agree under any config, and autotuning every kernel at the tiny spec's shapes kept one
-    of the two cases running past five minutes on a fresh H200."""
+    """`check_cuda_graph` in a fresh process whose kernels take their first config that runs, untimed
+    (K2C_AUTOTUNE=first): graph and eager steps must agree under any config, and autotuning every kernel at the tiny
+    spec's shapes kept one of the two cases running past five minutes on a fresh H200."""
     child = subprocess.run([sys.executable, __file__, "check_cuda_graph", case], capture_output=True, text=True,
                            timeout=600, env=subprocess_env(K2C_AUTOTUNE="first"))
     assert child.returncode == 0, f"check_cuda_graph {case} failed:\n{child.stdout}{child.stderr[-5000:]}"

@@ -8,13 +8,17 @@ directory, keyed by the kernel's source, the GPU's target and the tuning key: la
 afresh (a new driver, or picks timed while the GPU was busy), clear that directory (TRITON_CACHE_DIR, by default
 ~/.triton/cache).
 
-`K2C_AUTOTUNE=first` gives every kernel its first config, untimed: for GPU tests of a whole step's wiring, which
-ask for the same numbers on two paths, not for the fastest configs, and would otherwise compile every candidate of
-every kernel at each of their shapes (minutes on a fresh machine). Read at import, when the kernels are decorated.
+`K2C_AUTOTUNE=first` gives every kernel its first config that runs, untimed: for GPU tests of a whole step's
+wiring, which ask for the same numbers on two paths, not for the fastest configs, and would otherwise compile every
+candidate of every kernel at each of their shapes (minutes on a fresh machine). "That runs": a config chosen for
+bf16 can ask for more shared memory than the GPU has when the operands are fp32, so the next one is tried. Those
+picks are not written to the cache, where a tuned process would find them. Read at import, when the kernels are
+decorated.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import triton
@@ -27,5 +31,27 @@ if os.environ.get(AUTOTUNE, "") not in _CHOICES:
 FIRST_ONLY = os.environ.get(AUTOTUNE, "") == "first"
 
 
+class FirstThatRuns:
+    """The autotuner's timing under K2C_AUTOTUNE=first. The autotuner times a kernel's configs in order, all of them
+    for each new tuning key, and keeps the fastest; here each config in turn runs once until one runs (one that
+    does not fit raises, which the autotuner counts as infinitely slow), and it is "fastest"; the configs after it
+    are neither compiled nor run."""
+
+    def __init__(self, configs: int):
+        self.configs, self.calls, self.found = configs, 0, False
+
+    def __call__(self, kernel_call, quantiles) -> list[float]:
+        if self.calls % self.configs == 0:  # a new tuning key: its first config
+            self.found = False
+        self.calls += 1
+        if self.found:
+            return [math.inf] * len(quantiles)
+        kernel_call()
+        self.found = True
+        return [0.0] * len(quantiles)
+
+
 def autotune(configs: list[triton.Config], key: list[str], **kwargs):
-    return triton.autotune(configs=configs[:1] if FIRST_ONLY else configs, key=key, cache_results=True, **kwargs)
+    if FIRST_ONLY:
+        return triton.autotune(configs=configs, key=key, do_bench=FirstThatRuns(len(configs)), **kwargs)
+    return triton.autotune(configs=configs, key=key, cache_results=True, **kwargs)
