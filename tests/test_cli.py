@@ -80,7 +80,7 @@ def test_dump_ir_writes_one_file_per_pass(tmp_path):
     names = sorted(p.name for p in (tmp_path / "ir").iterdir())
     assert names == ["00-build.ir", "01-infer_shapes.ir", "02-count_params.ir", "03-place_adapters.ir",
                      "04-place_qk_clip.ir", "05-balance_routers.ir", "06-group_params.ir", "07-select_kernels.ir",
-                     "08-fuse_experts.ir", "09-plan_parallel.ir", "10-fuse_residual_norm.ir"]
+                     "08-fuse_experts.ir", "09-plan_parallel.ir", "10-fuse_residual_norm.ir", "11-fan_out_norms.ir"]
     assert "qk_clip=ClipDecision(mode='weights'" in (tmp_path / "ir" / "04-place_qk_clip.ir").read_text()
 
 

@@ -142,6 +142,43 @@ def check_add_rmsnorm_gradient_is_shared_safely() -> None:
         assert got[0].data_ptr() != got[1].data_ptr(), f"{what}: residual and delta share one .grad"
 
 
+def check_norm_copies() -> None:
+    """Norms handed out in copies (fan_out_norms), each copy read by a linear of its own and, past two copies, the
+    last read by nothing: every copy equals the norm, and the gradients, which the kernel sums as it reads them,
+    equal the reference's, whose one output all the readers read (autograd summing)."""
+    from k2c.runtime.kernels.rmsnorm import add_rmsnorm, add_rmsnorm_reference, rmsnorm, rmsnorm_reference
+
+    torch.manual_seed(5)
+    for dtype, copies, layout in itertools.product(DTYPES, (2, 3, 4), ("contiguous", "slice")):
+        what = f"{copies} copies, {layout} {dtype}"
+        readers = [torch.randn(40, 8, dtype=dtype) for _ in range(copies if copies == 2 else copies - 1)]
+        h_coeff = torch.randn(3, 7, 40, dtype=dtype)
+
+        def loss(ys, readers=readers):
+            return sum(((y @ w) ** 2).sum() for y, w in zip(ys, readers))
+
+        x = strided((3, 7, 40), layout, dtype)
+        residual, delta = strided((3, 7, 40), "contiguous", dtype), strided((3, 7, 40), layout, dtype)
+        weight = (1 + 0.2 * torch.randn(40)).to(dtype).requires_grad_()
+
+        ys = rmsnorm(x, weight, EPS, copies)
+        assert len(ys) == copies, f"rmsnorm {what}: {len(ys)} outputs"
+        for y in ys:
+            assert_close(f"rmsnorm {what} y", y, rmsnorm_reference(x, weight, EPS))
+        got = torch.autograd.grad(loss(ys), (x, weight))
+        want = torch.autograd.grad(loss([rmsnorm_reference(x, weight, EPS)] * copies), (x, weight))
+        for name, g, w in zip(("dx", "dweight"), got, want, strict=True):
+            assert_close(f"rmsnorm {what} {name}", g, w)
+
+        h, *ys = add_rmsnorm(residual, delta, weight, EPS, copies)
+        assert len(ys) == copies, f"add_rmsnorm {what}: {len(ys)} norm outputs"
+        got = torch.autograd.grad(loss(ys) + (h * h_coeff).sum(), (residual, delta, weight))
+        h, y = add_rmsnorm_reference(residual, delta, weight, EPS)
+        want = torch.autograd.grad(loss([y] * copies) + (h * h_coeff).sum(), (residual, delta, weight))
+        for name, g, w in zip(("dresidual", "ddelta", "dweight"), got, want, strict=True):
+            assert_close(f"add_rmsnorm {what} {name}", g, w)
+
+
 def rope_truth(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """Each pair as a complex number, times (cos + i sin); the real parts, then the imaginary ones."""
     pairs = x.unflatten(-1, (-1, 2)) if interleaved else torch.stack(x.chunk(2, dim=-1), dim=-1)
@@ -202,6 +239,10 @@ def check_errors() -> None:
         rmsnorm(x, torch.ones(8, dtype=torch.float16), EPS)
     with pytest.raises(ValueError, match="x must be fp32, bf16 or fp16, found torch.float64"):
         rmsnorm(x.double(), torch.ones(8, dtype=torch.float64), EPS)
+    with pytest.raises(ValueError, match="rmsnorm: copies must be 1 to 4, found 5"):
+        rmsnorm(x, torch.ones(8), EPS, copies=5)
+    with pytest.raises(ValueError, match="add_rmsnorm: copies must be 1 to 4, found 0"):
+        add_rmsnorm(x, x, torch.ones(8), EPS, copies=0)
     with pytest.raises(ValueError, match=r"up must match gate's shape, dtype and device \(4, 8\)"):
         swiglu(x, torch.randn(8))
 
@@ -215,8 +256,8 @@ def run_check(check: str) -> None:
     assert child.returncode == 0, f"{check} failed:\n{child.stdout}{child.stderr[-5000:]}"
 
 
-@pytest.mark.parametrize("kernel", ["rmsnorm", "add_rmsnorm", "add_rmsnorm_gradient_is_shared_safely", "rope",
-                                    "swiglu"])
+@pytest.mark.parametrize("kernel", ["rmsnorm", "add_rmsnorm", "add_rmsnorm_gradient_is_shared_safely", "norm_copies",
+                                    "rope", "swiglu"])
 def test_kernel_matches_reference(kernel: str) -> None:
     run_check(f"check_{kernel}")
 

@@ -187,16 +187,25 @@ RULES: dict[OpKind, Rule] = {
 }
 
 
+def _copy(source: Op, reader: Op, var: Callable[[Op], str]) -> str:
+    """The name under which `reader` reads `source`: the value's own, or its copy for that reader where
+    fan_out_norms handed `source` out in copies (the first reader's is the value's name, the others numbered)."""
+    readers = source.get("readers", ())
+    index = readers.index(reader.name) if reader.name in readers else 0
+    return var(source) if index == 0 else f"{var(source)}_{index + 1}"
+
+
 def _line(op: Op, graph: Graph, var: Callable[[Op], str]) -> str:
     rule = RULES.get(op.kind)
     if rule is None:
         raise EmitError(f"no emit rule for op kind {op.kind.value!r} ({op.name})")
-    ins, target = graph.inputs(op), var(op)
+    ins = graph.inputs(op)
+    target = ", ".join(_copy(op, graph.op(reader), var) for reader in op["readers"]) if "readers" in op else var(op)
     if op.kind is OpKind.RMSNORM and "fuses" in op:
         # the norm runs the residual add it fuses: it takes the add's two terms and returns their sum beside the norm
         (add,) = ins
         ins, target = graph.inputs(add), f"{var(add)}, {target}"
-    return f"{target} = {rule(op, [var(i) for i in ins], graph)}"
+    return f"{target} = {rule(op, [_copy(i, op, var) for i in ins], graph)}"
 
 
 def _handed_on(graph: Graph, output: Op) -> tuple[Op, ...]:

@@ -73,7 +73,8 @@ def _layers(graph: Graph) -> list[_Layer]:
 
 
 def _norm(op: Op) -> NormPlan:
-    return NormPlan(dim=op["dim"], eps=op["eps"], kernel=op["kernel"], adds_residual="fuses" in op)
+    return NormPlan(dim=op["dim"], eps=op["eps"], kernel=op["kernel"], adds_residual="fuses" in op,
+                    copies=len(op.get("readers", ())) or 1)
 
 
 def _attention(layer: _Layer) -> AttentionPlan:

@@ -9,6 +9,7 @@ from k2c.ir import Graph, IRError
 from k2c.passes.balance_routers import balance_routers
 from k2c.passes.count_params import count_params
 from k2c.passes.errors import PlacementError
+from k2c.passes.fan_out_norms import fan_out_norms
 from k2c.passes.fuse_experts import fuse_experts
 from k2c.passes.fuse_residual_norm import fuse_residual_norm
 from k2c.passes.group_params import group_params
@@ -31,6 +32,7 @@ PIPELINE: tuple[Pass, ...] = (
     fuse_experts,
     plan_parallel,
     fuse_residual_norm,  # after plan_parallel: it reads which layers recompute
+    fan_out_norms,  # last: it counts the ops that read a norm once the others have fused theirs
 )
 
 
@@ -56,5 +58,5 @@ def run_pipeline(graph: Graph, dump_dir: Path | None = None) -> Graph:
 
 
 __all__ = ["PIPELINE", "PassError", "PlacementError", "run_pipeline", "balance_routers", "count_params",
-           "fuse_experts", "fuse_residual_norm", "group_params", "infer_shapes", "place_adapters", "place_qk_clip",
-           "plan_parallel", "select_kernels"]
+           "fan_out_norms", "fuse_experts", "fuse_residual_norm", "group_params", "infer_shapes", "place_adapters",
+           "place_qk_clip", "plan_parallel", "select_kernels"]

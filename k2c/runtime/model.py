@@ -46,15 +46,17 @@ class RopeTables:
 class RMSNorm(nn.Module):
     def __init__(self, plan: NormPlan, device=None, dtype=None):
         super().__init__()
-        self.eps, self.kernel = plan.eps, plan.kernel
+        self.eps, self.kernel, self.copies = plan.eps, plan.kernel, plan.copies
         self.weight = nn.Parameter(torch.ones(plan.dim, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rmsnorm(x, self.weight, self.eps, self.kernel)
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The norm of x; a copy for each of its readers where fan_out_norms gave it several."""
+        return ops.rmsnorm(x, self.weight, self.eps, self.kernel, self.copies)
 
-    def add_norm(self, residual: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(residual + delta, this norm of it): the wiring of a norm that fuse_residual_norm joined to its add."""
-        return ops.add_rmsnorm(residual, delta, self.weight, self.eps, self.kernel)
+    def add_norm(self, residual: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(residual + delta, this norm of it, a copy per reader): the wiring of a norm that fuse_residual_norm
+        joined to its add."""
+        return ops.add_rmsnorm(residual, delta, self.weight, self.eps, self.kernel, self.copies)
 
 
 def linear(n_in: int, n_out: int, device=None, dtype=None) -> nn.Linear:

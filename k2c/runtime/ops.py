@@ -31,20 +31,25 @@ def use_triton(kernel: str, x: torch.Tensor) -> bool:
     return x.is_cuda or forced == TRITON
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernel: str = TORCH) -> torch.Tensor:
-    """RMSNorm in fp32, cast back, then the gain: the reference implementation's rounding."""
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernel: str = TORCH,
+            copies: int = 1) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """RMSNorm in fp32, cast back, then the gain: the reference implementation's rounding. With copies > 1 the
+    output that many times, one for each op that reads it: on the kernels, views whose gradients the backward sums
+    as it reads them (fan_out_norms); in torch the tensor itself, whose gradients autograd sums."""
     if use_triton(kernel, x):
-        return rmsnorm_kernel.rmsnorm(x, weight, eps)
-    return rmsnorm_kernel.rmsnorm_reference(x, weight, eps)
+        return rmsnorm_kernel.rmsnorm(x, weight, eps, copies)
+    y = rmsnorm_kernel.rmsnorm_reference(x, weight, eps)
+    return (y,) * copies if copies > 1 else y
 
 
 def add_rmsnorm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
-                kernel: str = TORCH) -> tuple[torch.Tensor, torch.Tensor]:
-    """(residual + delta, `rmsnorm` of it): the residual stream's add and the norm that reads it, one pass each way
-    on the kernels, which also add the sum's gradient from its other consumer to the norm's."""
+                kernel: str = TORCH, copies: int = 1) -> tuple[torch.Tensor, ...]:
+    """(residual + delta, `rmsnorm` of it, copies times): the residual stream's add and the norm that reads it, one
+    pass each way on the kernels, which also add the sum's gradient from its other consumer to the norm's."""
     if use_triton(kernel, residual):
-        return rmsnorm_kernel.add_rmsnorm(residual, delta, weight, eps)
-    return rmsnorm_kernel.add_rmsnorm_reference(residual, delta, weight, eps)
+        return rmsnorm_kernel.add_rmsnorm(residual, delta, weight, eps, copies)
+    h, y = rmsnorm_kernel.add_rmsnorm_reference(residual, delta, weight, eps)
+    return (h,) + (y,) * copies
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, kernel: str = TORCH) -> torch.Tensor:

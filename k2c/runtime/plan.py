@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PLAN_SCHEMA = 5
+PLAN_SCHEMA = 6
 
 # What an op's `kernel` attribute may name: the torch reference, or a fused Triton kernel of k2c.runtime.kernels.
 TORCH = "torch"
@@ -28,6 +28,8 @@ class NormPlan:
     # the residual add whose sum it reads runs in its pass (fuse_residual_norm): the wiring calls add_norm(residual,
     # delta), which returns the sum and its norm
     adds_residual: bool = False
+    # the ops that read it (fan_out_norms): each gets a copy of its own, and the backward sums their gradients
+    copies: int = 1
 
 
 @dataclass(frozen=True)

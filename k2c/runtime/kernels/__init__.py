@@ -12,6 +12,7 @@ This module imports neither torch nor triton: the compiler reads the kernels' li
 TOLERANCES = {"float32": (1e-5, 1e-4), "float16": (1e-3, 1e-2), "bfloat16": (1e-2, 2e-2)}
 
 RMSNORM_MAX_DIM = 65536  # the fused RMSNorm holds a whole row in one tile; wider rows do not fit in registers
+RMSNORM_MAX_COPIES = 4  # readers of one norm whose gradients its backward sums (an MoE layer's input has three)
 ATTENTION_MAX_HEAD_DIM = 256  # beyond this the accumulators of one attention block no longer fit in registers
 
 # At most this many elements in one batched Newton-Schulz, so that its working copies stay small beside the model:

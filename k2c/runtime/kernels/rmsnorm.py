@@ -10,6 +10,10 @@ writes h = residual + delta, and the backward adds the gradient that h gets from
 residual add) to the norm's, so that h's whole gradient, which is residual's and delta's, leaves in the same pass.
 That saves the add's pass and autograd's sum of h's two gradients.
 
+`copies` hands the norm's output out as that many tensors (views of one), one for each op that reads it
+(fan_out_norms): autograd then hands the backward each reader's gradient apart, and the kernel sums them as it reads
+them, where autograd would have run a pass over memory for each sum.
+
 Numerics are the reference's: normalise in fp32, round to x's dtype, then multiply by the gain; h is the sum rounded
 to the dtype, as torch's add rounds it.
 """
@@ -20,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from k2c.runtime.kernels import RMSNORM_MAX_COPIES as MAX_COPIES  # dy pointers of the backward kernel
 from k2c.runtime.kernels import RMSNORM_MAX_DIM as MAX_DIM  # a whole row is one tile: the mean needs all of it
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -79,6 +84,7 @@ def _rmsnorm_forward_kernel(
 @triton.jit
 def _rmsnorm_backward_kernel(
     dy_ptr,  # [rows, dim], rows stride_dy apart
+    dy2_ptr, dy3_ptr, dy4_ptr,  # [rows, dim] each, rows stride_dy2.. apart: the other readers' gradients (DYS > 1..)
     x_ptr,  # [rows, dim], rows stride_x apart
     w_ptr,  # [dim]
     rstd_ptr,  # [rows], fp32, from the forward
@@ -87,9 +93,10 @@ def _rmsnorm_backward_kernel(
     dw_partial_ptr,  # [programs, dim], fp32: row p is program p's share of the weight gradient
     rows,
     dim,
-    stride_dy,
+    stride_dy, stride_dy2, stride_dy3, stride_dy4,
     stride_x,
     stride_dh,
+    DYS: tl.constexpr,  # how many of dy, dy2, dy3, dy4 to sum: y's whole gradient
     ADD: tl.constexpr,  # add dh into dx: x's whole gradient
     BLOCK_M: tl.constexpr,  # rows per tile
     BLOCK_N: tl.constexpr,  # dim rounded up to a power of two
@@ -108,6 +115,12 @@ def _rmsnorm_backward_kernel(
         row = row.to(tl.int64)
         x = tl.load(x_ptr + row[:, None] * stride_x + col[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + row[:, None] * stride_dy + col[None, :], mask=mask, other=0.0).to(tl.float32)
+        if DYS > 1:
+            dy += tl.load(dy2_ptr + row[:, None] * stride_dy2 + col[None, :], mask=mask, other=0.0).to(tl.float32)
+        if DYS > 2:
+            dy += tl.load(dy3_ptr + row[:, None] * stride_dy3 + col[None, :], mask=mask, other=0.0).to(tl.float32)
+        if DYS > 3:
+            dy += tl.load(dy4_ptr + row[:, None] * stride_dy4 + col[None, :], mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + row, mask=row_ok, other=0.0)
 
         n = x * rstd[:, None]
@@ -161,56 +174,75 @@ def _forward(x_rows: torch.Tensor, weight: torch.Tensor, eps: float,
     return h, y, rstd
 
 
-def _backward(dy_rows: torch.Tensor, x_rows: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+def _backward(dys: list[torch.Tensor], x_rows: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
               dh_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx, dweight) over rows [rows, dim]; with dh, dx is the norm's input gradient plus dh."""
+    """(dx, dweight) over rows [rows, dim], y's gradient the sum of dys (1 to MAX_COPIES of them, as rows); with dh,
+    dx is the norm's input gradient plus dh."""
     rows, dim = x_rows.shape
     dx = torch.empty((rows, dim), device=x_rows.device, dtype=x_rows.dtype)
     block_m, block_n, num_warps = _tile(dim, BACKWARD_PER_THREAD)
     programs = _backward_programs(x_rows, triton.cdiv(rows, block_m))
     dw_partial = torch.empty((programs, dim), device=x_rows.device, dtype=torch.float32)
-    dh = dy_rows if dh_rows is None else dh_rows  # a stand-in the kernel does not read
-    _rmsnorm_backward_kernel[(programs,)](dy_rows, x_rows, weight, rstd, dh, dx, dw_partial, rows, dim,
-                                          dy_rows.stride(0), x_rows.stride(0), dh.stride(0), ADD=dh_rows is not None,
-                                          BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    dh = dys[0] if dh_rows is None else dh_rows  # a stand-in the kernel does not read
+    padded = dys + dys[:1] * (MAX_COPIES - len(dys))  # stand-ins too
+    _rmsnorm_backward_kernel[(programs,)](*padded, x_rows, weight, rstd, dh, dx, dw_partial, rows, dim,
+                                          *(dy.stride(0) for dy in padded), x_rows.stride(0), dh.stride(0),
+                                          DYS=len(dys), ADD=dh_rows is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+                                          num_warps=num_warps)
     return dx, dw_partial.sum(0).to(weight.dtype)
+
+
+def _copies(y: torch.Tensor, copies: int) -> tuple[torch.Tensor, ...]:
+    """y handed out `copies` times: views, each with a gradient of its own in the backward."""
+    return (y,) + tuple(y.view_as(y) for _ in range(copies - 1))
+
+
+def _given(dys: tuple[torch.Tensor | None, ...]) -> list[torch.Tensor]:
+    """The readers' gradients that autograd gave (a reader that did not reach the loss gives None), as rows."""
+    return [_as_rows(dy) for dy in dys if dy is not None]
 
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, copies: int) -> tuple[torch.Tensor, ...]:
+        ctx.set_materialize_grads(False)
         x_rows, y, rstd = _forward(_as_rows(x), weight, eps)
         ctx.save_for_backward(x_rows, weight, rstd)
-        return y.view(x.shape)
+        ctx.shape = x.shape
+        return _copies(y.view(x.shape), copies)
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    def backward(ctx, *dys: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        given = _given(dys)
+        if not given:
+            return None, None, None, None
         x_rows, weight, rstd = ctx.saved_tensors
-        dx, dweight = _backward(_as_rows(dy), x_rows, weight, rstd)
-        return dx.view(dy.shape), dweight, None
+        dx, dweight = _backward(given, x_rows, weight, rstd)
+        return dx.view(ctx.shape), dweight, None, None
 
 
 class _AddRMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
-                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(ctx, residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                copies: int) -> tuple[torch.Tensor, ...]:
         # an output that nothing reads (the final norm's h) gets None, not zeros that the backward would add
         ctx.set_materialize_grads(False)
         h, y, rstd = _forward(_as_rows(residual), weight, eps, _as_rows(delta))
         ctx.save_for_backward(h, weight, rstd)
-        return h.view(residual.shape), y.view(residual.shape)
+        return (h.view(residual.shape),) + _copies(y.view(residual.shape), copies)
 
     @staticmethod
-    def backward(ctx, dh: torch.Tensor | None,
-                 dy: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None]:
-        if dy is None:  # y unused: h's gradient is all there is
-            return dh, dh, None, None
+    def backward(ctx, dh: torch.Tensor | None, *dys: torch.Tensor | None
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None]:
+        given = _given(dys)
+        if not given:  # y unused: h's gradient is all there is
+            return dh, dh, None, None, None
         h, weight, rstd = ctx.saved_tensors
-        dx, dweight = _backward(_as_rows(dy), h, weight, rstd, None if dh is None else _as_rows(dh))
+        dx, dweight = _backward(given, h, weight, rstd, None if dh is None else _as_rows(dh))
         # h = residual + delta: h's whole gradient is each one's; autograd never adds into a gradient that another
         # input still holds (tests/test_kernel_norm_rope_swiglu.py checks both inputs with other consumers)
-        dx = dx.view(dy.shape)
-        return dx, dx, dweight, None
+        dx = dx.view(next(dy for dy in dys if dy is not None).shape)
+        return dx, dx, dweight, None, None
 
 
 def _check(fn: str, name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -231,14 +263,23 @@ def _check(fn: str, name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError(f"{fn}: weight must be on {name}'s device {x.device}, found {weight.device}")
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`rmsnorm_reference(x, weight, eps)` as fused kernels; differentiable in x and weight.
+def _check_copies(fn: str, copies: int) -> None:
+    if not 1 <= copies <= MAX_COPIES:
+        raise ValueError(f"{fn}: copies must be 1 to {MAX_COPIES}, found {copies}")
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+            copies: int = 1) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """`rmsnorm_reference(x, weight, eps)` as fused kernels; differentiable in x and weight. With copies > 1, a
+    tuple of that many views of the output, one for each reader (the backward sums their gradients).
 
     x [..., dim] (fp32, bf16 or fp16) may be any view whose rows are evenly spaced with unit column stride (a
     slice of the last dim, say); other layouts are copied once to contiguous. weight [dim] has x's dtype.
     """
     _check("rmsnorm", "x", x, weight)
-    return _RMSNorm.apply(x, weight.contiguous(), float(eps))
+    _check_copies("rmsnorm", copies)
+    ys = _RMSNorm.apply(x, weight.contiguous(), float(eps), copies)
+    return ys if copies > 1 else ys[0]
 
 
 def add_rmsnorm_reference(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
@@ -248,10 +289,11 @@ def add_rmsnorm_reference(residual: torch.Tensor, delta: torch.Tensor, weight: t
     return h, rmsnorm_reference(h, weight, eps)
 
 
-def add_rmsnorm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
-                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rmsnorm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                copies: int = 1) -> tuple[torch.Tensor, ...]:
     """`add_rmsnorm_reference(residual, delta, weight, eps)` as the fused kernels, one pass each way; differentiable
-    in residual, delta and weight.
+    in residual, delta and weight. With copies > 1, (h, y, y, ...): y that many times, as views, one for each
+    reader (the backward sums their gradients).
 
     residual and delta [..., dim] have one shape, dtype and device, with the layouts `rmsnorm` takes; h and y are
     contiguous. The backward returns one tensor as the gradient of both residual and delta.
@@ -261,4 +303,5 @@ def add_rmsnorm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tenso
         raise ValueError(f"add_rmsnorm: delta must match residual's shape, dtype and device {tuple(residual.shape)} "
                          f"{residual.dtype} {residual.device}, found {tuple(delta.shape)} {delta.dtype} "
                          f"{delta.device}")
-    return _AddRMSNorm.apply(residual, delta, weight.contiguous(), float(eps))
+    _check_copies("add_rmsnorm", copies)
+    return _AddRMSNorm.apply(residual, delta, weight.contiguous(), float(eps), copies)
