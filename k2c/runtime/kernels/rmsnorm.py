@@ -229,6 +229,7 @@ class _AddRMSNorm(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         h, y, rstd = _forward(_as_rows(residual), weight, eps, _as_rows(delta))
         ctx.save_for_backward(h, weight, rstd)
+        ctx.shape = residual.shape
         return (h.view(residual.shape),) + _copies(y.view(residual.shape), copies)
 
     @staticmethod
@@ -241,7 +242,7 @@ class _AddRMSNorm(torch.autograd.Function):
         dx, dweight = _backward(given, h, weight, rstd, None if dh is None else _as_rows(dh))
         # h = residual + delta: h's whole gradient is each one's; autograd never adds into a gradient that another
         # input still holds (tests/test_kernel_norm_rope_swiglu.py checks both inputs with other consumers)
-        dx = dx.view(next(dy for dy in dys if dy is not None).shape)
+        dx = dx.view(ctx.shape)
         return dx, dx, dweight, None, None
 
 
