@@ -272,22 +272,30 @@ def loss_curves(package, args) -> dict:
             "torch_bf16_vs_fp32": gap("torch bf16", "torch fp32")}
 
 
+VARIANTS = ("k2c", "k2c_torch", "graph", "hf", "lora", "celora", "lora_graph", "celora_graph", "hf_lora", "loss")
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--spec", default=str(REPO / "specs" / "k2-1b.yaml"))
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--loss-steps", type=int, default=50)
-    ap.add_argument("--loss-batch", type=int, default=4)
-    ap.add_argument("--check-steps", type=int, default=8)  # past CE-LoRA's two eager steps and the warm-up
-    ap.add_argument("--only", default="k2c,k2c_torch,graph,hf,lora,celora,lora_graph,celora_graph,hf_lora,loss")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap = argparse.ArgumentParser(description="One training step, k2c against transformers in the same run.")
+    ap.add_argument("--spec", default=str(REPO / "specs" / "k2-1b.yaml"), help="the model (default: %(default)s)")
+    ap.add_argument("--batch", type=int, default=8, help="sequences a step (default: %(default)s)")
+    ap.add_argument("--seq", type=int, default=2048, help="tokens a sequence (default: %(default)s)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps (default: %(default)s)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
+    ap.add_argument("--loss-steps", type=int, default=50, help="steps of the loss check (default: %(default)s)")
+    ap.add_argument("--loss-batch", type=int, default=4, help="sequences a loss-check step (default: %(default)s)")
+    # past CE-LoRA's two eager steps and the warm-up
+    ap.add_argument("--check-steps", type=int, default=8,
+                    help="graphed steps checked against eager ones (default: %(default)s)")
+    ap.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants (default: all of them)")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="results folder (default: %(default)s)")
     args = ap.parse_args()
+    only = set(args.only.split(","))
+    unknown = sorted(only - set(VARIANTS))
+    if unknown:
+        ap.error(f"--only: unknown variant(s) {', '.join(unknown)}; expected some of {', '.join(VARIANTS)}")
     if not torch.cuda.is_available():
         raise SystemExit("bench_step.py needs a CUDA GPU")
-    only = set(args.only.split(","))
     spec = load_spec(Path(args.spec))
     ids = torch.randint(0, spec.model.vocab_size, (args.batch, args.seq), device=DEV,
                         generator=torch.Generator(DEV).manual_seed(0))
