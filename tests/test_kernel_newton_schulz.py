@@ -49,7 +49,7 @@ def normalised(batch: int, n: int, m: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def check_gram() -> None:
-    from k2c.runtime.kernels.newton_schulz import gram, gram_polynomial
+    from k2c.runtime.kernels.newton_schulz import commuting_product, gram, gram_polynomial
 
     torch.manual_seed(0)
     b, c = COEFFICIENTS[1:]
@@ -63,6 +63,19 @@ def check_gram() -> None:
         assert torch.equal(p, p.mT), f"gram_polynomial {dtype} {(n, k)}: not exactly symmetric"
         exact = b * g.double() + c * g.double() @ g.double()
         assert_close(f"gram_polynomial {dtype} {(n, k)}", p, exact, dtype)
+
+        # the Gram form's pieces: a I added on the diagonal tiles only, a Gram matrix rounded to another dtype,
+        # and a product of two commuting symmetric matrices (polynomials in g), mirrored from its upper triangle
+        a = COEFFICIENTS[0]
+        z = gram_polynomial(g, b, c, a=a, out=torch.full_like(g, torch.nan))
+        assert torch.equal(z, z.mT), f"gram_polynomial with a I {dtype} {(n, k)}: not exactly symmetric"
+        assert_close(f"gram_polynomial with a I {dtype} {(n, k)}", z, exact + a * torch.eye(n, dtype=torch.float64),
+                     dtype)
+        g16 = gram(x, out=torch.full((batch, n, n), torch.nan, dtype=torch.float16))
+        assert_close(f"gram into fp16 {dtype} {(n, k)}", g16, x.double() @ x.double().mT, torch.float16)
+        pz = commuting_product(p, z, out=torch.full_like(g, torch.nan))
+        assert torch.equal(pz, pz.mT), f"commuting_product {dtype} {(n, k)}: not exactly symmetric"
+        assert_close(f"commuting_product {dtype} {(n, k)}", pz, p.double() @ z.double(), dtype)
 
 
 def check_newton_schulz() -> None:
@@ -90,8 +103,19 @@ def check_newton_schulz() -> None:
         wide = u.mT if n > m else u
         scale = 1 / (torch.linalg.matrix_norm(wide) + 1e-7)
         want = optim.newton_schulz(wide, 2, COEFFICIENTS, dtype)
-        got = newton_schulz_(wide.to(dtype).contiguous(), 2, COEFFICIENTS, scale)  # may overwrite u: last
+        got = newton_schulz_(wide.to(dtype).clone().contiguous(), 2, COEFFICIENTS, scale)  # it overwrites x
         assert_close(f"two steps scaled {dtype} {tuple(wide.shape)}", got, want, dtype)
+        # the Gram form, from unnormalised wide matrices, the norms applied by its first segment: against the
+        # reference's Gram form (the same rounding points), and against the standard form in fp64, which it equals
+        # in exact arithmetic; 5 steps restart once, 7 twice. In fp16 only 5 steps of a matrix that is not square:
+        # a square one has singular values near 0, where the Gram matrix's rounding grows most (group_params never
+        # gives it the Gram form), and over 7 steps the rounding differences grow past fp16's tolerance
+        for steps in (5, 7) if dtype == torch.float32 else (5,) if n != m else ():
+            want = optim.newton_schulz(wide, steps, COEFFICIENTS, dtype, "gram")
+            got = newton_schulz_(wide.to(dtype).clone().contiguous(), steps, COEFFICIENTS, scale, "gram")
+            assert_close(f"{steps} steps, gram form, scaled {dtype} {tuple(wide.shape)}", got, want, dtype)
+            exact = optim.newton_schulz(wide.double(), steps, COEFFICIENTS, torch.float64)
+            assert_close(f"{steps} steps, gram form, against fp64 {dtype} {tuple(wide.shape)}", got, exact, dtype)
     # a single matrix, 2D, as the optimizer's attention matrices are
     u = torch.randn(40, 24)
     assert_close("2D", newton_schulz(u, 5, COEFFICIENTS, torch.float32),
@@ -176,7 +200,8 @@ def check_optimizer() -> None:
 
 
 def check_errors() -> None:
-    from k2c.runtime.kernels.newton_schulz import apply_polynomial, gram, gram_polynomial, muon_input, newton_schulz_
+    from k2c.runtime.kernels.newton_schulz import (apply_polynomial, commuting_product, gram, gram_polynomial,
+                                                   muon_input, newton_schulz_)
 
     x = torch.randn(2, 8, 16)
     with pytest.raises(ValueError, match=r"x must be a contiguous \[batch, rows, cols\], found shape \(2, 16, 8\)"):
@@ -189,6 +214,10 @@ def check_errors() -> None:
         apply_polynomial(torch.randn(2, 16, 16), x, 3.4445)
     with pytest.raises(ValueError, match=r"out must be torch.float32 of shape \(2, 8, 8\)"):
         gram(x, out=torch.empty(2, 8, 16))
+    with pytest.raises(ValueError, match=r"q must be torch.float32 of shape \(2, 8, 8\), found torch.float16"):
+        commuting_product(torch.randn(2, 8, 8), torch.randn(2, 8, 8, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"form must be one of \('standard', 'gram'\), found 'gramm'"):
+        newton_schulz_(x, 5, COEFFICIENTS, form="gramm")
     with pytest.raises(ValueError, match=r"x must be wide \(n <= m\)"):
         newton_schulz_(torch.randn(2, 16, 8), 5, COEFFICIENTS)
     with pytest.raises(ValueError, match=r"out must have shape \(2, 8, 16\)"):

@@ -46,6 +46,20 @@ def g(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def gram_form(tmp_path_factory):
+    """The same model with `newton_schulz: gram`: its wide and tall matrices take the Gram form, the square one not."""
+    spec = tiny_spec(
+        name="muon_gram",
+        optimizer={"lr": 0.02, "weight_decay": 0.1, "schedule": {"warmup_steps": 2, "final_lr_ratio": 0.1},
+                   "muon": {"newton_schulz": "gram"}},
+        **{"training.steps": 20},
+    )
+    out_dir = tmp_path_factory.mktemp("muon") / spec.name
+    build_package(spec, out_dir)
+    return import_generated(out_dir)
+
+
+@pytest.fixture(scope="module")
 def low_tau(tmp_path_factory):
     """The same model with a tau under the logits of the first steps: QK-Clip acts on every step."""
     spec = tiny_spec(name="muon_low_tau", optimizer={"qk_clip": {"tau": 0.05}})
@@ -131,13 +145,22 @@ def test_muon_weight_decay_uses_the_unscaled_lr(g):
     torch.testing.assert_close(w.detach(), expected, rtol=1e-6, atol=0)
 
 
-def test_muon_matches_algorithm_1_for_every_matrix(g):
-    """Every Muon parameter of the model, stacked experts as a loop over their matrices."""
+@pytest.mark.parametrize("package", ["g", "gram_form"])
+def test_muon_matches_algorithm_1_for_every_matrix(package, request):
+    """Every Muon parameter of the model, stacked experts as a loop over their matrices; in either form of
+    Newton-Schulz (Algorithm 1's is the standard one)."""
+    g = request.getfixturevalue(package)
     model, opt = fresh(g)
     cfg = g.PLAN.optimizer
-    in_muon = {id(p) for group in opt.param_groups if group["kind"] == "muon" for p in group["params"]}
+    in_muon = {id(p): group["newton_schulz"] for group in opt.param_groups if group["kind"] == "muon"
+               for p in group["params"]}
     muon = {name: p for name, p in model.named_parameters() if id(p) in in_muon}
     assert {SQUARE, WIDE, TALL, EXPERTS} <= muon.keys()
+    forms = {name: in_muon[id(muon[name])] for name in (SQUARE, WIDE, TALL, EXPERTS)}
+    if package == "gram_form":
+        assert forms == {SQUARE: "standard", WIDE: "gram", TALL: "gram", EXPERTS: "gram"}
+    else:
+        assert set(forms.values()) == {"standard"}
     ref = {name: (p.detach().double(), torch.zeros_like(p, dtype=torch.float64)) for name, p in muon.items()}
     for _ in range(4):
         lr = g.PLAN.optimizer.lr  # no scheduler: the plan's lr
@@ -230,6 +253,38 @@ def test_newton_schulz_orthogonalises_each_matrix(g):
     assert (x @ x.mT - eye).abs().max().item() < 0.05
     tall = optim.newton_schulz(u.mT, 20, (1.5, -0.5, 0.0)).double()
     assert (tall.mT @ tall - eye).abs().max().item() < 0.05
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 5, 7])
+@pytest.mark.parametrize("shape", [(2, 24, 40), (40, 24), (3, 16, 96)])
+def test_gram_form_is_the_standard_form_in_exact_arithmetic(shape, steps):
+    """In fp64 the Gram form (steps on X X^T, restarts between segments) gives the standard iteration's X."""
+    u = torch.randn(shape, dtype=torch.float64)
+    coefficients = (3.4445, -4.7750, 2.0315)
+    gram = optim.newton_schulz(u, steps, coefficients, torch.float64, "gram")
+    standard = optim.newton_schulz(u, steps, coefficients, torch.float64, "standard")
+    assert ((gram - standard).norm() / standard.norm()).item() < 1e-10
+
+
+@pytest.mark.parametrize("decay", [0.0, 5.0, 15.0])
+def test_gram_form_in_half_precision_is_as_close_to_exact_as_the_standard_form_in_bf16(decay):
+    """bf16 matrices: the Gram form rounds its n x n iterates to fp16, the standard form its products to bf16. On
+    wide matrices whose singular values decay (a momentum's are far from flat), against fp64, the Gram form's error
+    stays within that of the standard form's (the restart is what keeps it there: without one the Gram matrix's
+    rounding grows about 12x a step)."""
+    torch.manual_seed(0)
+    n, m = 32, 96
+    u = torch.linalg.qr(torch.randn(4, n, n, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(4, m, n, dtype=torch.float64))[0]
+    x = (u * torch.exp(-decay * torch.arange(n, dtype=torch.float64) / n)) @ v.mT
+    coefficients = (3.4445, -4.7750, 2.0315)
+    exact = optim.newton_schulz(x, 5, coefficients, torch.float64)
+
+    def error(form):
+        got = optim.newton_schulz(x, 5, coefficients, torch.bfloat16, form).double()
+        return (torch.linalg.matrix_norm(got - exact) / torch.linalg.matrix_norm(exact)).max().item()
+
+    assert error("gram") <= 1.1 * error("standard")
 
 
 def test_adamw_group_matches_torch_adamw(g):

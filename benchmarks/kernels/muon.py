@@ -7,9 +7,11 @@ kv_b [16 * (128 + 128), 512] and o_proj [2048, 2048]. The anchor is torch.optim.
 parameters, one at a time, with the settings of Moonlight's plan (lr 2e-4 held constant, weight decay 0.1,
 Nesterov momentum 0.95, RMS matched to AdamW). One step of each from the same weights and gradients must agree per
 matrix before anything is timed; then the anchor, k2c's step on the Triton kernels, and k2c's step with the torch
-Newton-Schulz (K2C_KERNELS=torch). Newton-Schulz alone is timed too, on the 192 expert matrices and on 276 matrices
-512 x 1536 (a batch of k2-1b's, whose short products the training step spends most of its Newton-Schulz time on):
-torch bmm (the reference, and anchors.md's second figure) against the Triton kernels.
+Newton-Schulz (K2C_KERNELS=torch); each in the standard form and in the Gram form (`newton_schulz: gram`, on the
+matrices where group_params gives it: all but the square o_proj). Newton-Schulz alone is timed too, on the 192
+expert matrices and on 276 matrices 512 x 1536 (a batch of k2-1b's, whose short products the training step spends
+most of its Newton-Schulz time on): torch bmm (the reference, and anchors.md's second figure) against the Triton
+kernels, in both forms.
 
 TFLOP/s counts Newton-Schulz with the full Gram products, 5 (4 n^2 m + 2 n^3) per n x m matrix (n <= m), as
 anchors.md does. The Triton kernels compute only the tiles of X X^T and of G G from the diagonal rightwards: at
@@ -28,8 +30,10 @@ from pathlib import Path
 import torch
 from harness import Harness, MismatchError
 
+from k2c.passes.group_params import ns_form
 from k2c.runtime import optim
 from k2c.runtime.kernels.newton_schulz import newton_schulz
+from k2c.runtime.plan import GRAM, NS_FORMS, STANDARD
 from k2c.runtime.ops import FORCE
 from k2c.runtime.packages import import_package
 
@@ -73,6 +77,9 @@ class Layer(torch.nn.Module):
         pass
 
 
+VARIANTS = tuple((choice, form) for choice in ("triton", "torch") for form in NS_FORMS)
+
+
 def matrices(tensors) -> list[torch.Tensor]:
     """The layer's matrices among `tensors` (its parameters, or their gradients) as 2D views, experts one by one."""
     return [m for t in tensors for m in (t.unbind(0) if t.ndim == 3 else (t,))]
@@ -103,14 +110,18 @@ def step_rows(h: Harness, plan) -> None:
     grads = {name: torch.randn_like(p) for name, p in model.named_parameters()}
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
 
-    def ours() -> optim.MuonClip:
-        """k2c's optimizer over the layer, from the shared starting weights and gradients."""
+    def ours(form: str) -> optim.MuonClip:
+        """k2c's optimizer over the layer, from the shared starting weights and gradients; in the Gram form, each
+        matrix in the form group_params would give it."""
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.copy_(weights[name])
                 p.grad = grads[name]
-        return optim.MuonClip(model, [{"params": list(model.named_parameters()), "kind": "muon",
-                                       "weight_decay": plan.weight_decay}], plan)
+        by_form: dict[str, list] = {}
+        for name, p in model.named_parameters():
+            by_form.setdefault(ns_form(form, p.shape, plan.ns_steps), []).append((name, p))
+        return optim.MuonClip(model, [{"params": params, "kind": "muon", "weight_decay": plan.weight_decay,
+                                       "newton_schulz": f} for f, params in by_form.items()], plan)
 
     flat = [torch.nn.Parameter(m.detach().clone()) for m in matrices(model.parameters())]
     for p, grad in zip(flat, matrices(grads.values())):
@@ -123,17 +134,18 @@ def step_rows(h: Harness, plan) -> None:
     before = [p.detach().clone() for p in flat]
     anchor.step()
     checks = {}
-    for choice in ("triton", "torch"):
+    for choice, form in VARIANTS:
         with kernels(choice):
-            ours().step()
+            ours(form).step()
         worst = max(((a - b).norm() / (b - w).norm()).item()
                     for a, b, w in zip(matrices(model.parameters()), flat, before))
         if not worst < WORST_UPDATE_DIFFERENCE:
-            raise MismatchError(f"muon: MuonClip ({choice} Newton-Schulz) and torch.optim.Muon disagree: relative "
-                                f"update difference {worst:.3f}")
-        checks[choice] = (f"update within {worst:.3f} relative of the anchor's, per matrix (bf16 Newton-Schulz in "
-                          "both); TFLOP/s counts full Gram products"
-                          + (", of which the kernels compute about 0.72" if choice == "triton" else ""))
+            raise MismatchError(f"muon: MuonClip ({choice} Newton-Schulz, {form} form) and torch.optim.Muon "
+                                f"disagree: relative update difference {worst:.3f}")
+        checks[choice, form] = (f"update within {worst:.3f} relative of the anchor's, per matrix (bf16 Newton-Schulz "
+                                "in both); TFLOP/s counts the standard form's full products"
+                                + (", of which the kernels compute about 0.72" if (choice, form) == ("triton", STANDARD)
+                                   else ""))
     del before
 
     shapes = [tuple(m.shape) for m in matrices(model.parameters())]
@@ -143,11 +155,13 @@ def step_rows(h: Harness, plan) -> None:
             "fp32 weights, bf16 Newton-Schulz")
     anchor_ms = h.time(anchor.step)
     h.row(work, "torch.optim.Muon (anchor)", anchor_ms, anchor_ms, flops=ns_flops(shapes))
-    for choice, variant in (("triton", "k2c MuonClip, Triton Newton-Schulz"),
-                            ("torch", "k2c MuonClip, torch Newton-Schulz (K2C_KERNELS=torch)")):
-        step = ours().step
+    for choice, form in VARIANTS:
+        step = ours(form).step
+        variant = {"triton": "k2c MuonClip, Triton Newton-Schulz",
+                   "torch": "k2c MuonClip, torch Newton-Schulz (K2C_KERNELS=torch)"}[choice]
         with kernels(choice):
-            h.row(work, variant, h.time(step), anchor_ms, checks[choice], flops=ns_flops(shapes))
+            h.row(work, f"{variant}, {form} form", h.time(step), anchor_ms, checks[choice, form],
+                  flops=ns_flops(shapes))
 
 
 def newton_schulz_rows(h: Harness, plan, batch: int, n: int, m: int, what: str) -> None:
@@ -161,6 +175,11 @@ def newton_schulz_rows(h: Harness, plan, batch: int, n: int, m: int, what: str) 
     h.row(work, "torch bmm (anchor)", anchor_ms, anchor_ms, flops=flops)
     h.row(work, "k2c Triton (symmetric Gram)", h.time(lambda: newton_schulz(u, plan.ns_steps, plan.ns_coefficients)),
           anchor_ms, check + "; TFLOP/s counts full Gram products", flops=flops)
+    check = h.check("Newton-Schulz, Gram form", newton_schulz(u, plan.ns_steps, plan.ns_coefficients, form=GRAM),
+                    optim.newton_schulz(u, plan.ns_steps, plan.ns_coefficients, form=GRAM))
+    h.row(work, "k2c Triton, Gram form", h.time(lambda: newton_schulz(u, plan.ns_steps, plan.ns_coefficients,
+                                                                      form=GRAM)),
+          anchor_ms, check + "; TFLOP/s counts the standard form's full products", flops=flops)
 
 
 def run(h: Harness) -> None:

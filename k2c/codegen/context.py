@@ -42,7 +42,8 @@ def manifest(spec: Spec, graph: Graph, files: dict[str, str]) -> str:
         return out
 
     groups = [
-        {"param": g.name, "optimizer": g.optimizer, "weight_decay": g.weight_decay}
+        {"param": g.name, "optimizer": g.optimizer, "weight_decay": g.weight_decay,
+         **({"newton_schulz": g.newton_schulz} if g.newton_schulz else {})}
         for op in graph.ops()
         for g in op.get("param_groups", ())
     ]

@@ -8,9 +8,11 @@ a value that needs a choice is taken by a pass and read here.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from k2c.ir import MATRIX_KINDS, Graph, Op, OpKind
 from k2c.runtime.plan import (
+    GRAM,
     PLAN_SCHEMA,
     AdapterPlan,
     AdapterSite,
@@ -184,22 +186,33 @@ def _config(graph: Graph, model: ModelPlan) -> Config:
 _LAYER = re.compile(r"\.layers\.\d+\.")
 
 
-def _param_rules(graph: Graph) -> tuple[ParamRule, ...]:
-    """Parameter groups as fnmatch rules: one `layers.*` rule per role when every layer agrees, else names."""
-    by_pattern: dict[str, list[tuple[str, str, bool]]] = {}
-    for op in graph.ops():
-        for g in op.get("param_groups", ()):
-            pattern = _LAYER.sub(".layers.*.", g.name)
-            by_pattern.setdefault(pattern, []).append((g.name, g.optimizer, g.weight_decay))
-    rules: list[ParamRule] = []
+def _by_role(entries: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """(parameter name, decision) pairs as (fnmatch pattern, decision): one `layers.*` pattern per role when every
+    layer agrees, else the names."""
+    by_pattern: dict[str, list[tuple[str, Any]]] = {}
+    for name, decision in entries:
+        by_pattern.setdefault(_LAYER.sub(".layers.*.", name), []).append((name, decision))
+    out: list[tuple[str, Any]] = []
     for pattern, members in by_pattern.items():
-        decisions = {(opt, wd) for _, opt, wd in members}
+        decisions = {decision for _, decision in members}
         if len(decisions) == 1 and len(members) > 1:
-            (opt, wd), = decisions
-            rules.append(ParamRule(pattern, opt, wd))
+            out.append((pattern, decisions.pop()))
         else:
-            rules.extend(ParamRule(name, opt, wd) for name, opt, wd in members)
-    return tuple(rules)
+            out.extend(members)
+    return out
+
+
+def _param_rules(graph: Graph) -> tuple[ParamRule, ...]:
+    """Parameter groups as fnmatch rules."""
+    groups = [g for op in graph.ops() for g in op.get("param_groups", ())]
+    return tuple(ParamRule(pattern, *decision)
+                 for pattern, decision in _by_role([(g.name, (g.optimizer, g.weight_decay)) for g in groups]))
+
+
+def _gram_newton_schulz(graph: Graph) -> tuple[str, ...]:
+    """The Muon parameters whose Newton-Schulz runs in the Gram form, as fnmatch patterns."""
+    groups = [g for op in graph.ops() for g in op.get("param_groups", ()) if g.optimizer == "muon"]
+    return tuple(pattern for pattern, form in _by_role([(g.name, g.newton_schulz) for g in groups]) if form == GRAM)
 
 
 def _optimizer(graph: Graph) -> OptimizerPlan:
@@ -222,6 +235,7 @@ def _optimizer(graph: Graph) -> OptimizerPlan:
         adamw_betas=o.adamw.betas,
         adamw_eps=o.adamw.eps,
         param_rules=_param_rules(graph),
+        gram_newton_schulz=_gram_newton_schulz(graph),
     )
 
 

@@ -13,11 +13,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PLAN_SCHEMA = 6
+PLAN_SCHEMA = 7
 
 # What an op's `kernel` attribute may name: the torch reference, or a fused Triton kernel of k2c.runtime.kernels.
 TORCH = "torch"
 TRITON = "triton"
+
+# The forms of Muon's Newton-Schulz iteration a Muon parameter's rule may name (`k2c.runtime.optim.newton_schulz`).
+STANDARD = "standard"
+GRAM = "gram"
+NS_FORMS = (STANDARD, GRAM)
+
+
+def restart_segments(steps: int) -> list[int]:
+    """The Gram form's steps between restarts: as even as possible, at most 3 each (5 -> [2, 3]), the shorter
+    first. A rounding error in the Gram matrix grows about 12x a step (3.4445^2, the polynomial's slope at 0), so a
+    restart, which forms X and its Gram matrix afresh, bounds it."""
+    parts = -(-steps // 3)
+    base, extra = divmod(steps, parts)
+    return [base] * (parts - extra) + [base + 1] * extra
 
 
 @dataclass(frozen=True)
@@ -212,6 +226,9 @@ class OptimizerPlan:
     adamw_betas: tuple[float, float]
     adamw_eps: float
     param_rules: tuple[ParamRule, ...]
+    # the Muon parameters (fnmatch patterns) whose Newton-Schulz iteration runs in the Gram form, the rest in the
+    # standard one (group_params decides: `k2c.runtime.optim.newton_schulz` says what each form is)
+    gram_newton_schulz: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -272,6 +272,9 @@ class Muon(Section):
     ns_coefficients: tuple[Coefficient, Coefficient, Coefficient] = (3.4445, -4.7750, 2.0315)
     rms_scale: Multiplier = 0.2  # update RMS matched to AdamW's, so Muon reuses its lr and weight decay
     router_weight: Literal["adamw", "muon"] = "adamw"
+    # "standard": Muon's and K2's iteration. "gram": the same steps run on the n x n Gram matrix, in fp16 where the
+    # iteration is in bf16, for the matrices where that takes at least 10% fewer multiply-adds (group_params)
+    newton_schulz: Literal["standard", "gram"] = "standard"
 
 
 class AdamW(Section):

@@ -40,6 +40,7 @@ import triton.language as tl
 
 from k2c.runtime.kernels.tiles import column_halves
 from k2c.runtime.kernels.tuning import autotune
+from k2c.runtime.plan import GRAM, NS_FORMS, STANDARD, restart_segments
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 EPS = 1e-7  # added to the Frobenius norm before dividing by it, as torch.optim.Muon and the reference do
@@ -49,6 +50,15 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "
 # The elementwise passes' tiles are TILE x TILE: square, so that a tile can be written transposed through shared
 # memory. Small under the interpreter, so that the tests' shapes cross tile edges.
 TILE = 16 if INTERPRETED else 64
+
+
+
+
+def gram_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the Gram form's n x n iterates for matrices of `dtype`: fp16 for half precision, whose 3 more
+    mantissa bits than bf16 keep the Gram matrix's small eigenvalues from turning negative and growing (their
+    entries stay within [-65504, 65504]: a normalised X's Gram matrix has norm at most 1), else `dtype`."""
+    return torch.float16 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 # --------------------------------------------------------------------------- Newton-Schulz kernels
@@ -102,12 +112,13 @@ def _triangle_tile(tile):
 @triton.jit
 def _symmetric_product_kernel(
     x_ptr,  # X [BATCH, N, K], contiguous
-    scale_ptr,  # S [BATCH] fp32 (SCALED only): matrix b's X is taken as S[b] X
-    out_ptr,  # OUT [BATCH, N, N], contiguous: alpha X X^T (+ beta X, when ADD_X)
+    y_ptr,  # Y [BATCH, N, K], contiguous (X itself for a Gram matrix)
+    scale_ptr,  # S [BATCH] fp32 (SCALED only): matrix b's X and Y are taken as S[b] X and S[b] Y
+    out_ptr,  # OUT [BATCH, N, N], contiguous: alpha X Y^T (+ beta X + gamma I, when ADD_X), in OUT's dtype
     BATCH, N, K,
-    alpha, beta,
+    alpha, beta, gamma,
     SCALED: tl.constexpr,
-    ADD_X: tl.constexpr,  # add beta X: X is then square and symmetric (G), and X X^T = G G
+    ADD_X: tl.constexpr,  # add beta X + gamma I: X is then square and symmetric (G), and X X^T = G G
     BLOCK_N: tl.constexpr,  # a tile's rows and columns (BLOCK_M = BLOCK_N: tiles lie on or off the diagonal)
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -117,6 +128,7 @@ def _symmetric_product_kernel(
     tl.static_assert(BLOCK_N == BLOCK_M)
     # the tensor memory accelerator loads the operand tiles, zero beyond each matrix's edges, and clips the stores
     rows_of = tl.make_tensor_descriptor(x_ptr, [BATCH, N, K], [N * K, K, 1], [1, BLOCK_N, BLOCK_K])
+    cols_of = tl.make_tensor_descriptor(y_ptr, [BATCH, N, K], [N * K, K, 1], [1, BLOCK_N, BLOCK_K])
     out_of = tl.make_tensor_descriptor(out_ptr, [BATCH, N, N], [N * N, N, 1], [1, BLOCK_N, BLOCK_N])
     x_tile = tl.make_tensor_descriptor(x_ptr, [BATCH, N, K], [N * K, K, 1], [1, BLOCK_N, BLOCK_N])  # ADD_X: K = N
     blocks = tl.cdiv(N, BLOCK_N)
@@ -130,7 +142,7 @@ def _symmetric_product_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             a = rows_of.load([batch, row, k]).reshape(BLOCK_N, BLOCK_K)
-            b = rows_of.load([batch, col, k]).reshape(BLOCK_N, BLOCK_K)
+            b = cols_of.load([batch, col, k]).reshape(BLOCK_N, BLOCK_K)
             acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
 
         if SCALED:
@@ -138,14 +150,16 @@ def _symmetric_product_kernel(
             acc *= alpha * s * s
         else:
             acc *= alpha
+        r = tl.arange(0, BLOCK_N)
         if ADD_X:
             acc += beta * x_tile.load([batch, row, col]).reshape(BLOCK_N, BLOCK_N).to(tl.float32)
+            if i == j:
+                acc += tl.where(r[:, None] == r[None, :], gamma, 0.0)
         out = acc.to(out_ptr.dtype.element_ty)
 
         # OUT exactly symmetric: a tile above the diagonal is stored where it is and mirrored below; a diagonal
         # tile takes its lower triangle from its upper one
         if i == j:
-            r = tl.arange(0, BLOCK_N)
             out = tl.where(r[:, None] <= r[None, :], out, tl.trans(out))
         else:
             out_of.store([batch, col, row], tl.trans(out).reshape(1, BLOCK_N, BLOCK_N))
@@ -313,12 +327,15 @@ def _check_matrices(what: str, **tensors: torch.Tensor) -> None:
                              f"(the kernels' tensor descriptors), found rows of {t.shape[-1]} x {t.dtype}")
 
 
-def _output(what: str, out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """The kernel's output, given or made; its rows too must suit the descriptors (a Gram matrix's are n long)."""
+def _output(what: str, out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor,
+            dtypes: tuple[torch.dtype, ...] = ()) -> torch.Tensor:
+    """The kernel's output, given or made (in like's dtype, or one of `dtypes`); its rows too must suit the
+    descriptors (a Gram matrix's are n long)."""
     if out is None:
         out = torch.empty(shape, dtype=like.dtype, device=like.device)
-    elif tuple(out.shape) != shape or out.dtype != like.dtype:
-        raise ValueError(f"{what}: out must be {like.dtype} of shape {shape}, found {out.dtype} {tuple(out.shape)}")
+    elif tuple(out.shape) != shape or out.dtype not in (like.dtype, *dtypes):
+        allowed = " or ".join(str(d) for d in dict.fromkeys((like.dtype, *dtypes)))
+        raise ValueError(f"{what}: out must be {allowed} of shape {shape}, found {out.dtype} {tuple(out.shape)}")
     _check_matrices(what, out=out)
     return out
 
@@ -333,8 +350,8 @@ def _scale(what: str, scale: torch.Tensor | None, x: torch.Tensor) -> torch.Tens
     return scale
 
 
-def _launch_symmetric(x: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor, alpha: float, beta: float,
-                      add_x: bool) -> None:
+def _launch_symmetric(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor,
+                      alpha: float, beta: float = 0.0, gamma: float = 0.0, add_x: bool = False) -> None:
     batch, n, k = x.shape
 
     def grid(meta):
@@ -342,33 +359,56 @@ def _launch_symmetric(x: torch.Tensor, scale: torch.Tensor | None, out: torch.Te
         return _programs(batch * blocks * (blocks + 1) // 2, meta)
 
     triton.set_allocator(_allocate_scratch)  # the tensor descriptors' global memory
-    _symmetric_product_kernel[grid](x, _scale("gram", scale, x), out, batch, n, k, float(alpha), float(beta),
-                                    SCALED=scale is not None, ADD_X=add_x)
+    _symmetric_product_kernel[grid](x, y, _scale("gram", scale, x), out, batch, n, k, float(alpha), float(beta),
+                                    float(gamma), SCALED=scale is not None, ADD_X=add_x)
+
+
+def _check_square(what: str, **tensors: torch.Tensor) -> None:
+    _check_matrices(what, **tensors)
+    for name, t in tensors.items():
+        if t.shape[1] != t.shape[2]:
+            raise ValueError(f"{what}: {name} must be square matrices, found shape {tuple(t.shape)}")
 
 
 def gram(x: torch.Tensor, out: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """G = X X^T [B, n, n] of X [B, n, k], in X's dtype: about half of it computed, G exactly symmetric.
+    """G = X X^T [B, n, n] of X [B, n, k], in out's dtype (X's by default): about half of it computed, G exactly
+    symmetric.
 
     scale [B] fp32: G of S[b] X[b] instead, the scale applied in fp32 before G is rounded.
     """
     _check_matrices("gram", x=x)
     batch, n, _ = x.shape
-    out = _output("gram", out, (batch, n, n), x)
-    _launch_symmetric(x, scale, out, 1.0, 0.0, add_x=False)
+    out = _output("gram", out, (batch, n, n), x, DTYPES)
+    _launch_symmetric(x, x, scale, out, 1.0)
     return out
 
 
-def gram_polynomial(g: torch.Tensor, b: float, c: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """P = b G + c G G [B, n, n] of a symmetric G [B, n, n] (a Gram matrix): about half of it computed, P exactly
-    symmetric.
+def gram_polynomial(g: torch.Tensor, b: float, c: float, out: torch.Tensor | None = None,
+                    a: float = 0.0) -> torch.Tensor:
+    """P = a I + b G + c G G [B, n, n] of a symmetric G [B, n, n] (a Gram matrix), in out's dtype (G's by default):
+    about half of it computed, P exactly symmetric.
 
     G's symmetry is what makes G G = G G^T; it is not checked.
     """
-    _check_matrices("gram_polynomial", g=g)
-    if g.shape[1] != g.shape[2]:
-        raise ValueError(f"gram_polynomial: g must be square matrices, found shape {tuple(g.shape)}")
-    out = _output("gram_polynomial", out, tuple(g.shape), g)
-    _launch_symmetric(g, None, out, c, b, add_x=True)
+    _check_square("gram_polynomial", g=g)
+    out = _output("gram_polynomial", out, tuple(g.shape), g, DTYPES)
+    _launch_symmetric(g, g, None, out, c, b, a, add_x=True)
+    return out
+
+
+def commuting_product(p: torch.Tensor, q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """P Q [B, n, n] of symmetric P and Q that commute (polynomials in one Gram matrix), in out's dtype (P's by
+    default): then P Q = P Q^T is symmetric, so about half of it is computed and the rest mirrored.
+
+    Neither the symmetry nor the commuting is checked: the product of matrices that do not commute is not symmetric,
+    and only its upper triangle would be right.
+    """
+    _check_square("commuting_product", p=p, q=q)
+    if q.shape != p.shape or q.dtype != p.dtype:
+        raise ValueError(f"commuting_product: q must be {p.dtype} of shape {tuple(p.shape)}, found {q.dtype} "
+                         f"{tuple(q.shape)}")
+    out = _output("commuting_product", out, tuple(p.shape), p, DTYPES)
+    _launch_symmetric(p, q, None, out, 1.0)
     return out
 
 
@@ -395,8 +435,9 @@ def apply_polynomial(p: torch.Tensor, x: torch.Tensor, a: float, out: torch.Tens
 
 
 def newton_schulz_(x: torch.Tensor, steps: int, coefficients: tuple[float, float, float],
-                   scale: torch.Tensor | None = None) -> torch.Tensor:
-    """`steps` quintic Newton-Schulz steps on wide matrices X [B, n, m] (n <= m), contiguous, of norm about 1.
+                   scale: torch.Tensor | None = None, form: str = STANDARD) -> torch.Tensor:
+    """`steps` quintic Newton-Schulz steps on wide matrices X [B, n, m] (n <= m), contiguous, of norm about 1, in
+    `form` (`k2c.runtime.optim.newton_schulz` says what each is).
 
     scale [B] fp32: the iteration starts from S[b] X[b] (normalising X by its norm), the scale applied inside the
     first step's fp32 epilogues. Returns the result. The steps alternate between x and one scratch buffer of its
@@ -406,10 +447,14 @@ def newton_schulz_(x: torch.Tensor, steps: int, coefficients: tuple[float, float
     batch, n, m = x.shape
     if n > m:
         raise ValueError(f"newton_schulz_: x must be wide (n <= m) so that X X^T is the small side, found {(n, m)}")
+    if form not in NS_FORMS:
+        raise ValueError(f"newton_schulz_: form must be one of {NS_FORMS}, found {form!r}")
     a, b, c = coefficients
+    other = torch.empty_like(x)
+    if form == GRAM:
+        return _gram_newton_schulz(x, other, steps, coefficients, scale)
     g = torch.empty((batch, n, n), dtype=x.dtype, device=x.device)
     p = torch.empty_like(g)
-    other = torch.empty_like(x)
     for _ in range(steps):
         gram(x, out=g, scale=scale)
         gram_polynomial(g, b, c, out=p)
@@ -418,9 +463,42 @@ def newton_schulz_(x: torch.Tensor, steps: int, coefficients: tuple[float, float
     return x
 
 
+def _gram_newton_schulz(x: torch.Tensor, other: torch.Tensor, steps: int, coefficients: tuple[float, float, float],
+                        scale: torch.Tensor | None) -> torch.Tensor:
+    """The Gram form on the kernels, with the reference's rounding points: each segment's R, Z and Q in
+    `gram_dtype(x.dtype)`, its last Q in X's dtype, which the product with X needs."""
+    a, b, c = coefficients
+    batch, n, _ = x.shape
+    # R, Z, Q and a spare; the spare's storage also takes each segment's last Q, in X's dtype (of the same size)
+    r, z, q, spare = (torch.empty((batch, n, n), dtype=gram_dtype(x.dtype), device=x.device) for _ in range(4))
+    for length in restart_segments(steps):
+        gram(x, out=r, scale=scale)
+        last = spare.view(x.dtype)  # the spare is free at the segment's last step, whichever buffer it is then
+        for k in range(length):
+            final = k == length - 1
+            if k == 0:  # Q = Z
+                gram_polynomial(r, b, c, a=a, out=last if final else q)
+                step_z = q
+            elif final:
+                gram_polynomial(r, b, c, a=a, out=z)
+                last = spare.view(x.dtype)
+                commuting_product(q, z, out=last)
+            else:
+                gram_polynomial(r, b, c, a=a, out=z)
+                commuting_product(q, z, out=spare)
+                q, spare, step_z = spare, q, z
+            if not final:  # R <- Z R Z, through the spare
+                commuting_product(step_z, r, out=spare)
+                commuting_product(spare, step_z, out=r)
+        apply_polynomial(last, x, 0.0, out=other, scale=scale)
+        x, other, scale = other, x, None
+    return x
+
+
 def newton_schulz(u: torch.Tensor, steps: int, coefficients: tuple[float, float, float],
-                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """`k2c.runtime.optim.newton_schulz` on the kernels: every matrix of u [..., n, m] orthogonalised in `dtype`.
+                  dtype: torch.dtype = torch.bfloat16, form: str = STANDARD) -> torch.Tensor:
+    """`k2c.runtime.optim.newton_schulz` on the kernels: every matrix of u [..., n, m] orthogonalised in `dtype`, in
+    `form`.
 
     Each matrix is normalised by its own Frobenius norm in fp32 and iterated on in the wide orientation; the result
     has u's shape, in `dtype`.
@@ -430,7 +508,7 @@ def newton_schulz(u: torch.Tensor, steps: int, coefficients: tuple[float, float,
     x = x / (torch.linalg.matrix_norm(x, keepdim=True) + EPS)
     if n > m:
         x = x.mT
-    x = newton_schulz_(x.to(dtype).contiguous(), steps, coefficients)
+    x = newton_schulz_(x.to(dtype).contiguous(), steps, coefficients, form=form)
     if n > m:
         x = x.mT
     return x.reshape(u.shape)
