@@ -162,6 +162,24 @@ def step_rows(h: Harness, plan) -> None:
         with kernels(choice):
             h.row(work, f"{variant}, {form} form", h.time(step), anchor_ms, checks[choice, form],
                   flops=ns_flops(shapes))
+            if choice == "triton":
+                h.row(work, f"{variant}, {form} form, replayed from a CUDA graph (as `k2c train` runs its steps)",
+                      h.time(graphed(ours(form).step)), anchor_ms, checks[choice, form], flops=ns_flops(shapes))
+
+
+def graphed(step):
+    """`step` captured in a CUDA graph after warm-up steps (which tune the kernels), as its replay: the host's
+    launches of the step's ~130 kernels, part of its wall time eagerly, are gone."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def newton_schulz_rows(h: Harness, plan, batch: int, n: int, m: int, what: str) -> None:

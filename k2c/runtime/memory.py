@@ -20,8 +20,8 @@ split over the `expert` processes and sharded over the `data_shard` ones. Counte
   not resharded after the forward; a layer with its experts, and the next layer prefetched) and unsharded
   gradients (the root's, held to the backward's end, and one unit's with their reduce_dtype copy). In the
   optimizer step: one batch of whole matrices under Newton-Schulz (bf16, at most NS_BATCH_ELEMENTS elements, on
-  the process that orthogonalises them), or AdamW's fp32 copies of bf16 parameters and gradients. Both phases
-  hold cuBLAS's workspaces.
+  the process that orthogonalises them; two n x n buffers in the standard form, four in the Gram form), or
+  AdamW's fp32 copies of bf16 parameters and gradients. Both phases hold cuBLAS's workspaces.
 
 The peak is the larger phase. Left out: the CUDA context and allocator fragmentation (outside
 torch.cuda.max_memory_allocated too), Triton's autotuning, gradient clipping's per-tensor norms, the collectives'
@@ -38,7 +38,18 @@ from fnmatch import fnmatchcase
 
 from k2c.runtime.kernels import NS_BATCH_ELEMENTS
 from k2c.runtime.mesh import LayoutError, mesh_shape
-from k2c.runtime.plan import TRITON, AdapterSite, AttentionPlan, LayerPlan, MLPPlan, MoEPlan, NormPlan, Plan
+from k2c.runtime.plan import (
+    GRAM,
+    STANDARD,
+    TRITON,
+    AdapterSite,
+    AttentionPlan,
+    LayerPlan,
+    MLPPlan,
+    MoEPlan,
+    NormPlan,
+    Plan,
+)
 
 GIB = 2**30
 H200_USABLE = 139 * GIB  # of an H200's 141 GB, what a training process can allocate
@@ -640,7 +651,7 @@ def _step_working(plan: Plan, m: Mesh, trainable: list[Param], reference: bool) 
     parameters and gradients (this process's shards)."""
     adamw = sum(m.local_numel(p) for p in trainable if p.optimizer == "adamw" and p.size != FP32) * 2 * FP32
     batch = 0
-    for n, cols, count in _muon_shapes(trainable, m):
+    for n, cols, form, count in _muon_shapes(plan, trainable, m):
         per_batch = max(1, NS_BATCH_ELEMENTS // (n * cols))
         matrices = math.ceil(count / math.ceil(count / per_batch))
         if reference:
@@ -648,20 +659,26 @@ def _step_working(plan: Plan, m: Mesh, trainable: list[Param], reference: bool) 
             # input, the concatenated batch, the fp32 updates and the last bf16 iterate
             lower = 2 * FP32 if plan.training.dtype != "float32" else 0
             per = n * cols * (lower + FP32 * plan.optimizer.nesterov + 2 * FP32 + 2)
+            # the Gram matrix and its polynomial; the Gram form's R, Z and Q, and fp32 copies of R and Z
+            square = 2 * 2 if form == STANDARD else 3 * 2 + 2 * FP32
         else:
             per = n * cols * 2 * 2  # the bf16 iterate and its scratch
-        batch = max(batch, matrices * (per + 2 * n * n * 2))  # and the Gram matrix and its polynomial, bf16
+            square = (2 if form == STANDARD else 4) * 2  # G and P; or R, Z, Q and a spare, all 16-bit
+        batch = max(batch, matrices * (per + square * n * n))
     return max(adamw, batch)
 
 
-def _muon_shapes(trainable: list[Param], m: Mesh) -> Iterator[tuple[int, int, int]]:
-    """(n, m, count) per shape of Muon's matrices (n <= m, tall ones transposed): matrices of one shape share a
-    batched Newton-Schulz; a stack of experts counts its matrices (a process's own experts when split)."""
-    counts: dict[tuple[int, int], int] = {}
+def _muon_shapes(plan: Plan, trainable: list[Param], m: Mesh) -> Iterator[tuple[int, int, str, int]]:
+    """(n, m, form, count) per shape and Newton-Schulz form of Muon's matrices (n <= m, tall ones transposed):
+    matrices of one shape and form share a batched Newton-Schulz; a stack of experts counts its matrices (a
+    process's own experts when split)."""
+    counts: dict[tuple[int, int, str], int] = {}
     for p in trainable:
         if p.optimizer == "muon":
             n, cols = sorted(p.shape[-2:])
+            gram = any(fnmatchcase(p.name, pattern) for pattern in plan.optimizer.gram_newton_schulz)
             stacked = p.shape[0] // (m.expert if p.unit.startswith("experts.") else 1) if len(p.shape) == 3 else 1
-            counts[(n, cols)] = counts.get((n, cols), 0) + stacked
-    for (n, cols), count in counts.items():
-        yield n, cols, count
+            key = (n, cols, GRAM if gram else STANDARD)
+            counts[key] = counts.get(key, 0) + stacked
+    for (n, cols, form), count in counts.items():
+        yield n, cols, form, count

@@ -16,6 +16,7 @@ RMSNORM_MAX_COPIES = 4  # readers of one norm whose gradients its backward sums 
 ATTENTION_MAX_HEAD_DIM = 256  # beyond this the accumulators of one attention block no longer fit in registers
 
 # At most this many elements in one batched Newton-Schulz, so that its working copies stay small beside the model:
-# in bf16 the batch, a scratch of its size and two Gram-sized buffers, 2 GiB at most. Large enough for launches of
-# thousands of tiles (a Moonlight layer's 192 expert matrices go in three batches of 64).
+# in bf16 the batch, a scratch of its size and two Gram-sized buffers (four in the Gram form), 3 GiB at most.
+# Large enough for launches of thousands of tiles (a Moonlight layer's 192 expert matrices go in three batches of
+# 64).
 NS_BATCH_ELEMENTS = 2**28
