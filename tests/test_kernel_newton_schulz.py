@@ -212,7 +212,8 @@ def check_errors() -> None:
         gram_polynomial(x, -4.775, 2.0315)
     with pytest.raises(ValueError, match=r"p must be torch.float32 of shape \(2, 8, 8\)"):
         apply_polynomial(torch.randn(2, 16, 16), x, 3.4445)
-    with pytest.raises(ValueError, match=r"out must be torch.float32 of shape \(2, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"out must be torch.float32 or torch.bfloat16 or torch.float16 of shape "
+                                         r"\(2, 8, 8\), found torch.float32 \(2, 8, 16\)"):
         gram(x, out=torch.empty(2, 8, 16))
     with pytest.raises(ValueError, match=r"q must be torch.float32 of shape \(2, 8, 8\), found torch.float16"):
         commuting_product(torch.randn(2, 8, 8), torch.randn(2, 8, 8, dtype=torch.float16))

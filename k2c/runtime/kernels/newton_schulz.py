@@ -9,6 +9,11 @@ product accumulating in fp32 and rounding once into the working dtype (bf16 on a
 - `gram_polynomial`: P = b G + c G G. G G = G G^T is symmetric too: the same kernel, half of the 2 n^3.
 - `apply_polynomial`: X' = a X + P X, the full 2 n^2 m.
 
+The Gram form (`form="gram"`; `k2c.runtime.optim.newton_schulz` says what it is) runs on the same kernels: `gram` into
+fp16, `gram_polynomial` with a I added on the diagonal tiles (Z), `commuting_product` for Q Z and Z R Z (the product
+of two symmetric matrices that commute is symmetric, so half of it is computed here too), and `apply_polynomial` with
+a = 0 for Q X at each restart.
+
 The operand tiles come in through tensor descriptors (Hopper's tensor memory accelerator; zeros past a matrix's
 edges), so a matrix's rows must be a multiple of 16 bytes (`fits`; other shapes take the torch path). Tiles are
 numbered matrix by matrix: the programs resident at one time work on one or two matrices, whose X and G stay in L2.
@@ -56,8 +61,8 @@ TILE = 16 if INTERPRETED else 64
 
 def gram_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the Gram form's n x n iterates for matrices of `dtype`: fp16 for half precision, whose 3 more
-    mantissa bits than bf16 keep the Gram matrix's small eigenvalues from turning negative and growing (their
-    entries stay within [-65504, 65504]: a normalised X's Gram matrix has norm at most 1), else `dtype`."""
+    mantissa bits than bf16 keep the Gram matrix's small eigenvalues from turning negative and growing, else `dtype`.
+    fp16's range is ample: R has norm about 1 at most, Z and Q about a^3 = 41 (3 steps between restarts)."""
     return torch.float16 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
