@@ -87,17 +87,19 @@ def _gram_newton_schulz(x, steps, coefficients):
     """The gram form of `newton_schulz` on wide matrices x [B, n, m] (n <= m)."""
     a, b, c = coefficients
     inner = ns_kernels.gram_dtype(x.dtype)
-    wide = torch.promote_types(inner, torch.float32)  # each product accumulates in it and rounds once
+    eye = torch.eye(x.shape[-2], dtype=inner, device=x.device)
     for length in restart_segments(steps):
-        r = (x.to(wide) @ x.to(wide).mT).to(inner)  # rounded to bf16 first, R would lose fp16's extra bits
+        # R from X in the iterates' dtype (for bf16 X, its fp16 copy): rounded to bf16 first, R would lose fp16's
+        # extra bits; a normalised X's entries are far inside fp16's range
+        x_inner = x.to(inner)
+        r = x_inner @ x_inner.mT
         q = None
         for k in range(length):
             last = k == length - 1
-            # Z = a I + b R + c R^2, rounded once, as the kernel's epilogue does
-            r32 = r.to(wide)
-            z = torch.baddbmm(r32, r32, r32, beta=b, alpha=c)
-            z.diagonal(dim1=-2, dim2=-1).add_(a)
-            z = z.to(inner)
+            # Z = a I + b R + c R^2 as b (R + a/b I) + c R^2, the products in one fused rounding (adding a I to
+            # the rounded Z instead doubled the error of an fp16 Z's diagonal, and the result's against fp64)
+            base, beta = (torch.add(r, eye, alpha=a / b), b) if b else (eye * a, 1.0)
+            z = torch.baddbmm(base, r, r, beta=beta, alpha=c)
             q = z if q is None else q @ z
             if not last:
                 r = (z @ r) @ z
