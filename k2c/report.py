@@ -88,8 +88,8 @@ def clip_rows(graph: Graph) -> list[dict[str, Any]]:
 
 
 def group_rows(graph: Graph) -> list[dict[str, Any]]:
-    """Parameter groups summed per (optimizer, weight decay, kind of op)."""
-    totals: dict[tuple[str, bool, str], list[int]] = {}
+    """Parameter groups summed per (optimizer, weight decay, kind of op, Newton-Schulz form)."""
+    totals: dict[tuple[str, bool, str, str], list[int]] = {}
     for op in graph.ops():
         sizes = {p.name: p.numel for p in op.params}
         if op.kind in MATRIX_KINDS and op["adapter"].rank:
@@ -99,11 +99,12 @@ def group_rows(graph: Graph) -> list[dict[str, Any]]:
             sizes[b_name] = stack * op["out_features"] * op["adapter"].rank
         for g in op.get("param_groups", ()):
             what = "adapter" if "lora_" in g.name else op.kind.value
-            entry = totals.setdefault((g.optimizer, g.weight_decay, what), [0, 0])
+            entry = totals.setdefault((g.optimizer, g.weight_decay, what, g.newton_schulz or ""), [0, 0])
             entry[0] += 1
             entry[1] += sizes[g.name]
-    return [{"optimizer": opt, "weight_decay": wd, "op_kind": what, "tensors": n, "numel": numel}
-            for (opt, wd, what), (n, numel) in sorted(totals.items())]
+    return [{"optimizer": opt, "weight_decay": wd, "op_kind": what, "newton_schulz": form or None, "tensors": n,
+             "numel": numel}
+            for (opt, wd, what, form), (n, numel) in sorted(totals.items())]
 
 
 def kernel_rows(graph: Graph) -> list[dict[str, Any]]:
@@ -180,9 +181,9 @@ def inspect_text(spec: Spec, graph: Graph) -> str:
                   by_layer_spans([(r["layer"], r["mode"], r["tau"],
                                    f"{_rows(r['q_rows_sqrt_gamma'])} / {_rows(r['q_rows_gamma'])}",
                                    _rows(r["kv_rows_sqrt_gamma"])) for r in clips]))
-    out += _table("Optimizer groups", ("optimizer", "weight decay", "op kind", "tensors", "numel"),
-                  [(r["optimizer"], "yes" if r["weight_decay"] else "no", r["op_kind"], r["tensors"],
-                    _human(r["numel"])) for r in group_rows(graph)])
+    out += _table("Optimizer groups", ("optimizer", "weight decay", "op kind", "newton-schulz", "tensors", "numel"),
+                  [(r["optimizer"], "yes" if r["weight_decay"] else "no", r["op_kind"], r["newton_schulz"] or "-",
+                    r["tensors"], _human(r["numel"])) for r in group_rows(graph)])
     out += _table("Kernels (select_kernels; fused ops run in the call of the op they join)",
                   ("op kind", "kernel", "fused into", "ops"),
                   [(r["op_kind"], r["kernel"], r["fused_into"] or "-", r["ops"]) for r in kernel_rows(graph)])

@@ -35,3 +35,14 @@ def test_kernel_table_says_where_fused_ops_run():
     assert {"op_kind": "rmsnorm", "kernel": "triton", "fused_into": None, "ops": 13} in rows
     assert ["add", "torch", "rmsnorm", "(triton)", "6"] in [line.split() for line in
                                                            inspect_text(spec, compile_spec(spec)).splitlines()]
+
+
+def test_optimizer_table_says_which_matrices_take_the_gram_form():
+    spec = tiny_spec(**{"optimizer.muon.newton_schulz": "gram"})
+    rows = inspect_json(spec, compile_spec(spec))["param_groups"]
+    muon = {(r["op_kind"], r["newton_schulz"]): r["tensors"] for r in rows if r["optimizer"] == "muon"}
+    # per layer: o_proj [64, 64] square, so standard; q_a, q_b, kv_a, kv_b and the MLPs' matrices wide or tall
+    assert muon == {("linear", "gram"): 4 * 3 + 3 + 3 * 2, ("linear", "standard"): 3, ("expert_linear", "gram"): 6}
+    assert all(r["newton_schulz"] is None for r in rows if r["optimizer"] == "adamw")
+    lines = [line.split() for line in inspect_text(spec, compile_spec(spec)).splitlines()]
+    assert ["muon", "yes", "linear", "standard", "3"] in [row[:5] for row in lines]
