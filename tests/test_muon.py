@@ -15,6 +15,7 @@ from conftest import import_generated
 from k2c.codegen import build_package
 from k2c.runtime import optim
 from k2c.runtime.optim import lr_at
+from k2c.runtime.plan import restart_segments
 from specs_for_tests import tiny_spec
 
 # Five bf16 Newton-Schulz steps (8 significant bits, each step amplifying by up to a = 3.4) land within about 2.5%
@@ -253,6 +254,14 @@ def test_newton_schulz_orthogonalises_each_matrix(g):
     assert (x @ x.mT - eye).abs().max().item() < 0.05
     tall = optim.newton_schulz(u.mT, 20, (1.5, -0.5, 0.0)).double()
     assert (tall.mT @ tall - eye).abs().max().item() < 0.05
+
+
+def test_restarts_split_the_steps_evenly_into_segments_of_at_most_three():
+    for steps in range(1, 13):
+        segments = restart_segments(steps)
+        assert sum(segments) == steps and max(segments) <= 3 and segments == sorted(segments)
+        assert max(segments) - min(segments) <= 1 and len(segments) == math.ceil(steps / 3)
+    assert restart_segments(5) == [2, 3]  # Muon's 5 steps: one restart, after the second
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 5, 7])

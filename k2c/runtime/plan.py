@@ -29,6 +29,8 @@ def restart_segments(steps: int) -> list[int]:
     """The Gram form's steps between restarts: as even as possible, at most 3 each (5 -> [2, 3]), the shorter
     first. A rounding error in the Gram matrix grows about 12x a step (3.4445^2, the polynomial's slope at 0), so a
     restart, which forms X and its Gram matrix afresh, bounds it."""
+    if steps <= 0:
+        return []
     parts = -(-steps // 3)
     base, extra = divmod(steps, parts)
     return [base] * (parts - extra) + [base + 1] * extra

@@ -57,8 +57,6 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "
 TILE = 16 if INTERPRETED else 64
 
 
-
-
 def gram_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the Gram form's n x n iterates for matrices of `dtype`: fp16 for half precision, whose 3 more
     mantissa bits than bf16 keep the Gram matrix's small eigenvalues from turning negative and growing, else `dtype`.
@@ -470,8 +468,9 @@ def newton_schulz_(x: torch.Tensor, steps: int, coefficients: tuple[float, float
 
 def _gram_newton_schulz(x: torch.Tensor, other: torch.Tensor, steps: int, coefficients: tuple[float, float, float],
                         scale: torch.Tensor | None) -> torch.Tensor:
-    """The Gram form on the kernels, with the reference's rounding points: each segment's R, Z and Q in
-    `gram_dtype(x.dtype)`, its last Q in X's dtype, which the product with X needs."""
+    """The Gram form on the kernels: each segment's R, Z and Q in `gram_dtype(x.dtype)`, each rounded once from
+    fp32, and its last Q in X's dtype, which the product with X needs (the reference rounds at the same points, but
+    for R + a/b I inside Z)."""
     a, b, c = coefficients
     batch, n, _ = x.shape
     # R, Z, Q and a spare; the spare's storage also takes each segment's last Q, in X's dtype (of the same size)
