@@ -33,9 +33,9 @@ from harness import Harness, MismatchError
 from k2c.passes.group_params import ns_form
 from k2c.runtime import optim
 from k2c.runtime.kernels.newton_schulz import newton_schulz
-from k2c.runtime.plan import GRAM, NS_FORMS, STANDARD
 from k2c.runtime.ops import FORCE
 from k2c.runtime.packages import import_package
+from k2c.runtime.plan import GRAM, NS_FORMS, STANDARD
 
 DEV = torch.device("cuda")
 REPO = Path(__file__).resolve().parents[2]
