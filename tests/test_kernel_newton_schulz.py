@@ -161,7 +161,13 @@ def check_muon_passes() -> None:
 def check_optimizer() -> None:
     """MuonClip's Muon step on the kernels (K2C_KERNELS=triton) against its torch path, two steps of a small model:
     every kind of matrix of a K2 layer (wide, tall, square, stacked experts), fp32 Newton-Schulz on the CPU. Two
-    Newton-Schulz steps instead of five, which check_newton_schulz covers, keep the interpreter's time down."""
+    Newton-Schulz steps instead of five, which check_newton_schulz covers, keep the interpreter's time down. In the
+    standard form, then in the Gram form with 4 steps (a restart; the square matrices stay standard)."""
+    for form, steps in (("standard", 2), ("gram", 4)):
+        optimizer_step_matches_the_torch_path(form, steps)
+
+
+def optimizer_step_matches_the_torch_path(form: str, steps: int) -> None:
     from k2c.codegen import build_package
     from k2c.runtime.packages import import_package
     from specs_for_tests import tiny_spec
@@ -170,10 +176,11 @@ def check_optimizer() -> None:
 
     # experts of 18 (72 bytes a row in fp32): they take the torch path, the other matrices the kernels
     spec = tiny_spec(**{"model.hidden_size": 32, "model.layers": 2, "model.moe.routed_experts": 4,
-                        "model.moe.expert_intermediate_size": 18, "optimizer.muon.ns_steps": 2})
+                        "model.moe.expert_intermediate_size": 18, "optimizer.muon.ns_steps": steps,
+                        "optimizer.muon.newton_schulz": form})
     with tempfile.TemporaryDirectory() as tmp:
         build_package(spec, Path(tmp) / "pkg")
-        g = import_package(Path(tmp) / "pkg", "ns_tiny")
+        g = import_package(Path(tmp) / "pkg", f"ns_tiny_{form}")
     results = {}
     for kernels in ("torch", "triton"):
         os.environ["K2C_KERNELS"] = kernels
@@ -194,6 +201,8 @@ def check_optimizer() -> None:
     assert any(w.ndim == 3 for w in results["torch"].values())  # stacked experts among them
     takes = {fits(*sorted(w.shape[-2:]), torch.float32) for name, w in muon.items()}
     assert takes == {True, False}, "both paths must be exercised"
+    forms = {group["newton_schulz"] for group in opt.param_groups if group["kind"] == "muon"}
+    assert forms == ({"standard", "gram"} if form == "gram" else {"standard"})
     for name, want in results["torch"].items():  # in units of the largest entry, so that atol is relative too
         scale = want.abs().max()
         assert_close(name, results["triton"][name] / scale, want / scale, torch.float32)
