@@ -11,7 +11,8 @@ Newton-Schulz (K2C_KERNELS=torch); each in the standard form and in the Gram for
 matrices where group_params gives it: all but the square o_proj). Newton-Schulz alone is timed too, on the 192
 expert matrices and on 276 matrices 512 x 1536 (a batch of k2-1b's, whose short products the training step spends
 most of its Newton-Schulz time on): torch bmm (the reference, and anchors.md's second figure) against the Triton
-kernels, in both forms.
+kernels, in both forms. The step is timed by wall time, and again by GPU kernel time alone, since the anchor's
+wall time is its host's.
 
 TFLOP/s counts Newton-Schulz with the full Gram products, 5 (4 n^2 m + 2 n^3) per n x m matrix (n <= m), as
 anchors.md does. The Triton kernels compute only the tiles of X X^T and of G G from the diagonal rightwards: at
@@ -165,6 +166,17 @@ def step_rows(h: Harness, plan) -> None:
             if choice == "triton":
                 h.row(work, f"{variant}, {form} form, replayed from a CUDA graph (as `k2c train` runs its steps)",
                       h.time(graphed(ours(form).step)), anchor_ms, checks[choice, form], flops=ns_flops(shapes))
+
+    # the anchor's wall time is its host's, launching each matrix's products one by one, and has ranged 68-136 ms
+    # over runs: GPU kernel time alone compares the two without the host
+    work += "; GPU kernel time only (torch.profiler), the host's time left out"
+    anchor_kernels = h.kernel_time(anchor.step)
+    h.row(work, "torch.optim.Muon (anchor)", anchor_kernels, anchor_kernels, flops=ns_flops(shapes))
+    for form in NS_FORMS:
+        step = ours(form).step
+        with kernels("triton"):
+            h.row(work, f"k2c MuonClip, Triton Newton-Schulz, {form} form", h.kernel_time(step), anchor_kernels,
+                  checks["triton", form], flops=ns_flops(shapes))
 
 
 def graphed(step):
