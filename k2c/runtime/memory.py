@@ -659,8 +659,8 @@ def _step_working(plan: Plan, m: Mesh, trainable: list[Param], reference: bool) 
             # input, the concatenated batch, the fp32 updates and the last bf16 iterate
             lower = 2 * FP32 if plan.training.dtype != "float32" else 0
             per = n * cols * (lower + FP32 * plan.optimizer.nesterov + 2 * FP32 + 2)
-            # the Gram matrix and its polynomial; the Gram form's R, Z and Q, and fp32 copies of R and Z
-            square = 2 * 2 if form == STANDARD else 3 * 2 + 2 * FP32
+            # the Gram matrix and its polynomial; the Gram form's R, Z, Q, the identity, R + a/b I and Z R, fp16
+            square = (2 if form == STANDARD else 6) * 2
         else:
             per = n * cols * 2 * 2  # the bf16 iterate and its scratch
             square = (2 if form == STANDARD else 4) * 2  # G and P; or R, Z, Q and a spare, all 16-bit

@@ -19,7 +19,8 @@ PLAN_SCHEMA = 7
 TORCH = "torch"
 TRITON = "triton"
 
-# The forms of Muon's Newton-Schulz iteration a Muon parameter's rule may name (`k2c.runtime.optim.newton_schulz`).
+# The forms of Muon's Newton-Schulz iteration (`k2c.runtime.optim.newton_schulz`); OptimizerPlan.gram_newton_schulz
+# lists the parameters in the Gram form.
 STANDARD = "standard"
 GRAM = "gram"
 NS_FORMS = (STANDARD, GRAM)
@@ -27,8 +28,9 @@ NS_FORMS = (STANDARD, GRAM)
 
 def restart_segments(steps: int) -> list[int]:
     """The Gram form's steps between restarts: as even as possible, at most 3 each (5 -> [2, 3]), the shorter
-    first. A rounding error in the Gram matrix grows about 12x a step (3.4445^2, the polynomial's slope at 0), so a
-    restart, which forms X and its Gram matrix afresh, bounds it."""
+    first. A rounding error in the Gram matrix grows about 12x a step (a^2 = 3.4445^2, the slope at 0 of a step's
+    map of its eigenvalues, l -> l (a + b l + c l^2)^2), so a restart, which forms X and its Gram matrix afresh,
+    bounds it."""
     if steps <= 0:
         return []
     parts = -(-steps // 3)
