@@ -86,9 +86,22 @@ def newton_schulz_family() -> None:
     print("| kernel | tile | stages | warps | persistent | flattened | epilogue in halves | shared KiB | fits "
           "| registers | spilled B |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    kernels = {"symmetric product": (newton_schulz._symmetric_product_kernel, True, {"SCALED": False, "ADD_X": True},
-                                     {"x_ptr": "*bf16", "scale_ptr": "*fp32", "out_ptr": "*bf16", "BATCH": "i32",
-                                      "N": "i32:16", "K": "i32:16", "alpha": "fp32", "beta": "fp32"}),
+    def symmetric(x: str, out: str) -> dict[str, str]:
+        return {"x_ptr": x, "y_ptr": x, "scale_ptr": "*fp32", "out_ptr": out, "BATCH": "i32", "N": "i32:16",
+                "K": "i32:16", "alpha": "fp32", "beta": "fp32", "gamma": "fp32"}
+
+    one = {"TWO_OPERANDS": False, "DIAG": False}
+    kernels = {"symmetric product": (newton_schulz._symmetric_product_kernel, True,
+                                     {"SCALED": False, "ADD_X": True, **one}, symmetric("*bf16", "*bf16")),
+               # the Gram form's: X X^T of bf16 X into fp16, Z = a I + b R + c R R and the products of two of them
+               "gram, bf16 into fp16": (newton_schulz._symmetric_product_kernel, True,
+                                        {"SCALED": True, "ADD_X": False, **one}, symmetric("*bf16", "*fp16")),
+               "Z, fp16": (newton_schulz._symmetric_product_kernel, True,
+                           {"SCALED": False, "ADD_X": True, "TWO_OPERANDS": False, "DIAG": True},
+                           symmetric("*fp16", "*fp16")),
+               "commuting product, fp16": (newton_schulz._symmetric_product_kernel, True,
+                                           {"SCALED": False, "ADD_X": False, "TWO_OPERANDS": True, "DIAG": False},
+                                           symmetric("*fp16", "*fp16")),
                "apply polynomial": (newton_schulz._apply_polynomial_kernel, False, {"SCALED": False},
                                     {"p_ptr": "*bf16", "x_ptr": "*bf16", "scale_ptr": "*fp32", "out_ptr": "*bf16",
                                      "BATCH": "i32", "N": "i32:16", "M": "i32:16", "a": "fp32"})}

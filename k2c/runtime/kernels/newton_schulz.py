@@ -117,11 +117,13 @@ def _symmetric_product_kernel(
     x_ptr,  # X [BATCH, N, K], contiguous
     y_ptr,  # Y [BATCH, N, K], contiguous (X itself for a Gram matrix)
     scale_ptr,  # S [BATCH] fp32 (SCALED only): matrix b's X and Y are taken as S[b] X and S[b] Y
-    out_ptr,  # OUT [BATCH, N, N], contiguous: alpha X Y^T (+ beta X + gamma I, when ADD_X), in OUT's dtype
+    out_ptr,  # OUT [BATCH, N, N], contiguous: alpha X Y^T (+ beta X, when ADD_X; + gamma I, when DIAG), in OUT's dtype
     BATCH, N, K,
     alpha, beta, gamma,
     SCALED: tl.constexpr,
-    ADD_X: tl.constexpr,  # add beta X + gamma I: X is then square and symmetric (G), and X X^T = G G
+    ADD_X: tl.constexpr,  # add beta X: X is then square and symmetric (G), and X X^T = G G
+    DIAG: tl.constexpr,  # add gamma I (ADD_X only)
+    TWO_OPERANDS: tl.constexpr,  # Y is not X
     BLOCK_N: tl.constexpr,  # a tile's rows and columns (BLOCK_M = BLOCK_N: tiles lie on or off the diagonal)
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -131,7 +133,12 @@ def _symmetric_product_kernel(
     tl.static_assert(BLOCK_N == BLOCK_M)
     # the tensor memory accelerator loads the operand tiles, zero beyond each matrix's edges, and clips the stores
     rows_of = tl.make_tensor_descriptor(x_ptr, [BATCH, N, K], [N * K, K, 1], [1, BLOCK_N, BLOCK_K])
-    cols_of = tl.make_tensor_descriptor(y_ptr, [BATCH, N, K], [N * K, K, 1], [1, BLOCK_N, BLOCK_K])
+    # a second descriptor only for a second operand, and the diagonal's add only where asked: each costs registers
+    # (benchmarks/offline_compile.py, 128 x 128 x 64 tiles, flattened: G G takes 132 a thread at 8 warps; with both,
+    # the add as a branch on i == j, it took 208, and at 4 warps spilled 1394 bytes)
+    cols_of = rows_of
+    if TWO_OPERANDS:
+        cols_of = tl.make_tensor_descriptor(y_ptr, [BATCH, N, K], [N * K, K, 1], [1, BLOCK_N, BLOCK_K])
     out_of = tl.make_tensor_descriptor(out_ptr, [BATCH, N, N], [N * N, N, 1], [1, BLOCK_N, BLOCK_N])
     x_tile = tl.make_tensor_descriptor(x_ptr, [BATCH, N, K], [N * K, K, 1], [1, BLOCK_N, BLOCK_N])  # ADD_X: K = N
     blocks = tl.cdiv(N, BLOCK_N)
@@ -156,8 +163,8 @@ def _symmetric_product_kernel(
         r = tl.arange(0, BLOCK_N)
         if ADD_X:
             acc += beta * x_tile.load([batch, row, col]).reshape(BLOCK_N, BLOCK_N).to(tl.float32)
-            if i == j:
-                acc += tl.where(r[:, None] == r[None, :], gamma, 0.0)
+            if DIAG:
+                acc = tl.where((r[:, None] == r[None, :]) & (i == j), acc + gamma, acc)
         out = acc.to(out_ptr.dtype.element_ty)
 
         # OUT exactly symmetric: a tile above the diagonal is stored where it is and mirrored below; a diagonal
@@ -226,6 +233,17 @@ def _finish_polynomial(acc, x_tile, out_tile, batch, row, col, a, s, ROWS: tl.co
 
 
 @triton.jit
+def _matrix_tile(R, C, BLOCK: tl.constexpr):
+    """This program's tile of an [R, C] matrix: program id 0 numbers the tiles row by row, program id 1 the matrix.
+    Returns (tile number, matrix, its rows, its columns, which entries lie inside the matrix)."""
+    pid, e = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    tiles_c = tl.cdiv(C, BLOCK)
+    rows = (pid // tiles_c) * BLOCK + tl.arange(0, BLOCK)
+    cols = (pid % tiles_c) * BLOCK + tl.arange(0, BLOCK)
+    return pid, e, rows, cols, (rows[:, None] < R) & (cols[None, :] < C)
+
+
+@triton.jit
 def _momentum_kernel(
     m_ptr,  # M [E, R, C] fp32: each matrix's momentum, advanced in place to mu M + G
     g_ptr,  # G [E, R, C]: its gradient
@@ -239,12 +257,7 @@ def _momentum_kernel(
     SCALED: tl.constexpr,  # G times g_scale
     BLOCK: tl.constexpr,
 ):
-    # program id -> tile (tr, tc) of the [R, C] matrix, row by row; program id 1 -> matrix
-    pid, e = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    tiles_c = tl.cdiv(C, BLOCK)
-    rows = (pid // tiles_c) * BLOCK + tl.arange(0, BLOCK)
-    cols = (pid % tiles_c) * BLOCK + tl.arange(0, BLOCK)
-    inside = (rows[:, None] < R) & (cols[None, :] < C)
+    pid, e, rows, cols, inside = _matrix_tile(R, C, BLOCK)
     offs = e * R * C + rows[:, None] * C + cols[None, :]
 
     g = tl.load(g_ptr + offs, mask=inside, other=0.0).to(tl.float32)
@@ -270,12 +283,7 @@ def _update_kernel(
     stride_or, stride_oc,
     BLOCK: tl.constexpr,
 ):
-    # program id -> tile (tr, tc) of the [R, C] matrix, row by row; program id 1 -> matrix
-    pid, e = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    tiles_c = tl.cdiv(C, BLOCK)
-    rows = (pid // tiles_c) * BLOCK + tl.arange(0, BLOCK)
-    cols = (pid % tiles_c) * BLOCK + tl.arange(0, BLOCK)
-    inside = (rows[:, None] < R) & (cols[None, :] < C)
+    pid, e, rows, cols, inside = _matrix_tile(R, C, BLOCK)
     w = w_ptr + e * R * C + rows[:, None] * C + cols[None, :]
     o = tl.load(o_ptr + e * R * C + rows[:, None] * stride_or + cols[None, :] * stride_oc, mask=inside)
     decay, step = tl.load(decay_ptr), tl.load(step_ptr)
@@ -363,7 +371,8 @@ def _launch_symmetric(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor | No
 
     triton.set_allocator(_allocate_scratch)  # the tensor descriptors' global memory
     _symmetric_product_kernel[grid](x, y, _scale("gram", scale, x), out, batch, n, k, float(alpha), float(beta),
-                                    float(gamma), SCALED=scale is not None, ADD_X=add_x)
+                                    float(gamma), SCALED=scale is not None, ADD_X=add_x, DIAG=gamma != 0,
+                                    TWO_OPERANDS=y is not x)
 
 
 def _check_square(what: str, **tensors: torch.Tensor) -> None:
