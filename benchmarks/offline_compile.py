@@ -90,6 +90,8 @@ def newton_schulz_family() -> None:
         return {"x_ptr": x, "y_ptr": x, "scale_ptr": "*fp32", "out_ptr": out, "BATCH": "i32", "N": "i32:16",
                 "K": "i32:16", "alpha": "fp32", "beta": "fp32", "gamma": "fp32"}
 
+    apply = {"p_ptr": "*bf16", "x_ptr": "*bf16", "scale_ptr": "*fp32", "out_ptr": "*bf16", "BATCH": "i32",
+             "N": "i32:16", "M": "i32:16", "a": "fp32"}
     one = {"TWO_OPERANDS": False, "DIAG": False}
     kernels = {"symmetric product": (newton_schulz._symmetric_product_kernel, True,
                                      {"SCALED": False, "ADD_X": True, **one}, symmetric("*bf16", "*bf16")),
@@ -102,9 +104,10 @@ def newton_schulz_family() -> None:
                "commuting product, fp16": (newton_schulz._symmetric_product_kernel, True,
                                            {"SCALED": False, "ADD_X": False, "TWO_OPERANDS": True, "DIAG": False},
                                            symmetric("*fp16", "*fp16")),
-               "apply polynomial": (newton_schulz._apply_polynomial_kernel, False, {"SCALED": False},
-                                    {"p_ptr": "*bf16", "x_ptr": "*bf16", "scale_ptr": "*fp32", "out_ptr": "*bf16",
-                                     "BATCH": "i32", "N": "i32:16", "M": "i32:16", "a": "fp32"})}
+               "apply polynomial": (newton_schulz._apply_polynomial_kernel, False, {"SCALED": False, "ADD_X": True},
+                                    apply),
+               "Q X (Gram form, a = 0)": (newton_schulz._apply_polynomial_kernel, False,
+                                          {"SCALED": True, "ADD_X": False}, apply)}
     for name, (kernel, symmetric, fixed, signature) in kernels.items():
         for config in newton_schulz._configs(symmetric):
             meta = config.kwargs

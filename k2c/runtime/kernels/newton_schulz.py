@@ -186,6 +186,7 @@ def _apply_polynomial_kernel(
     BATCH, N, M,
     a,
     SCALED: tl.constexpr,
+    ADD_X: tl.constexpr,  # a != 0: the epilogue reads X's tile (the Gram form's Q X has a = 0, and skips the read)
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -196,8 +197,10 @@ def _apply_polynomial_kernel(
     p_of = tl.make_tensor_descriptor(p_ptr, [BATCH, N, N], [N * N, N, 1], [1, BLOCK_N, BLOCK_K])
     x_of = tl.make_tensor_descriptor(x_ptr, [BATCH, N, M], [N * M, M, 1], [1, BLOCK_K, BLOCK_M])
     cols: tl.constexpr = BLOCK_M // 2 if HALVES else BLOCK_M  # of the epilogue's pieces
-    x_tile = tl.make_tensor_descriptor(x_ptr, [BATCH, N, M], [N * M, M, 1], [1, BLOCK_N, cols])
     out_tile = tl.make_tensor_descriptor(out_ptr, [BATCH, N, M], [N * M, M, 1], [1, BLOCK_N, cols])
+    x_tile = out_tile  # unread without ADD_X
+    if ADD_X:
+        x_tile = tl.make_tensor_descriptor(x_ptr, [BATCH, N, M], [N * M, M, 1], [1, BLOCK_N, cols])
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles = tl.cdiv(N, BLOCK_N) * tiles_m
     # tiles numbered matrix by matrix, row by row within one
@@ -215,17 +218,19 @@ def _apply_polynomial_kernel(
         dtype: tl.constexpr = out_ptr.dtype.element_ty
         if HALVES:
             left, right = column_halves(acc, BLOCK_N, cols)
-            _finish_polynomial(left, x_tile, out_tile, batch, row, col, a, s, BLOCK_N, cols, dtype)
-            _finish_polynomial(right, x_tile, out_tile, batch, row, col + cols, a, s, BLOCK_N, cols, dtype)
+            _finish_polynomial(left, x_tile, out_tile, batch, row, col, a, s, BLOCK_N, cols, dtype, ADD_X)
+            _finish_polynomial(right, x_tile, out_tile, batch, row, col + cols, a, s, BLOCK_N, cols, dtype, ADD_X)
         else:
-            _finish_polynomial(acc, x_tile, out_tile, batch, row, col, a, s, BLOCK_N, cols, dtype)
+            _finish_polynomial(acc, x_tile, out_tile, batch, row, col, a, s, BLOCK_N, cols, dtype, ADD_X)
 
 
 @triton.jit
 def _finish_polynomial(acc, x_tile, out_tile, batch, row, col, a, s, ROWS: tl.constexpr, COLS: tl.constexpr,
-                       DTYPE: tl.constexpr):
+                       DTYPE: tl.constexpr, ADD_X: tl.constexpr):
     """The epilogue of a piece of P X: a X added, the scale applied, then one rounding, and the store."""
-    acc = (acc + a * x_tile.load([batch, row, col]).reshape(ROWS, COLS).to(tl.float32)) * s
+    if ADD_X:
+        acc += a * x_tile.load([batch, row, col]).reshape(ROWS, COLS).to(tl.float32)
+    acc = acc * s
     out_tile.store([batch, row, col], acc.to(DTYPE).reshape(1, ROWS, COLS))
 
 
@@ -442,7 +447,7 @@ def apply_polynomial(p: torch.Tensor, x: torch.Tensor, a: float, out: torch.Tens
 
     triton.set_allocator(_allocate_scratch)
     _apply_polynomial_kernel[grid](p, x, _scale("apply_polynomial", scale, x), out, batch, n, m, float(a),
-                                   SCALED=scale is not None)
+                                   SCALED=scale is not None, ADD_X=a != 0)
     return out
 
 
