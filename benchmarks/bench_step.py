@@ -9,7 +9,8 @@ Steps (bf16, random token ids, labels = inputs; wall time over `--steps` steps a
 - k2c, CUDA graph: `k2c train`'s step (the above with gradient clipping, k2c.runtime.train.training_step) replayed
   from a CUDA graph (k2c.runtime.graph.CudaGraphStep), full, LoRA and CE-LoRA; first `--check-steps` steps of it
   and of the same step run eagerly, from the same weights, must give losses and weights that agree within bf16
-  rounding (BF16_AGREEMENT), then both are timed (the eager time is in the row's note).
+  rounding (BF16_AGREEMENT), then both are timed (the eager time is in the row's note). `graph_standard` and
+  `graph_gram`: the full step with the spec's Newton-Schulz set to that form, to compare the two in one run.
 - anchors: transformers' DeepseekV3ForCausalLM (SDPA) built from k2c's config.json export, with torch.optim.Muon
   on its 2D hidden weights and AdamW on the rest; and with PEFT LoRA r=16 on the attention and dense/shared-expert
   linears (PEFT cannot target the fused 3D experts by module name).
@@ -272,7 +273,8 @@ def loss_curves(package, args) -> dict:
             "torch_bf16_vs_fp32": gap("torch bf16", "torch fp32")}
 
 
-VARIANTS = ("k2c", "k2c_torch", "graph", "hf", "lora", "celora", "lora_graph", "celora_graph", "hf_lora", "loss")
+VARIANTS = ("k2c", "k2c_torch", "graph", "graph_standard", "graph_gram", "hf", "lora", "celora", "lora_graph",
+            "celora_graph", "hf_lora", "loss")
 
 
 def main() -> None:
@@ -311,11 +313,23 @@ def main() -> None:
             keep = 0.25 if kind == "ce_lora" else None
             return package_of(with_adapter(spec, kind, keep, f"bench_{kind.replace('_', '')}"), work)
 
+        @functools.cache
+        def in_form(form: str) -> ModuleType:
+            """The spec with its Muon matrices' Newton-Schulz in `form` (group_params still keeps the Gram form to
+            the matrices where it saves work)."""
+            doc = spec.model_dump(mode="json")
+            doc["name"] = f"bench_{form}"
+            doc["optimizer"]["muon"]["newton_schulz"] = form
+            return package_of(Spec.model_validate(doc), work)
+
         jobs: list[tuple[str, Callable[[], Row]]] = [
             ("hf", lambda: hf_full_row(plan, ids, args)),
             ("k2c", lambda: k2c_row("k2c MuonClip step, fused kernels", base, ids, args)),
             ("k2c_torch", lambda: k2c_row("k2c MuonClip step, torch path", base, ids, args, "torch")),
             ("graph", lambda: graph_row("k2c MuonClip step, CUDA graph", base, ids, args)),
+            *((f"graph_{form}", lambda form=form: graph_row(f"k2c MuonClip step, CUDA graph, {form} Newton-Schulz",
+                                                            in_form(form), ids, args))
+              for form in ("standard", "gram")),
             ("hf_lora", lambda: hf_lora_row(plan, ids, args)),
             ("lora", lambda: k2c_row("k2c LoRA r16 (routed experts too)", adapted("lora"), ids, args)),
             ("celora", lambda: k2c_row("k2c CE-LoRA keep 0.25 (same sites)", adapted("ce_lora"), ids, args)),
