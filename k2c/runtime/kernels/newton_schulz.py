@@ -483,24 +483,22 @@ def newton_schulz_(x: torch.Tensor, steps: int, coefficients: tuple[float, float
 def _gram_newton_schulz(x: torch.Tensor, other: torch.Tensor, steps: int, coefficients: tuple[float, float, float],
                         scale: torch.Tensor | None) -> torch.Tensor:
     """The Gram form on the kernels: each segment's R, Z and Q in `gram_dtype(x.dtype)`, each rounded once from
-    fp32, and its last Q in X's dtype, which the product with X needs (the reference rounds at the same points, but
-    for R + a/b I inside Z)."""
+    fp32, and its last Q in X's dtype, which the product with X needs (the reference rounds at the same points, except
+    that it forms R from an fp16 copy of X and rounds R + a/b I inside Z)."""
     a, b, c = coefficients
     batch, n, _ = x.shape
-    # R, Z, Q and a spare; the spare's storage also takes each segment's last Q, in X's dtype (of the same size)
+    # R, Z, Q and a spare; a segment's last Q goes into the spare's storage, in X's dtype (of the same size)
     r, z, q, spare = (torch.empty((batch, n, n), dtype=gram_dtype(x.dtype), device=x.device) for _ in range(4))
     for length in restart_segments(steps):
         gram(x, out=r, scale=scale)
-        last = spare.view(x.dtype)  # the spare is free at the segment's last step, whichever buffer it is then
         for k in range(length):
             final = k == length - 1
             if k == 0:  # Q = Z
-                gram_polynomial(r, b, c, a=a, out=last if final else q)
+                gram_polynomial(r, b, c, a=a, out=spare.view(x.dtype) if final else q)
                 step_z = q
             elif final:
                 gram_polynomial(r, b, c, a=a, out=z)
-                last = spare.view(x.dtype)
-                commuting_product(q, z, out=last)
+                commuting_product(q, z, out=spare.view(x.dtype))
             else:
                 gram_polynomial(r, b, c, a=a, out=z)
                 commuting_product(q, z, out=spare)
@@ -508,7 +506,7 @@ def _gram_newton_schulz(x: torch.Tensor, other: torch.Tensor, steps: int, coeffi
             if not final:  # R <- Z R Z, through the spare
                 commuting_product(step_z, r, out=spare)
                 commuting_product(spare, step_z, out=r)
-        apply_polynomial(last, x, 0.0, out=other, scale=scale)
+        apply_polynomial(spare.view(x.dtype), x, 0.0, out=other, scale=scale)
         x, other, scale = other, x, None
     return x
 
