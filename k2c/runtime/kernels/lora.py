@@ -4,9 +4,13 @@ A site computes Y = X W^T + s (X' A^T) B^T with W [m, n] frozen, A [r, n], B [m,
 (often X itself). W gets no gradient, so besides the forward the one large product is the input gradient dY W;
 CE-LoRA replaces it by dY[:, S] R_S + (dY B0) A0 (shared/reference/celora.md). Two kernels do most of it:
 
-- `thin_matmul`: X [T, K] @ V [K, R] for a small R: X' A^T in the forward, dY B or dY [B | B0] in the backward. It
-  streams X once and is memory-bound, so CE-LoRA's per-channel sums ||dY[:, i]||^2 (for choosing S) ride along at
-  no extra read.
+- `thin_matmul`: X [T, K] @ [V | V2] for small widths, CE-LoRA's dY [B | B0]. It streams X once and is
+  memory-bound, so CE-LoRA's per-channel sums ||dY[:, i]||^2 (for choosing S) ride along at no extra read; it reads
+  B and B0 where they lie and writes rows aligned for the dA GEMM that reads dY B out of them. The single r-wide
+  products (X' A^T, dY B) are cuBLAS GEMMs, which need neither (the forward's 96 X' A^T of k2-1b's CE-LoRA step
+  took 1.28 ms there on an H200; the step's time did not move measurably). Giving dY [B | B0] to cuBLAS as well
+  needs a zero-padded copy of [B | B0] at every step, whose small kernels cost what the GEMMs saved
+  (2026-12-02-nvidia-h200-step-adapters-cublas-thin.md).
 - `matmul_plus_low_rank`: C = P Q + s L_a L_b, the large product with a low-rank term added to the same fp32
   accumulator, so C is written once. It is the exact input gradient (dY W + s dYB A) and CE-LoRA's (dY[:, S] R_S +
   [dYB | dYB0] [sA; A0], the two low-rank terms as one of rank r + k).
@@ -381,7 +385,7 @@ def lora_forward(x, x_adapter, weight, lora_A, lora_B, scale):
     _lora_shapes("lora_forward", m, n, lora_A, lora_B)
     _shape("lora_forward", "x", x, (x.shape[0], n))
     _shape("lora_forward", "x_adapter", x_adapter, tuple(x.shape))
-    xa = thin_matmul(x_adapter, lora_A.T)[0]
+    xa = x_adapter @ lora_A.T
     return (x @ weight.T).addmm_(xa, lora_B.T, alpha=scale), xa
 
 
@@ -395,7 +399,7 @@ def lora_input_grad(dy, weight, lora_A, lora_B, scale, dy_B=None):
     _lora_shapes("lora_input_grad", m, n, lora_A, lora_B)
     _shape("lora_input_grad", "dy", dy, (dy.shape[0], m))
     if dy_B is None:
-        dy_B = thin_matmul(dy, lora_B)[0]
+        dy_B = dy @ lora_B
     return matmul_plus_low_rank(dy, weight, dy_B, lora_A, scale)
 
 
@@ -431,7 +435,7 @@ def lora_weight_grads(dy, x_adapter, xa, lora_B, scale, dy_B=None):
     grad_a = grad_b = None
     if x_adapter is not None:
         if dy_B is None:
-            dy_B = thin_matmul(dy, lora_B)[0]
+            dy_B = dy @ lora_B
         grad_a = scaled_mm(dy_B.T, x_adapter, scale)
     if xa is not None:
         grad_b = scaled_mm(dy.T, xa, scale)
@@ -485,7 +489,7 @@ class LoRALinearKernel(torch.autograd.Function):
             else:
                 dx = matmul_plus_low_rank(dy_kept, kept_rows, dy_lowrank[:, r:], svd_A)
         else:
-            dy_B = thin_matmul(dy, lora_B)[0]
+            dy_B = dy @ lora_B
             if need_x:
                 dx = matmul_plus_low_rank(dy, weight, *((dy_B, lora_A) if shared else ()), scale=scale)
         if need_x_adapter and not shared:
