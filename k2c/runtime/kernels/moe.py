@@ -1069,6 +1069,9 @@ def pack_columns(x: torch.Tensor, offsets: torch.Tensor, kept: torch.Tensor, *,
 
     CE-LoRA's GEMM over the kept channels then reads dense rows: gathering the columns inside the GEMM's loads runs
     across x's contiguous dim, a scalar access per element (k2c/runtime/kernels/lora.py measures why it loses).
+    Here too each kept element is its own load, but the loads are independent: a trial that loaded whole tiles and
+    picked the kept columns out of registers (tl.gather) took 0.072 against 0.045 ms at [65536, 512] on an H200
+    (benchmarks/results/2026-12-02-nvidia-h200-kernels-pack-trial.md).
     """
     experts, s = kept.shape
     m = rows.shape[0] if rows is not None else x.shape[0]
