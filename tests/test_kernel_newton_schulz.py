@@ -208,6 +208,26 @@ def optimizer_step_matches_the_torch_path(form: str, steps: int) -> None:
         assert_close(name, results["triton"][name] / scale, want / scale, torch.float32)
 
 
+def check_orthogonalise() -> None:
+    """`orthogonalise`, the sharded Muon step's Newton-Schulz on a whole gathered matrix: on the kernels
+    (K2C_KERNELS=triton) against the torch reference, fp32, for a wide, a tall and a stacked matrix in both forms; a
+    shape the kernels do not take (rows of 72 bytes) takes the reference itself."""
+    from k2c.runtime.optim import newton_schulz, orthogonalise
+
+    torch.manual_seed(4)
+    for form, steps in (("standard", 2), ("gram", 4)):
+        for shape in ((24, 40), (40, 24), (3, 24, 40)):
+            u = torch.randn(shape) * 3.0
+            want = newton_schulz(u, steps, COEFFICIENTS, torch.float32, form)
+            os.environ["K2C_KERNELS"] = "triton"
+            got = orthogonalise(u, steps, COEFFICIENTS, form)
+            assert got.shape == u.shape and got.dtype == torch.float32
+            assert_close(f"orthogonalise {form} {shape}", got, want, torch.float32)
+    u = torch.randn(2, 24, 18)
+    assert torch.equal(orthogonalise(u, 2, COEFFICIENTS), newton_schulz(u, 2, COEFFICIENTS, torch.float32))
+    print("ok orthogonalise")
+
+
 def check_errors() -> None:
     from k2c.runtime.kernels.newton_schulz import (apply_polynomial, commuting_product, gram, gram_polynomial,
                                                    muon_input, newton_schulz_)
@@ -245,7 +265,7 @@ def check_errors() -> None:
 # --------------------------------------------------------------------------- the tests: one fresh Python each
 
 
-@pytest.mark.parametrize("check", ["gram", "newton_schulz", "muon_passes", "optimizer", "errors"])
+@pytest.mark.parametrize("check", ["gram", "newton_schulz", "muon_passes", "optimizer", "orthogonalise", "errors"])
 def test_kernels_under_the_interpreter(check: str) -> None:
     child = subprocess.run([sys.executable, __file__, f"check_{check}"], capture_output=True, text=True, timeout=300,
                            env=subprocess_env(TRITON_INTERPRET="1"))

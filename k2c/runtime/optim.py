@@ -84,6 +84,21 @@ def newton_schulz(u, steps, coefficients, dtype=torch.bfloat16, form=STANDARD):
     return x.reshape(u.shape)
 
 
+def orthogonalise(u, steps, coefficients, form=STANDARD):
+    """`newton_schulz` of u [..., n, m] in `ns_dtype`, as fp32: on the Triton kernels where they run (`use_triton`)
+    and take the shape, as the fused Muon step runs them (the rounded matrix in, its norm applied inside the first
+    step), else the torch reference. For a whole matrix gathered from its shards (`MuonClip._muon_sharded`)."""
+    dtype = ns_dtype(u.device)
+    r, c = u.shape[-2:]
+    if not (use_triton(TRITON, u) and ns_kernels.fits(min(r, c), max(r, c), dtype)):
+        return newton_schulz(u, steps, coefficients, dtype, form).float()
+    x = u.float().reshape(-1, r, c)
+    x = x.mT if r > c else x  # wide, so that X X^T is the small side
+    scale = ns_kernels.inverse_norms(x.square().sum((1, 2)).unsqueeze(1))
+    x = ns_kernels.newton_schulz_(x.to(dtype).contiguous(), steps, coefficients, scale, form).float()
+    return (x.mT if r > c else x).reshape(u.shape)
+
+
 def _gram_newton_schulz(x, steps, coefficients):
     """The gram form of `newton_schulz` on wide matrices x [B, n, m] (n <= m)."""
     a, b, c = coefficients
@@ -365,8 +380,8 @@ class MuonClip(torch.optim.Optimizer):
                 whole = gather(grad.add(momentum, alpha=mu) if nesterov else momentum, owner)
                 full = whole if whole is not None else full
             # each process orthogonalises its own matrix of the round, all at the same time
-            update = None if full is None else newton_schulz(full, self.plan.ns_steps, self.plan.ns_coefficients,
-                                                             ns_dtype(full.device), form).float()
+            update = None if full is None else orthogonalise(full, self.plan.ns_steps, self.plan.ns_coefficients,
+                                                             form)
             for owner, p in enumerate(batch):
                 if owner == mine:
                     assert update is not None  # this process gathered and orthogonalised its own matrix
