@@ -215,12 +215,14 @@ def check_orthogonalise() -> None:
     from k2c.runtime.optim import newton_schulz, orthogonalise
 
     torch.manual_seed(4)
+    os.environ["K2C_KERNELS"] = "triton"
     for form, steps in (("standard", 2), ("gram", 4)):
         for shape in ((24, 40), (40, 24), (3, 24, 40)):
             u = torch.randn(shape) * 3.0
+            kept = u.clone()
             want = newton_schulz(u, steps, COEFFICIENTS, torch.float32, form)
-            os.environ["K2C_KERNELS"] = "triton"
             got = orthogonalise(u, steps, COEFFICIENTS, form)
+            assert torch.equal(u, kept), "orthogonalise wrote into its input"
             assert got.shape == u.shape and got.dtype == torch.float32
             assert_close(f"orthogonalise {form} {shape}", got, want, torch.float32)
     u = torch.randn(2, 24, 18)

@@ -95,7 +95,9 @@ def orthogonalise(u, steps, coefficients, form=STANDARD):
     x = u.float().reshape(-1, r, c)
     x = x.mT if r > c else x  # wide, so that X X^T is the small side
     scale = ns_kernels.inverse_norms(x.square().sum((1, 2)).unsqueeze(1))
-    x = ns_kernels.newton_schulz_(x.to(dtype).contiguous(), steps, coefficients, scale, form).float()
+    # a copy of its own: the kernels overwrite their input, which for an fp32 u would otherwise be u itself
+    x = x.to(dtype, memory_format=torch.contiguous_format, copy=True)
+    x = ns_kernels.newton_schulz_(x, steps, coefficients, scale, form).float()
     return (x.mT if r > c else x).reshape(u.shape)
 
 

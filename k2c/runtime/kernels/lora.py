@@ -7,8 +7,8 @@ CE-LoRA replaces it by dY[:, S] R_S + (dY B0) A0 (shared/reference/celora.md). T
 - `thin_matmul`: X [T, K] @ [V | V2] for small widths, CE-LoRA's dY [B | B0]. It streams X once and is
   memory-bound, so CE-LoRA's per-channel sums ||dY[:, i]||^2 (for choosing S) ride along at no extra read; it reads
   B and B0 where they lie and writes rows aligned for the dA GEMM that reads dY B out of them. The single r-wide
-  products (X' A^T, dY B) are cuBLAS GEMMs, which need neither (the forward's 96 X' A^T of k2-1b's CE-LoRA step
-  took 1.28 ms there on an H200; the step's time did not move measurably). Giving dY [B | B0] to cuBLAS as well
+  products (X' A^T, dY B) are cuBLAS GEMMs, which need neither (the 96 X' A^T of a k2-1b CE-LoRA step took 1.28
+  ms of an H200's time on cuBLAS; the step's time did not move measurably). Giving dY [B | B0] to cuBLAS as well
   needs a zero-padded copy of [B | B0] at every step, whose small kernels cost what the GEMMs saved
   (2026-12-02-nvidia-h200-step-adapters-cublas-thin.md).
 - `matmul_plus_low_rank`: C = P Q + s L_a L_b, the large product with a low-rank term added to the same fp32
