@@ -142,6 +142,7 @@ def table(rows) -> None:
             meta = config.kwargs
             compiled = compile_for_hopper(kernel, signature, {**fixed, **meta}, config.num_warps, config.num_stages)
             tile = "x".join(str(meta[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in meta)
+            tile += ", W by descriptor" if meta.get("DESC") else ""
             print(f"| {name} | {tile} | {config.num_warps} | {config.num_stages} | {meta.get('HALVES', '')} | "
                   f"{resources(compiled)} |")
 
@@ -173,7 +174,8 @@ def moe_family() -> None:
     table([
         ("gate/up", moe._gate_up_kernel, moe._gate_up_kernel.configs, gate_up,
          {"stride_xk": 1, "stride_wk": 1, "stride_lagr": 1, "stride_lbgn": 1, "stride_laur": 1, "stride_lbun": 1,
-          "stride_on": 1, "LORA_GATE": False, "LORA_UP": False, "BLOCK_RG": 16, "BLOCK_RU": 16, "BLOCK_E": 32}),
+          "stride_on": 1, "LORA_GATE": False, "LORA_UP": False, "W_DESCRIPTOR": True, "BLOCK_RG": 16, "BLOCK_RU": 16,
+          "BLOCK_E": 32}),
         ("down backward", moe._down_backward_kernel, moe._down_backward_kernel.configs, down_backward,
          {"stride_dk": 1, "stride_wn": 1, "stride_lur": 1, "stride_adn": 1, "stride_gn": 1, "GATHER": True,
           "COMBINE": True, "LOW_RANK": False, "BLOCK_R": 16, "BLOCK_E": 32}),

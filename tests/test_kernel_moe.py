@@ -232,6 +232,33 @@ def check_celora() -> None:
         compare(f"ce_lora {dtype} {load} on {ce_names} of {names}", moe, dtype, twice=True)
 
 
+def check_gate_up_paths() -> None:
+    """The gate/up GEMM's two ways of loading W: by tensor descriptor (W addressable: rows of 16-byte multiples) and by
+    pointer loads (W's rows of 33 entries, a view), the same bits from both, and both against a per-expert formula in
+    fp64; one expert without rows, N = 24 ending inside a 16-wide tile (the descriptor's zeros past N, the pointers'
+    wrap)."""
+    from k2c.runtime.kernels import moe as kernels
+    from k2c.runtime.kernels.tiles import addressable
+
+    torch.manual_seed(9)
+    counts = torch.tensor([9, 0, 17, 5, 30, 13])
+    offsets = torch.nn.functional.pad(counts.cumsum(0), (1, 0))
+    m, owner = int(offsets[-1]), torch.repeat_interleave(torch.arange(E), counts)
+    rows = torch.randint(0, N, (m,))
+    for dtype in (torch.float32, torch.float16):
+        x = torch.randn(N, H, dtype=dtype)
+        gate_w, up_w = (torch.randn(E, INTER, H, dtype=dtype) / H**0.5 for _ in range(2))
+        strided = [torch.zeros(E, INTER, H + 1, dtype=dtype)[:, :, :H].copy_(w) for w in (gate_w, up_w)]
+        assert addressable(gate_w) and not addressable(strided[0])
+        by_descriptor = kernels.gate_up_swiglu(x, rows, offsets, gate_w, up_w)
+        by_pointers = kernels.gate_up_swiglu(x, rows, offsets, *strided)
+        assert all(torch.equal(a, b) for a, b in zip(by_descriptor, by_pointers)), f"{dtype}: the two paths differ"
+        for got, w in zip(by_descriptor[:2], (gate_w, up_w)):
+            want = torch.einsum("mh,mih->mi", x[rows].double(), w[owner].double())
+            assert_close(f"gate/up {dtype}", got, want, dtype)
+    print("ok gate/up paths")
+
+
 def check_slot_sum() -> None:
     """The MoE output's sum over the slots plus the shared experts' output, and its gradients, against torch's sum and
     add on strided slots, in fp32 accumulation (the kernel rounds once, so fp16 is compared at its tolerance)."""
@@ -313,7 +340,8 @@ def check_errors() -> None:
 # --------------------------------------------------------------------------- the tests: one fresh Python each
 
 
-@pytest.mark.parametrize("check", ["router", "experts", "lora", "celora", "slot_sum", "weight_grad", "errors"])
+@pytest.mark.parametrize("check", ["router", "experts", "lora", "celora", "gate_up_paths", "slot_sum", "weight_grad",
+                                   "errors"])
 def test_moe_kernels_match_the_torch_path(check: str) -> None:
     child = subprocess.run([sys.executable, __file__, f"check_{check}"], capture_output=True, text=True, timeout=300,
                            env=subprocess_env(TRITON_INTERPRET="1", K2C_KERNELS="triton"))

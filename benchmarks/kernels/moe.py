@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from k2c.runtime import ops
 from k2c.runtime.adapters import LoRAExperts
+from k2c.runtime.kernels import moe as moe_kernels
 from k2c.runtime.model import MoE, Routing
 from k2c.runtime.plan import TRITON, AdapterPlan, AdapterSite, MoEPlan, RouterPlan
 
@@ -242,8 +243,15 @@ def compare(h, tokens: int, hidden: int, experts: int, top_k: int, inter: int, k
         tf = {name: h.time(fn) for name, fn in fwd.items()}
     reference = "anchor" if anchor is not None else "loop"
     record(h, what.replace("fwd+bwd", "forward only"), f"k2c fused Triton experts (vs {reference})", tf["fused"],
-           tf[reference], "", 2 * m * hidden * inter * 3)
+           tf[reference], gate_up_choice(), 2 * m * hidden * inter * 3)
     return t
+
+
+def gate_up_choice() -> str:
+    """The gate/up GEMM's config as the autotuner last chose it: its tile, and how it loads W."""
+    meta = moe_kernels._gate_up_kernel.best_config.kwargs
+    return (f"gate/up tile {meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}, W by "
+            f"{'tensor descriptor' if meta['DESC'] else 'pointer loads'}")
 
 
 def router(h, tokens: int, hidden: int, experts: int, top_k: int, device) -> None:

@@ -21,7 +21,8 @@ waits for the GPU, and it runs one small GEMM per expert. Here the counts stay o
   S packed per expert (`pack_columns`) and the low-rank terms folded into the GEMM's epilogue.
 - `swiglu_experts`: the whole routed MLP, `down(silu(gate(x)) * up(x))` per expert, weighted and put back in
   (token, slot) order, as one autograd Function: the gate/up GEMM reads each row's token from x directly (no
-  permuted copy of x), runs both products on one load of x and applies SwiGLU in its epilogue; the down GEMM
+  permuted copy of x), runs both products on one load of x and applies SwiGLU in its epilogue (W's tiles by pointer
+  loads or, where W is addressable, by tensor descriptor: the autotuner keeps the faster); the down GEMM
   multiplies by the combine weight and stores each row at its (token, slot) position. The backward mirrors it: the
   down input-gradient GEMM gathers the output gradient by token, and its epilogue applies the combine weight, the
   SwiGLU backward and the combine weight's gradient (dw = act . (dOut W_down), summed per column tile, no atomics);
@@ -58,7 +59,7 @@ import triton
 import triton.language as tl
 
 from k2c.runtime.kernels import lora as lora_kernel
-from k2c.runtime.kernels.tiles import column_halves
+from k2c.runtime.kernels.tiles import addressable, column_halves, descriptor_scratch
 from k2c.runtime.kernels.tuning import autotune
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -487,7 +488,19 @@ def _grouped_matmul_kernel(
 # --------------------------------------------------------------------------- SwiGLU experts: gate/up and its backward
 
 
-@autotune(_configs(GATE_UP, HALVES=True), key=["N", "K", "RG", "RU", "LORA_GATE", "LORA_UP"])
+def _prune_descriptors(configs, named_args, **kwargs):
+    """The configs that load W by tensor descriptor only where W is addressable (W_DESCRIPTOR); under the
+    interpreter, which times nothing, one config: by descriptor where it can be."""
+    described = {**named_args, **kwargs}["W_DESCRIPTOR"]  # a constexpr: among the keyword arguments
+    able = [c for c in configs if c.kwargs["DESC"] <= described]
+    return [c for c in able if c.kwargs["DESC"] == described] if INTERPRETED else able
+
+
+# each GATE_UP tile shape twice: W's tiles by pointer loads, and by tensor descriptor (the tensor memory
+# accelerator's loads, which take no registers); the autotuner keeps the faster where both can run
+@autotune(_configs(GATE_UP, HALVES=True, DESC=False) + _configs(GATE_UP, HALVES=True, DESC=True),
+          key=["N", "K", "RG", "RU", "LORA_GATE", "LORA_UP", "W_DESCRIPTOR"],
+          prune_configs_by={"early_config_prune": _prune_descriptors})
 @triton.jit
 def _gate_up_kernel(
     x_ptr,  # X [*, K]: the layer's input, a row per token
@@ -510,6 +523,7 @@ def _gate_up_kernel(
     scale_g, scale_u,
     LORA_GATE: tl.constexpr,
     LORA_UP: tl.constexpr,
+    W_DESCRIPTOR: tl.constexpr,  # W is addressable by tensor descriptor (`addressable`)
     BLOCK_RG: tl.constexpr,
     BLOCK_RU: tl.constexpr,
     BLOCK_E: tl.constexpr,
@@ -518,6 +532,7 @@ def _gate_up_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     HALVES: tl.constexpr,
+    DESC: tl.constexpr,  # load W's tiles by tensor descriptor (W_DESCRIPTOR only)
 ):
     expert, rows, row_in, tile_n = _row_tile(offsets_ptr, M, N, E, BLOCK_M, BLOCK_N, BLOCK_E, GROUP_M)
     if expert >= E:
@@ -532,13 +547,22 @@ def _gate_up_kernel(
     w_tile = ks[:, None] * stride_wk + cols_w[None, :] * stride_wn
     wg_tile = wg_ptr + e * stride_we + w_tile
     wu_tile = wu_ptr + e * stride_we + w_tile
+    if DESC:
+        tl.static_assert(W_DESCRIPTOR)
+        # zero past the expert's N rows and its K columns, where the pointer loads wrap or mask
+        wg_of = tl.make_tensor_descriptor(wg_ptr, [E, N, K], [stride_we, stride_wn, 1], [1, BLOCK_N, BLOCK_K])
+        wu_of = tl.make_tensor_descriptor(wu_ptr, [E, N, K], [stride_we, stride_wn, 1], [1, BLOCK_N, BLOCK_K])
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(tl.cdiv(K, BLOCK_K)):
         k_in = ks < K - k * BLOCK_K
         x = tl.load(x_tile, mask=k_in[None, :], other=0.0)
-        wg = tl.load(wg_tile, mask=k_in[:, None], other=0.0)
-        wu = tl.load(wu_tile, mask=k_in[:, None], other=0.0)
+        if DESC:
+            wg = tl.trans(wg_of.load([expert, tile_n * BLOCK_N, k * BLOCK_K]).reshape(BLOCK_N, BLOCK_K))
+            wu = tl.trans(wu_of.load([expert, tile_n * BLOCK_N, k * BLOCK_K]).reshape(BLOCK_N, BLOCK_K))
+        else:
+            wg = tl.load(wg_tile, mask=k_in[:, None], other=0.0)
+            wu = tl.load(wu_tile, mask=k_in[:, None], other=0.0)
         acc_g = tl.dot(x, wg, acc_g, input_precision="ieee")
         acc_u = tl.dot(x, wu, acc_u, input_precision="ieee")
         x_tile += BLOCK_K * stride_xk
@@ -1163,6 +1187,9 @@ def gate_up_swiglu(x: torch.Tensor, x_rows: torch.Tensor, offsets: torch.Tensor,
     def grid(meta):
         return ((triton.cdiv(m, meta["BLOCK_M"]) + experts) * triton.cdiv(inter, meta["BLOCK_N"]),)
 
+    described = addressable(gate_proj) and addressable(up_proj)
+    if described:
+        triton.set_allocator(descriptor_scratch)
     _gate_up_kernel[grid](
         x, x_rows, gate_proj, up_proj, lag, lbg, lau, lbu, gate, up, act, offsets,
         m, inter, hidden, rg, ru, experts,
@@ -1171,7 +1198,7 @@ def gate_up_swiglu(x: torch.Tensor, x_rows: torch.Tensor, offsets: torch.Tensor,
         lau.stride(0), lau.stride(1), lbu.stride(0), lbu.stride(1), lbu.stride(2),
         gate.stride(0), gate.stride(1),
         float(scale_g), float(scale_u),
-        LORA_GATE=low_gate is not None, LORA_UP=low_up is not None,
+        LORA_GATE=low_gate is not None, LORA_UP=low_up is not None, W_DESCRIPTOR=described,
         BLOCK_RG=_block(rg), BLOCK_RU=_block(ru), BLOCK_E=_block_e(experts),
     )
     return gate, up, act

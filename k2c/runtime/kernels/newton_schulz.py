@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from k2c.runtime.kernels.tiles import column_halves
+from k2c.runtime.kernels.tiles import column_halves, descriptor_scratch
 from k2c.runtime.kernels.tuning import autotune
 from k2c.runtime.plan import GRAM, NS_FORMS, STANDARD, restart_segments
 
@@ -93,11 +93,6 @@ def _configs(symmetric: bool) -> list[triton.Config]:
                            **({} if halves is None else {"HALVES": halves})}, num_stages=stages, num_warps=warps)
             for n, m, k, stages, warps, halves in shapes
             for persistent, flat in ((False, False), (True, False), (True, True))]
-
-
-def _allocate_scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global memory for the tensor descriptors the kernels make on the device (Triton asks for it per launch)."""
-    return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRETED else torch.cuda.current_device())
 
 
 @triton.jit
@@ -374,7 +369,7 @@ def _launch_symmetric(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor | No
         blocks = triton.cdiv(n, meta["BLOCK_N"])
         return _programs(batch * blocks * (blocks + 1) // 2, meta)
 
-    triton.set_allocator(_allocate_scratch)  # the tensor descriptors' global memory
+    triton.set_allocator(descriptor_scratch)  # the tensor descriptors' global memory
     _symmetric_product_kernel[grid](x, y, _scale("gram", scale, x), out, batch, n, k, float(alpha), float(beta),
                                     float(gamma), SCALED=scale is not None, ADD_X=add_x, DIAG=gamma != 0,
                                     TWO_OPERANDS=y is not x)
@@ -445,7 +440,7 @@ def apply_polynomial(p: torch.Tensor, x: torch.Tensor, a: float, out: torch.Tens
     def grid(meta):
         return _programs(batch * triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(m, meta["BLOCK_M"]), meta)
 
-    triton.set_allocator(_allocate_scratch)
+    triton.set_allocator(descriptor_scratch)
     _apply_polynomial_kernel[grid](p, x, _scale("apply_polynomial", scale, x), out, batch, n, m, float(a),
                                    SCALED=scale is not None, ADD_X=a != 0)
     return out
