@@ -18,6 +18,7 @@ decorated.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -32,18 +33,21 @@ FIRST_ONLY = os.environ.get(AUTOTUNE, "") == "first"
 
 
 class FirstThatRuns:
-    """The autotuner's timing under K2C_AUTOTUNE=first. The autotuner times a kernel's configs in order, all of them
-    for each new tuning key, and keeps the fastest; here each config in turn runs once until one runs (one that
-    does not fit raises, which the autotuner counts as infinitely slow), and it is "fastest"; the configs after it
-    are neither compiled nor run."""
+    """The autotuner's timing under K2C_AUTOTUNE=first. For each new tuning key the autotuner prunes the kernel's
+    configs (`start` runs there, and begins the key) and times the rest in order, keeping the fastest; here each
+    config in turn runs once until one runs (one that does not fit raises, which the autotuner counts as infinitely
+    slow), and it is "fastest"; the configs after it are neither compiled nor run. Beginning a key where the configs
+    are pruned, rather than counting calls, holds when pruning leaves each key a different number of them."""
 
-    def __init__(self, configs: int):
-        self.configs, self.calls, self.found = configs, 0, False
+    def __init__(self):
+        self.found = False
+
+    def start(self, configs, named_args, prune=None, **kwargs):
+        """The autotuner's early_config_prune: begins a key, then prunes as `prune` (the kernel's own) would."""
+        self.found = False
+        return prune(configs, named_args, **kwargs) if prune is not None else configs
 
     def __call__(self, kernel_call, quantiles) -> list[float]:
-        if self.calls % self.configs == 0:  # a new tuning key: its first config
-            self.found = False
-        self.calls += 1
         if self.found:
             return [math.inf] * len(quantiles)
         kernel_call()
@@ -51,7 +55,10 @@ class FirstThatRuns:
         return [0.0] * len(quantiles)
 
 
-def autotune(configs: list[triton.Config], key: list[str], **kwargs):
+def autotune(configs: list[triton.Config], key: list[str], prune_configs_by: dict | None = None, **kwargs):
+    pruning = dict(prune_configs_by or {})
     if FIRST_ONLY:
-        return triton.autotune(configs=configs, key=key, do_bench=FirstThatRuns(len(configs)), **kwargs)
-    return triton.autotune(configs=configs, key=key, cache_results=True, **kwargs)
+        first = FirstThatRuns()
+        pruning["early_config_prune"] = functools.partial(first.start, prune=pruning.get("early_config_prune"))
+        return triton.autotune(configs=configs, key=key, do_bench=first, prune_configs_by=pruning, **kwargs)
+    return triton.autotune(configs=configs, key=key, cache_results=True, prune_configs_by=pruning or None, **kwargs)
