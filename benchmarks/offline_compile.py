@@ -178,7 +178,7 @@ def moe_family() -> None:
           "BLOCK_E": 32}),
         ("down backward", moe._down_backward_kernel, moe._down_backward_kernel.configs, down_backward,
          {"stride_dk": 1, "stride_wn": 1, "stride_lur": 1, "stride_adn": 1, "stride_gn": 1, "GATHER": True,
-          "COMBINE": True, "LOW_RANK": False, "BLOCK_R": 16, "BLOCK_E": 32}),
+          "COMBINE": True, "LOW_RANK": False, "W_DESCRIPTOR": True, "BLOCK_R": 16, "BLOCK_E": 32}),
         ("down forward", moe._grouped_matmul_kernel, wide, grouped | {"stride_wn": "i32:16"},
          {"stride_ak": 1, "stride_wk": 1, "stride_a2k": 1, "stride_w2n": 1, "stride_lar": 1, "stride_lbn": 1,
           "stride_cn": 1, "GATHER": False, "TWO": False, "ROW_SCALE": True, "SCATTER": True, **no_adapter}),

@@ -232,11 +232,11 @@ def check_celora() -> None:
         compare(f"ce_lora {dtype} {load} on {ce_names} of {names}", moe, dtype, twice=True)
 
 
-def check_gate_up_paths() -> None:
-    """The gate/up GEMM's two ways of loading W: by tensor descriptor (W addressable: rows of 16-byte multiples) and by
-    pointer loads (W's rows of 33 entries, a view), the same bits from both, and both against a per-expert formula in
-    fp64; one expert without rows, N = 24 ending inside a 16-wide tile (the descriptor's zeros past N, the pointers'
-    wrap)."""
+def check_weight_paths() -> None:
+    """The two ways the gate/up GEMM and the down backward load W: by tensor descriptor (W addressable: rows of
+    16-byte multiples) and by pointer loads (W's rows one entry longer, a view), the same bits from both; the gate/up
+    GEMM also against a per-expert formula in fp64 (the layer checks compare the descriptor path with the torch path).
+    One expert without rows; N = 24 ends inside a 16-wide tile (the descriptor's zeros past N, the pointers' wrap)."""
     from k2c.runtime.kernels import moe as kernels
     from k2c.runtime.kernels.tiles import addressable
 
@@ -245,18 +245,28 @@ def check_gate_up_paths() -> None:
     offsets = torch.nn.functional.pad(counts.cumsum(0), (1, 0))
     m, owner = int(offsets[-1]), torch.repeat_interleave(torch.arange(E), counts)
     rows = torch.randint(0, N, (m,))
+
+    def unaddressable(w: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(*w.shape[:-1], w.shape[-1] + 1, dtype=w.dtype)[..., :w.shape[-1]].copy_(w)
+
     for dtype in (torch.float32, torch.float16):
         x = torch.randn(N, H, dtype=dtype)
         gate_w, up_w = (torch.randn(E, INTER, H, dtype=dtype) / H**0.5 for _ in range(2))
-        strided = [torch.zeros(E, INTER, H + 1, dtype=dtype)[:, :, :H].copy_(w) for w in (gate_w, up_w)]
-        assert addressable(gate_w) and not addressable(strided[0])
+        assert addressable(gate_w) and not addressable(unaddressable(gate_w))
         by_descriptor = kernels.gate_up_swiglu(x, rows, offsets, gate_w, up_w)
-        by_pointers = kernels.gate_up_swiglu(x, rows, offsets, *strided)
-        assert all(torch.equal(a, b) for a, b in zip(by_descriptor, by_pointers)), f"{dtype}: the two paths differ"
+        by_pointers = kernels.gate_up_swiglu(x, rows, offsets, unaddressable(gate_w), unaddressable(up_w))
+        assert all(torch.equal(a, b) for a, b in zip(by_descriptor, by_pointers)), f"{dtype}: gate/up paths differ"
         for got, w in zip(by_descriptor[:2], (gate_w, up_w)):
             want = torch.einsum("mh,mih->mi", x[rows].double(), w[owner].double())
             assert_close(f"gate/up {dtype}", got, want, dtype)
-    print("ok gate/up paths")
+
+        gate, up = by_descriptor[:2]
+        down_w, dout, weights = torch.randn(E, H, INTER, dtype=dtype) / INTER**0.5, torch.randn(N, H, dtype=dtype), \
+            torch.rand(m)
+        by_descriptor = kernels.down_backward(dout, rows, offsets, down_w, weights, gate, up)
+        by_pointers = kernels.down_backward(dout, rows, offsets, unaddressable(down_w), weights, gate, up)
+        assert all(torch.equal(a, b) for a, b in zip(by_descriptor, by_pointers)), f"{dtype}: down paths differ"
+    print("ok weight paths")
 
 
 def check_slot_sum() -> None:
@@ -340,7 +350,7 @@ def check_errors() -> None:
 # --------------------------------------------------------------------------- the tests: one fresh Python each
 
 
-@pytest.mark.parametrize("check", ["router", "experts", "lora", "celora", "gate_up_paths", "slot_sum", "weight_grad",
+@pytest.mark.parametrize("check", ["router", "experts", "lora", "celora", "weight_paths", "slot_sum", "weight_grad",
                                    "errors"])
 def test_moe_kernels_match_the_torch_path(check: str) -> None:
     child = subprocess.run([sys.executable, __file__, f"check_{check}"], capture_output=True, text=True, timeout=300,

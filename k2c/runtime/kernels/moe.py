@@ -24,8 +24,9 @@ waits for the GPU, and it runs one small GEMM per expert. Here the counts stay o
   permuted copy of x), runs both products on one load of x and applies SwiGLU in its epilogue (W's tiles by pointer
   loads or, where W is addressable, by tensor descriptor: the autotuner keeps the faster); the down GEMM
   multiplies by the combine weight and stores each row at its (token, slot) position. The backward mirrors it: the
-  down input-gradient GEMM gathers the output gradient by token, and its epilogue applies the combine weight, the
-  SwiGLU backward and the combine weight's gradient (dw = act . (dOut W_down), summed per column tile, no atomics);
+  down input-gradient GEMM gathers the output gradient by token (W_d's tiles loaded either way too), and its
+  epilogue applies the combine weight, the SwiGLU backward and the combine weight's gradient (dw = act .
+  (dOut W_down), summed per column tile, no atomics);
   the gate/up input-gradient GEMM runs both products into one accumulator and stores each row at its (token, slot)
   position. LoRA rides in the same kernels, and so does CE-LoRA: an input-gradient GEMM runs over each expert's
   kept channels (packed per expert; for down, gathered by token and weighted as dY is), with the SVD pair's
@@ -405,6 +406,22 @@ def _dot_loop(acc, a_ptr, a_rows, stride_ak, w_ptr, stride_wk, stride_wn, cols, 
 
 
 @triton.jit
+def _dot_loop_described(acc, a_ptr, a_rows, stride_ak, w_of, expert, col, K, BLOCK_K: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    """`_dot_loop` with W's [BLOCK_K, BLOCK_N] tiles from w_of, a tensor descriptor over W [E, K, N] (zero past K and
+    N): the tile of expert `expert` at columns col to col + BLOCK_N."""
+    ks = tl.arange(0, BLOCK_K)
+    a_tile = a_ptr + a_rows[:, None] + ks[None, :] * stride_ak
+    for k in range(tl.cdiv(K, BLOCK_K)):
+        k_in = ks < K - k * BLOCK_K
+        a = tl.load(a_tile, mask=k_in[None, :], other=0.0)
+        w = w_of.load([expert, k * BLOCK_K, col]).reshape(BLOCK_K, BLOCK_N)
+        acc = tl.dot(a, w, acc, input_precision="ieee")
+        a_tile += BLOCK_K * stride_ak
+    return acc
+
+
+@triton.jit
 def _add_low_rank(acc, la_ptr, rows, stride_lam, stride_lar, lb_ptr, stride_lbr, stride_lbn, cols, R, scale,
                   BLOCK_R: tl.constexpr):
     """acc += scale * L_a[rows, :R] @ L_b[:R, cols]; the scale multiplies the [rows, R] factor, the cheap side."""
@@ -604,7 +621,9 @@ def _swiglu_epilogue(acc_g, acc_u, rows, row_in, cols, N, gate_ptr, up_ptr, act_
     tl.store(act_ptr + out, act, mask=mask)
 
 
-@autotune(_configs(DOWN_BACKWARD, HALVES=True), key=["N", "K", "R", "GATHER", "LOW_RANK"])
+@autotune(_configs(DOWN_BACKWARD, HALVES=True, DESC=False) + _configs(DOWN_BACKWARD, HALVES=True, DESC=True),
+          key=["N", "K", "R", "GATHER", "LOW_RANK", "W_DESCRIPTOR"],
+          prune_configs_by={"early_config_prune": _prune_descriptors})
 @triton.jit
 def _down_backward_kernel(
     dout_ptr,  # dOut [*, K]: the gradient of each (token, slot)'s weighted output
@@ -627,6 +646,7 @@ def _down_backward_kernel(
     GATHER: tl.constexpr,
     COMBINE: tl.constexpr,
     LOW_RANK: tl.constexpr,
+    W_DESCRIPTOR: tl.constexpr,  # W_d is addressable by tensor descriptor (`addressable`)
     BLOCK_R: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -634,6 +654,7 @@ def _down_backward_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     HALVES: tl.constexpr,
+    DESC: tl.constexpr,  # load W_d's tiles by tensor descriptor (W_DESCRIPTOR only)
 ):
     expert, rows, row_in, tile_n = _row_tile(offsets_ptr, M, N, E, BLOCK_M, BLOCK_N, BLOCK_E, GROUP_M)
     if expert >= E:
@@ -645,8 +666,14 @@ def _down_backward_kernel(
     # main loop: acc = dOut[(token, slot) of each row] @ W_d[e], the activations' gradient before the weight
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     dout_rows = _row_offsets(rows, dout_rows_ptr, stride_dm, GATHER)
-    acc = _dot_loop(acc, dout_ptr, dout_rows, stride_dk, wd_ptr + e * stride_we, stride_wk, stride_wn, cols_w, K,
-                    BLOCK_K)
+    if DESC:
+        tl.static_assert(W_DESCRIPTOR)
+        wd_of = tl.make_tensor_descriptor(wd_ptr, [E, K, N], [stride_we, stride_wk, 1], [1, BLOCK_K, BLOCK_N])
+        acc = _dot_loop_described(acc, dout_ptr, dout_rows, stride_dk, wd_of, expert, tile_n * BLOCK_N, K, BLOCK_K,
+                                  BLOCK_N)
+    else:
+        acc = _dot_loop(acc, dout_ptr, dout_rows, stride_dk, wd_ptr + e * stride_we, stride_wk, stride_wn, cols_w, K,
+                        BLOCK_K)
 
     # epilogue, a half tile of columns at a time when HALVES: a whole 128 x 128 tile's fp32 temporaries spill
     # registers at 8 warps (on an H200 at k2-1b's experts, halves took 0.78x the time at the best config, 0.324
@@ -1232,6 +1259,9 @@ def down_backward(dout: torch.Tensor, dout_rows: torch.Tensor | None, offsets: t
     def grid(meta):
         return ((triton.cdiv(m, meta["BLOCK_M"]) + experts) * tiles_n,)
 
+    described = addressable(down_proj)
+    if described:
+        triton.set_allocator(descriptor_scratch)
     _down_backward_kernel[grid](
         dout, dout if dout_rows is None else dout_rows, down_proj, lu, ad, weights, gate, up, dgate, dup, dw, offsets,
         m, inter, hidden, r, experts,
@@ -1239,8 +1269,8 @@ def down_backward(dout: torch.Tensor, dout_rows: torch.Tensor | None, offsets: t
         lu.stride(0), lu.stride(1), ad.stride(0), ad.stride(1), ad.stride(2),
         gate.stride(0), gate.stride(1), dw.stride(0),
         float(scale),
-        GATHER=dout_rows is not None, COMBINE=combine, LOW_RANK=low is not None, BLOCK_R=_block(r),
-        BLOCK_E=_block_e(experts),
+        GATHER=dout_rows is not None, COMBINE=combine, LOW_RANK=low is not None, W_DESCRIPTOR=described,
+        BLOCK_R=_block(r), BLOCK_E=_block_e(experts),
     )
     return dgate, dup, dw.sum(dim=1) if combine else None
 
