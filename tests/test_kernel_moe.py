@@ -233,10 +233,11 @@ def check_celora() -> None:
 
 
 def check_weight_paths() -> None:
-    """The two ways the gate/up GEMM and the down backward load W: by tensor descriptor (W addressable: rows of
-    16-byte multiples) and by pointer loads (W's rows one entry longer, a view), the same bits from both; the gate/up
-    GEMM also against a per-expert formula in fp64 (the layer checks compare the descriptor path with the torch path).
-    One expert without rows; N = 24 ends inside a 16-wide tile (the descriptor's zeros past N, the pointers' wrap)."""
+    """The two ways the gate/up GEMM, the down backward and the grouped GEMM load W: by tensor descriptor (W
+    addressable: rows of 16-byte multiples; for the grouped GEMM by rows of N or, for a transposed W, of K) and by
+    pointer loads (W's rows one entry longer, a view), the same bits from both; the gate/up and grouped GEMMs also
+    against a per-expert formula in fp64 (the layer checks compare the descriptor path with the torch path). One
+    expert without rows; N = 24 ends inside a 16-wide tile (the descriptor's zeros past N, the pointers' wrap)."""
     from k2c.runtime.kernels import moe as kernels
     from k2c.runtime.kernels.tiles import addressable
 
@@ -266,6 +267,23 @@ def check_weight_paths() -> None:
         by_descriptor = kernels.down_backward(dout, rows, offsets, down_w, weights, gate, up)
         by_pointers = kernels.down_backward(dout, rows, offsets, unaddressable(down_w), weights, gate, up)
         assert all(torch.equal(a, b) for a, b in zip(by_descriptor, by_pointers)), f"{dtype}: down paths differ"
+
+        # the grouped GEMM: W [E, K, N] by rows of N (the input gradient's W), by rows of K (W_d^T, the down
+        # forward's), and by pointers; with a second product as the gate/up input gradient has
+        a, a2 = torch.randn(m, INTER, dtype=dtype), torch.randn(m, INTER, dtype=dtype)
+        w, w2 = gate_w, up_w  # [E, I, H]: K = I, N = H
+        assert kernels.descriptor_order(w) == 1 and kernels.descriptor_order(down_w.transpose(1, 2)) == 2
+        assert kernels.descriptor_order(unaddressable(w)) == 0
+        want = kernels.grouped_mm(a, w, offsets, a2=a2, w2=w2)
+        assert torch.equal(kernels.grouped_mm(a, unaddressable(w), offsets, a2=a2, w2=unaddressable(w2)), want)
+        formula = torch.einsum("mi,mih->mh", a.double(), w[owner].double()) + \
+            torch.einsum("mi,mih->mh", a2.double(), w2[owner].double())
+        assert_close(f"grouped GEMM, two products {dtype}", want, formula, dtype)
+        by_rows_of_k = kernels.grouped_mm(a, down_w.transpose(1, 2), offsets)
+        by_pointers = kernels.grouped_mm(a, unaddressable(down_w).transpose(1, 2), offsets)
+        assert torch.equal(by_rows_of_k, by_pointers), f"{dtype}: grouped GEMM paths differ (W by rows of K)"
+        assert_close(f"grouped GEMM, W^T {dtype}", by_rows_of_k,
+                     torch.einsum("mi,mhi->mh", a.double(), down_w[owner].double()), dtype)
     print("ok weight paths")
 
 

@@ -21,18 +21,19 @@ waits for the GPU, and it runs one small GEMM per expert. Here the counts stay o
   S packed per expert (`pack_columns`) and the low-rank terms folded into the GEMM's epilogue.
 - `swiglu_experts`: the whole routed MLP, `down(silu(gate(x)) * up(x))` per expert, weighted and put back in
   (token, slot) order, as one autograd Function: the gate/up GEMM reads each row's token from x directly (no
-  permuted copy of x), runs both products on one load of x and applies SwiGLU in its epilogue (W's tiles by pointer
-  loads or, where W is addressable, by tensor descriptor: the autotuner keeps the faster); the down GEMM
+  permuted copy of x), runs both products on one load of x and applies SwiGLU in its epilogue; the down GEMM
   multiplies by the combine weight and stores each row at its (token, slot) position. The backward mirrors it: the
-  down input-gradient GEMM gathers the output gradient by token (W_d's tiles loaded either way too), and its
-  epilogue applies the combine weight, the SwiGLU backward and the combine weight's gradient (dw = act .
-  (dOut W_down), summed per column tile, no atomics);
+  down input-gradient GEMM gathers the output gradient by token, and its epilogue applies the combine weight, the
+  SwiGLU backward and the combine weight's gradient (dw = act . (dOut W_down), summed per column tile, no atomics);
   the gate/up input-gradient GEMM runs both products into one accumulator and stores each row at its (token, slot)
   position. LoRA rides in the same kernels, and so does CE-LoRA: an input-gradient GEMM runs over each expert's
   kept channels (packed per expert; for down, gathered by token and weighted as dY is), with the SVD pair's
   (dY B0) A0 in the epilogue beside the adapter's term. Under CE-LoRA on down the forward also keeps the rows before
   their weight, y, so that the combine weight's gradient dOut . y stays exact. The k rows of a token are summed in
   slot order, with the shared experts' output, by `combine_slots` (forward) and `slot_sum` (the input gradient).
+- W's tiles: the gate/up GEMM, the down backward and the grouped GEMM's wide tiles load them by pointer loads or,
+  where W is addressable (`descriptor_order`), by tensor descriptor, each tile shape both ways; the autotuner keeps
+  the faster.
 - Weight gradients: `grouped_weight_grad` gives dW[e] = P_e^T Q_e over expert e's rows (a program per output tile
   per expert, looping over that expert's rows), reading gathered or weighted rows in place. A full weight's
   gradient in bf16 on Hopper goes to cuBLAS's grouped GEMM instead, on rows first copied into expert order
@@ -106,6 +107,14 @@ def _prune_by_width(configs, named_args, **kwargs):
     n = max(16, triton.next_power_of_2(named_args["N"]))
     kept = [c for c in configs if (c.kwargs["BLOCK_N"] <= 64) == (n <= 64) and c.kwargs["BLOCK_N"] <= n]
     return kept or configs
+
+
+def _prune_descriptors(configs, named_args, **kwargs):
+    """The configs that load W by tensor descriptor only where W is addressable (W_DESCRIPTOR); under the
+    interpreter, which times nothing, one config: by descriptor where it can be."""
+    described = bool({**named_args, **kwargs}["W_DESCRIPTOR"])  # a constexpr: among the keyword arguments
+    able = [c for c in configs if c.kwargs["DESC"] <= described]
+    return [c for c in able if c.kwargs["DESC"] == described] if INTERPRETED else able
 
 
 WEIGHT_GRAD_CONFIGS = _configs(WEIGHT_GRAD)
@@ -406,17 +415,40 @@ def _dot_loop(acc, a_ptr, a_rows, stride_ak, w_ptr, stride_wk, stride_wn, cols, 
 
 
 @triton.jit
-def _dot_loop_described(acc, a_ptr, a_rows, stride_ak, w_of, expert, col, K, BLOCK_K: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
-    """`_dot_loop` with W's [BLOCK_K, BLOCK_N] tiles from w_of, a tensor descriptor over W [E, K, N] (zero past K and
-    N): the tile of expert `expert` at columns col to col + BLOCK_N."""
+def _w_descriptor(w_ptr, E, K, N, stride_we, stride_wk, stride_wn, ORDER: tl.constexpr, BLOCK_K: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """A tensor descriptor over W [E, K, N] (zero past K and N) as `descriptor_order` found it addressable: ORDER 1,
+    rows of N ([E, K, N] tiles [1, BLOCK_K, BLOCK_N]); ORDER 2, rows of K (W^T [E, N, K], tiles [1, BLOCK_N,
+    BLOCK_K])."""
+    # if / else, not an early return: the compiler builds the statements after a constexpr branch's return too, and
+    # the other order's descriptor has a stride of 1 (a launch makes it a constant) where it needs 16 bytes
+    if ORDER == 1:
+        w_of = tl.make_tensor_descriptor(w_ptr, [E, K, N], [stride_we, stride_wk, 1], [1, BLOCK_K, BLOCK_N])
+    else:
+        w_of = tl.make_tensor_descriptor(w_ptr, [E, N, K], [stride_we, stride_wn, 1], [1, BLOCK_N, BLOCK_K])
+    return w_of
+
+
+@triton.jit
+def _w_tile(w_of, expert, k, col, ORDER: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """W[expert][k : k + BLOCK_K, col : col + BLOCK_N] through `_w_descriptor`'s w_of."""
+    if ORDER == 1:
+        w = w_of.load([expert, k, col]).reshape(BLOCK_K, BLOCK_N)
+    else:
+        w = tl.trans(w_of.load([expert, col, k]).reshape(BLOCK_N, BLOCK_K))
+    return w
+
+
+@triton.jit
+def _dot_loop_described(acc, a_ptr, a_rows, stride_ak, w_of, expert, col, K, ORDER: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`_dot_loop` with W's tiles from w_of (`_w_descriptor`): expert `expert`'s, at columns col to col + BLOCK_N."""
     ks = tl.arange(0, BLOCK_K)
     a_tile = a_ptr + a_rows[:, None] + ks[None, :] * stride_ak
     for k in range(tl.cdiv(K, BLOCK_K)):
         k_in = ks < K - k * BLOCK_K
         a = tl.load(a_tile, mask=k_in[None, :], other=0.0)
-        w = w_of.load([expert, k * BLOCK_K, col]).reshape(BLOCK_K, BLOCK_N)
-        acc = tl.dot(a, w, acc, input_precision="ieee")
+        acc = tl.dot(a, _w_tile(w_of, expert, k * BLOCK_K, col, ORDER, BLOCK_K, BLOCK_N), acc, input_precision="ieee")
         a_tile += BLOCK_K * stride_ak
     return acc
 
@@ -434,9 +466,15 @@ def _add_low_rank(acc, la_ptr, rows, stride_lam, stride_lar, lb_ptr, stride_lbr,
 # --------------------------------------------------------------------------- grouped GEMM
 
 
-@autotune(_configs(WIDE + THIN),
-          key=["N", "K", "K2", "R", "GATHER", "TWO", "ROW_SCALE", "SCATTER", "UNSCALED", "LOW_RANK"],
-          prune_configs_by={"early_config_prune": _prune_by_width})
+def _prune_grouped(configs, named_args, **kwargs):
+    return _prune_descriptors(_prune_by_width(configs, named_args, **kwargs), named_args, **kwargs)
+
+
+# the wide tile shapes twice, W's tiles by pointer loads and by tensor descriptor (as the gate/up GEMM's); the thin
+# ones stream A and read little of W
+@autotune(_configs(WIDE + THIN, DESC=False) + _configs(WIDE, DESC=True),
+          key=["N", "K", "K2", "R", "GATHER", "TWO", "ROW_SCALE", "SCATTER", "UNSCALED", "LOW_RANK", "W_DESCRIPTOR"],
+          prune_configs_by={"early_config_prune": _prune_grouped})
 @triton.jit
 def _grouped_matmul_kernel(
     a_ptr,  # A [*, K]: row i of the product reads A's row a_rows[i] (GATHER), else row i
@@ -463,12 +501,14 @@ def _grouped_matmul_kernel(
     SCATTER: tl.constexpr,
     UNSCALED: tl.constexpr,
     LOW_RANK: tl.constexpr,
+    W_DESCRIPTOR: tl.constexpr,  # 0, or how W (and W2) are addressable by tensor descriptor (`descriptor_order`)
     BLOCK_R: tl.constexpr,  # R rounded up to a power of two, at least 16 (tl.dot's smallest)
     BLOCK_E: tl.constexpr,  # E rounded up to a power of two, at least 16
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    DESC: tl.constexpr,  # load W's (and W2's) tiles by tensor descriptor (W_DESCRIPTOR only)
 ):
     expert, rows, row_in, tile_n = _row_tile(offsets_ptr, M, N, E, BLOCK_M, BLOCK_N, BLOCK_E, GROUP_M)
     if expert >= E:
@@ -480,10 +520,22 @@ def _grouped_matmul_kernel(
     # main loop(s): acc = A[rows] @ W[e] (+ A2[rows] @ W2[e])
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     a_rows = _row_offsets(rows, a_rows_ptr, stride_am, GATHER)
-    acc = _dot_loop(acc, a_ptr, a_rows, stride_ak, w_ptr + e * stride_we, stride_wk, stride_wn, cols_w, K, BLOCK_K)
-    if TWO:
-        acc = _dot_loop(acc, a2_ptr, rows * stride_a2m, stride_a2k, w2_ptr + e * stride_w2e, stride_w2k, stride_w2n,
-                        cols_w, K2, BLOCK_K)
+    if DESC:
+        tl.static_assert(W_DESCRIPTOR > 0)
+        w_of = _w_descriptor(w_ptr, E, K, N, stride_we, stride_wk, stride_wn, W_DESCRIPTOR, BLOCK_K, BLOCK_N)
+        acc = _dot_loop_described(acc, a_ptr, a_rows, stride_ak, w_of, expert, tile_n * BLOCK_N, K, W_DESCRIPTOR,
+                                  BLOCK_K, BLOCK_N)
+        if TWO:
+            w2_of = _w_descriptor(w2_ptr, E, K2, N, stride_w2e, stride_w2k, stride_w2n, W_DESCRIPTOR, BLOCK_K,
+                                  BLOCK_N)
+            acc = _dot_loop_described(acc, a2_ptr, rows * stride_a2m, stride_a2k, w2_of, expert, tile_n * BLOCK_N, K2,
+                                      W_DESCRIPTOR, BLOCK_K, BLOCK_N)
+    else:
+        acc = _dot_loop(acc, a_ptr, a_rows, stride_ak, w_ptr + e * stride_we, stride_wk, stride_wn, cols_w, K,
+                        BLOCK_K)
+        if TWO:
+            acc = _dot_loop(acc, a2_ptr, rows * stride_a2m, stride_a2k, w2_ptr + e * stride_w2e, stride_w2k,
+                            stride_w2n, cols_w, K2, BLOCK_K)
 
     # epilogue: low-rank term, row scale, store (scattered)
     if LOW_RANK:
@@ -503,14 +555,6 @@ def _grouped_matmul_kernel(
 
 
 # --------------------------------------------------------------------------- SwiGLU experts: gate/up and its backward
-
-
-def _prune_descriptors(configs, named_args, **kwargs):
-    """The configs that load W by tensor descriptor only where W is addressable (W_DESCRIPTOR); under the
-    interpreter, which times nothing, one config: by descriptor where it can be."""
-    described = {**named_args, **kwargs}["W_DESCRIPTOR"]  # a constexpr: among the keyword arguments
-    able = [c for c in configs if c.kwargs["DESC"] <= described]
-    return [c for c in able if c.kwargs["DESC"] == described] if INTERPRETED else able
 
 
 # each GATE_UP tile shape twice: W's tiles by pointer loads, and by tensor descriptor (the tensor memory
@@ -566,17 +610,17 @@ def _gate_up_kernel(
     wu_tile = wu_ptr + e * stride_we + w_tile
     if DESC:
         tl.static_assert(W_DESCRIPTOR)
-        # zero past the expert's N rows and its K columns, where the pointer loads wrap or mask
-        wg_of = tl.make_tensor_descriptor(wg_ptr, [E, N, K], [stride_we, stride_wn, 1], [1, BLOCK_N, BLOCK_K])
-        wu_of = tl.make_tensor_descriptor(wu_ptr, [E, N, K], [stride_we, stride_wn, 1], [1, BLOCK_N, BLOCK_K])
+        # W [E, N, K] is W^T [E, K, N] by rows of K (order 2); zero past N and K, where the pointer loads wrap or mask
+        wg_of = _w_descriptor(wg_ptr, E, K, N, stride_we, stride_wk, stride_wn, 2, BLOCK_K, BLOCK_N)
+        wu_of = _w_descriptor(wu_ptr, E, K, N, stride_we, stride_wk, stride_wn, 2, BLOCK_K, BLOCK_N)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(tl.cdiv(K, BLOCK_K)):
         k_in = ks < K - k * BLOCK_K
         x = tl.load(x_tile, mask=k_in[None, :], other=0.0)
         if DESC:
-            wg = tl.trans(wg_of.load([expert, tile_n * BLOCK_N, k * BLOCK_K]).reshape(BLOCK_N, BLOCK_K))
-            wu = tl.trans(wu_of.load([expert, tile_n * BLOCK_N, k * BLOCK_K]).reshape(BLOCK_N, BLOCK_K))
+            wg = _w_tile(wg_of, expert, k * BLOCK_K, tile_n * BLOCK_N, 2, BLOCK_K, BLOCK_N)
+            wu = _w_tile(wu_of, expert, k * BLOCK_K, tile_n * BLOCK_N, 2, BLOCK_K, BLOCK_N)
         else:
             wg = tl.load(wg_tile, mask=k_in[:, None], other=0.0)
             wu = tl.load(wu_tile, mask=k_in[:, None], other=0.0)
@@ -668,9 +712,9 @@ def _down_backward_kernel(
     dout_rows = _row_offsets(rows, dout_rows_ptr, stride_dm, GATHER)
     if DESC:
         tl.static_assert(W_DESCRIPTOR)
-        wd_of = tl.make_tensor_descriptor(wd_ptr, [E, K, N], [stride_we, stride_wk, 1], [1, BLOCK_K, BLOCK_N])
-        acc = _dot_loop_described(acc, dout_ptr, dout_rows, stride_dk, wd_of, expert, tile_n * BLOCK_N, K, BLOCK_K,
-                                  BLOCK_N)
+        wd_of = _w_descriptor(wd_ptr, E, K, N, stride_we, stride_wk, stride_wn, 1, BLOCK_K, BLOCK_N)
+        acc = _dot_loop_described(acc, dout_ptr, dout_rows, stride_dk, wd_of, expert, tile_n * BLOCK_N, K, 1,
+                                  BLOCK_K, BLOCK_N)
     else:
         acc = _dot_loop(acc, dout_ptr, dout_rows, stride_dk, wd_ptr + e * stride_we, stride_wk, stride_wn, cols_w, K,
                         BLOCK_K)
@@ -957,6 +1001,14 @@ def _check_dtype(what: str, like: torch.Tensor, **tensors: torch.Tensor | None) 
                              f"found {t.dtype} on {t.device}")
 
 
+def descriptor_order(w: torch.Tensor) -> int:
+    """How a tensor descriptor can address W [E, K, N] (a view, maybe transposed): 1 by rows of N, 2 by rows of K
+    (W's transpose is the stored layout), 0 not at all (`addressable`)."""
+    if addressable(w):
+        return 1
+    return 2 if addressable(w.transpose(1, 2)) else 0
+
+
 LowRank = tuple[torch.Tensor, torch.Tensor, float]  # (L_a [M, R], L_b [E, R, N], scale)
 
 
@@ -999,6 +1051,11 @@ def grouped_mm(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, a_row
         return c
     la, lb, lr_scale = low if low is not None else (a, w, 1.0)
     r = la.shape[1] if low is not None else 0
+    order = descriptor_order(w)
+    if two and descriptor_order(w2_) != order:
+        order = 0
+    if order:
+        triton.set_allocator(descriptor_scratch)
 
     def grid(meta):
         return ((triton.cdiv(m, meta["BLOCK_M"]) + experts) * triton.cdiv(n, meta["BLOCK_N"]),)
@@ -1014,7 +1071,8 @@ def grouped_mm(a: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, a_row
         c.stride(0), c.stride(1),
         float(lr_scale),
         GATHER=a_rows is not None, TWO=two, ROW_SCALE=row_scale is not None, SCATTER=out_rows is not None,
-        UNSCALED=unscaled is not None, LOW_RANK=low is not None, BLOCK_R=_block(r), BLOCK_E=_block_e(experts),
+        UNSCALED=unscaled is not None, LOW_RANK=low is not None, W_DESCRIPTOR=order, BLOCK_R=_block(r),
+        BLOCK_E=_block_e(experts),
     )
     return c
 
