@@ -60,8 +60,10 @@ def moe_layer(groups: int, load: str, dtype: torch.dtype, normalize: bool = True
 
 
 def add_adapters(moe, kind: str, dropout: float = 0.0, names=("gate_proj", "up_proj", "down_proj"),
-                 ce_names=("up_proj", "down_proj"), refresh_every: int = 1) -> None:
-    """LoRA on the named projections (random B, so that the adapters matter), CE-LoRA at keep 0.5 on ce_names."""
+                 ce_names=("up_proj", "down_proj"), refresh_every: int = 1,
+                 ranks: dict[str, int] | None = None) -> None:
+    """LoRA on the named projections (random B, so that the adapters matter), CE-LoRA at keep 0.5 on ce_names; rank
+    RANK, or ranks[name] (another rank gives the projection another scale, alpha / rank)."""
     from k2c.runtime.adapters import LoRAExperts
     from k2c.runtime.plan import AdapterPlan, AdapterSite
 
@@ -72,7 +74,8 @@ def add_adapters(moe, kind: str, dropout: float = 0.0, names=("gate_proj", "up_p
     experts = LoRAExperts.adapt(moe.experts)
     for name in names:
         ce = kind == "ce_lora" and name in ce_names
-        site = AdapterSite(module="mlp.experts", param=name, kind="ce_lora" if ce else "lora", rank=RANK, alpha=8.0,
+        rank = (ranks or {}).get(name, RANK)
+        site = AdapterSite(module="mlp.experts", param=name, kind="ce_lora" if ce else "lora", rank=rank, alpha=8.0,
                            keep_ratio=0.5 if ce else 1.0, svd_rank=3 if ce else 0)
         experts.add_adapter(name, site, plan)
         with torch.no_grad():
@@ -206,13 +209,15 @@ def check_experts() -> None:
 
 def check_lora() -> None:
     """Exact LoRA inside the grouped kernels (both wirings; all projections, then up and down only, the gate frozen
-    without one), then with dropout, which `Experts.forward` runs per projection."""
-    cases = ((torch.float32, "balanced", ("gate_proj", "up_proj", "down_proj"), ("per-op", "fused")),
-             (torch.float16, "skewed", ("up_proj", "down_proj"), ("fused",)))
-    for dtype, load, names, wirings in cases:
+    without one, then gate and up at different ranks, whose A gradients cannot share a pass), then with dropout,
+    which `Experts.forward` runs per projection."""
+    cases = ((torch.float32, "balanced", ("gate_proj", "up_proj", "down_proj"), ("per-op", "fused"), None),
+             (torch.float16, "skewed", ("up_proj", "down_proj"), ("fused",), None),
+             (torch.float32, "balanced", ("gate_proj", "up_proj"), ("fused",), {"up_proj": 2}))
+    for dtype, load, names, wirings, ranks in cases:
         moe = moe_layer(1, load, dtype)
-        add_adapters(moe, "lora", names=names)
-        compare(f"lora {dtype} {load} on {names}", moe, dtype, wirings)
+        add_adapters(moe, "lora", names=names, ranks=ranks)
+        compare(f"lora {dtype} {load} on {names}, ranks {ranks or RANK}", moe, dtype, wirings)
     moe = moe_layer(2, "empty", torch.float32)
     add_adapters(moe, "lora", dropout=0.25)
     compare("lora dropout 0.25 fp32 empty", moe, torch.float32, ("fused",))

@@ -1535,10 +1535,16 @@ class _SwiGLUExperts(torch.autograd.Function):
             dx_slots = grouped_mm(a, w, offsets, a2=a2, w2=w2, low=low, out_rows=order, out_size=order.shape[0])
             grads["x"] = slot_sum(dx_slots.view(-1, k, x.shape[1]))
         x_grouped = gather_rows(x, x_rows) if need["gate_proj"] or need["up_proj"] else None  # one copy for both
+        # dA_gate and dA_up both read x by token: with one scale, one pass gives [dA_gate; dA_up]
+        both_A = all(name in d_Bs and need[f"{name}_A"] for name in ("gate", "up")) and scale_g == scale_u
+        if both_A:
+            stacked = grouped_weight_grad(torch.cat((d_Bs["gate"], d_Bs["up"]), dim=1), x, offsets, q_rows=x_rows,
+                                          scale=scale_g)
+            grads["gate_A"], grads["up_A"] = stacked.split((gate_A.shape[1], up_A.shape[1]), dim=1)
         for name, d, xa, scale in (("gate", dgate, xa_gate, scale_g), ("up", dup, xa_up, scale_u)):
             if need[f"{name}_proj"]:
                 grads[f"{name}_proj"] = grouped_weight_grad(d, x_grouped, offsets)
-            if name in d_Bs and need[f"{name}_A"]:
+            if name in d_Bs and need[f"{name}_A"] and not both_A:
                 grads[f"{name}_A"] = grouped_weight_grad(d_Bs[name], x, offsets, q_rows=x_rows, scale=scale)
             if name in d_Bs and need[f"{name}_B"]:
                 grads[f"{name}_B"] = grouped_weight_grad(d, xa, offsets, scale=scale)
