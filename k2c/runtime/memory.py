@@ -39,7 +39,6 @@ from fnmatch import fnmatchcase
 from k2c.runtime.kernels import NS_BATCH_ELEMENTS
 from k2c.runtime.mesh import LayoutError, mesh_shape
 from k2c.runtime.plan import (
-    GRAM,
     STANDARD,
     TRITON,
     AdapterSite,
@@ -676,9 +675,8 @@ def _muon_shapes(plan: Plan, trainable: list[Param], m: Mesh) -> Iterator[tuple[
     for p in trainable:
         if p.optimizer == "muon":
             n, cols = sorted(p.shape[-2:])
-            gram = any(fnmatchcase(p.name, pattern) for pattern in plan.optimizer.gram_newton_schulz)
             stacked = p.shape[0] // (m.expert if p.unit.startswith("experts.") else 1) if len(p.shape) == 3 else 1
-            key = (n, cols, GRAM if gram else STANDARD)
+            key = (n, cols, plan.optimizer.newton_schulz_form(p.name))
             counts[key] = counts.get(key, 0) + stacked
     for (n, cols, form), count in counts.items():
         yield n, cols, form, count

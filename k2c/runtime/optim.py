@@ -86,19 +86,12 @@ def newton_schulz(u, steps, coefficients, dtype=torch.bfloat16, form=STANDARD):
 
 def orthogonalise(u, steps, coefficients, form=STANDARD):
     """`newton_schulz` of u [..., n, m] in `ns_dtype`, as fp32: on the Triton kernels where they run (`use_triton`)
-    and take the shape, as the fused Muon step runs them (the rounded matrix in, its norm applied inside the first
-    step), else the torch reference. For a whole matrix gathered from its shards (`MuonClip._muon_sharded`)."""
+    and take the shape (`ns_kernels.newton_schulz`, the reference's contract), else the torch reference. For a whole
+    matrix gathered from its shards (`MuonClip._muon_sharded`)."""
     dtype = ns_dtype(u.device)
     r, c = u.shape[-2:]
-    if not (use_triton(TRITON, u) and ns_kernels.fits(min(r, c), max(r, c), dtype)):
-        return newton_schulz(u, steps, coefficients, dtype, form).float()
-    x = u.float().reshape(-1, r, c)
-    x = x.mT if r > c else x  # wide, so that X X^T is the small side
-    scale = ns_kernels.inverse_norms(x.square().sum((1, 2)).unsqueeze(1))
-    # a copy of its own: the kernels overwrite their input, which for an fp32 u would otherwise be u itself
-    x = x.to(dtype, memory_format=torch.contiguous_format, copy=True)
-    x = ns_kernels.newton_schulz_(x, steps, coefficients, scale, form).float()
-    return (x.mT if r > c else x).reshape(u.shape)
+    on_kernels = use_triton(TRITON, u) and ns_kernels.fits(min(r, c), max(r, c), dtype)
+    return (ns_kernels.newton_schulz if on_kernels else newton_schulz)(u, steps, coefficients, dtype, form).float()
 
 
 def _gram_newton_schulz(x, steps, coefficients):
@@ -158,9 +151,7 @@ def param_groups(model, plan: OptimizerPlan):
         rule = next((r for r in plan.param_rules if fnmatchcase(name, r.pattern)), None)
         if rule is None:
             raise ValueError(f"trainable parameter {name!r} matches no parameter rule of the plan")
-        form = None
-        if rule.optimizer == "muon":
-            form = GRAM if any(fnmatchcase(name, p) for p in plan.gram_newton_schulz) else STANDARD
+        form = plan.newton_schulz_form(name) if rule.optimizer == "muon" else None
         group = groups.setdefault(
             (rule.optimizer, rule.weight_decay, form),
             {

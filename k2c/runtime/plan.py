@@ -12,6 +12,7 @@ Names follow the spec's fields, except where transformers' names must be kept (m
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 PLAN_SCHEMA = 7
 
@@ -233,6 +234,10 @@ class OptimizerPlan:
     # the Muon parameters (fnmatch patterns) whose Newton-Schulz iteration runs in the Gram form, the rest in the
     # standard one (group_params decides: `k2c.runtime.optim.newton_schulz` says what each form is)
     gram_newton_schulz: tuple[str, ...] = ()
+
+    def newton_schulz_form(self, name: str) -> str:
+        """The form of Newton-Schulz that Muon parameter `name` takes: GRAM if `gram_newton_schulz` lists it."""
+        return GRAM if any(fnmatchcase(name, pattern) for pattern in self.gram_newton_schulz) else STANDARD
 
 
 @dataclass(frozen=True)
