@@ -1,6 +1,8 @@
 """Check every fused kernel against its torch reference at real shapes, then time it against its anchor: one GPU run.
 
-    python benchmarks/bench_kernels.py [family ...]     # families: the modules of benchmarks/kernels/
+    python benchmarks/bench_kernels.py [family[:case,...] ...]   # families: the modules of benchmarks/kernels/
+
+A family's cases, where it takes them (`moe:lora,ce_lora`), narrow its run to those.
 
 Writes benchmarks/results/<date>-<gpu>-kernels.{json,md} and prints the table.
 """
@@ -28,10 +30,11 @@ def main(argv: list[str]) -> None:
     families = argv or sorted(m.name for m in pkgutil.iter_modules(kernels.__path__))
     h = Harness()
     failed = []
-    for name in families:
+    for family in families:
+        name, _, cases = family.partition(":")
         h.family = name
         try:
-            importlib.import_module(f"kernels.{name}").run(h)
+            importlib.import_module(f"kernels.{name}").run(h, *filter(None, cases.split(",")))
         except Exception as err:  # one family's failure must not hide the others' figures
             failed.append(f"{name}: {type(err).__name__}: {err}")
             print(f"FAILED {failed[-1]}", file=sys.stderr)

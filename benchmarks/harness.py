@@ -71,9 +71,9 @@ class Harness:
         return do_bench(fn, warmup=25, rep=200, return_mode="median")
 
     @staticmethod
-    def kernel_time(fn, calls: int = 20) -> float:
-        """ms of GPU kernel time per call of fn: the sum of its kernels' own times under torch.profiler. For work
-        whose wall time is the host's, issuing many small kernels, where `time` would measure the host."""
+    def kernel_times(fn, calls: int = 20) -> dict[str, float]:
+        """ms of GPU time per call of fn for each kernel it runs, by name, largest first: the kernels' own times
+        under torch.profiler."""
         from torch.profiler import ProfilerActivity, profile
 
         fn()
@@ -82,7 +82,14 @@ class Harness:
             for _ in range(calls):
                 fn()
             torch.cuda.synchronize()
-        return sum(e.self_device_time_total for e in device_kernels(prof)) / 1e3 / calls
+        kernels = sorted(device_kernels(prof), key=lambda e: e.self_device_time_total, reverse=True)
+        return {e.key: e.self_device_time_total / 1e3 / calls for e in kernels}
+
+    @classmethod
+    def kernel_time(cls, fn, calls: int = 20) -> float:
+        """ms of GPU kernel time per call of fn: the sum of its kernels' own times. For work whose wall time is the
+        host's, issuing many small kernels, where `time` would measure the host."""
+        return sum(cls.kernel_times(fn, calls).values())
 
     def row(self, work: str, variant: str, ms: float, anchor_ms: float, check: str = "",
             flops: float | None = None) -> None:

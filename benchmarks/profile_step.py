@@ -53,6 +53,7 @@ def main() -> None:
     if args.ops and args.graph:
         ap.error("--ops names the operators of eager steps; a replayed graph runs none: leave out --graph")
     spec = load_spec(Path(args.spec))
+    name = spec.name  # with_adapter renames the spec for its package
     if args.adapter:
         spec = with_adapter(spec, args.adapter, 0.25 if args.adapter == "ce_lora" else None, f"profile_{args.adapter}")
     dev = torch.device("cuda")
@@ -94,15 +95,15 @@ def main() -> None:
             for e in sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)]
     top, rest = rows[:25], rows[25:]
     ops = operators(prof, args.steps) if args.ops else []
-    summary = {"spec": spec.name, "adapter": args.adapter, "graph": args.graph, "wall_ms_per_step": wall,
+    summary = {"spec": name, "adapter": args.adapter, "graph": args.graph, "wall_ms_per_step": wall,
                "gpu_busy_ms_per_step": gpu, "host_sync_ms_per_step": sync,
                "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"profile-{spec.name}" + (f"-{args.adapter}" if args.adapter else "") + ("-graph" if args.graph else "")
+    stem = f"profile-{name}" + (f"-{args.adapter}" if args.adapter else "") + ("-graph" if args.graph else "")
     (out / f"{stem}.json").write_text(json.dumps({**summary, "kernels": rows, "ops": ops}, indent=1) + "\n")
     how = "replayed from a CUDA graph" if args.graph else "eager"
-    lines = [f"# Profile of one training step, {spec.name}, {args.batch} x {args.seq} tokens, {how}, {summary['gpu']}",
+    lines = [f"# Profile of one training step, {name}, {args.batch} x {args.seq} tokens, {how}, {summary['gpu']}",
              "", f"torch {torch.__version__}; {time.strftime('%Y-%m-%d')}.", "",
              f"wall {wall:.1f} ms per step; GPU kernels {gpu:.1f} ms ({gpu / wall:.0%} of the wall time); "
              f"host waiting on the GPU {sync:.1f} ms per step, so issuing work {wall - sync:.1f} ms.", ""]

@@ -43,13 +43,20 @@ KEEP, SVD_RANK = 0.25, 14  # CE-LoRA: the step benchmark's keep ratio, the relea
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
-def run(h) -> None:
+KINDS = ("none", "lora", "ce_lora")
+
+
+def run(h, *kinds: str) -> None:
+    """Every case and the router; or, given kinds (`moe:lora,ce_lora`), those experts cases only."""
+    if unknown := set(kinds) - set(KINDS):
+        raise ValueError(f"moe: unknown cases {sorted(unknown)}; expected some of {', '.join(KINDS)}")
     lora = {}
-    for kind in ("none", "lora", "ce_lora"):
+    for kind in kinds or KINDS:
         times = compare(h, TOKENS, HIDDEN, EXPERTS, TOP_K, INTER, kind, torch.device("cuda"), torch.bfloat16, lora)
         if kind == "lora":
             lora = times
-    router(h, TOKENS, HIDDEN, EXPERTS, TOP_K, torch.device("cuda"))
+    if not kinds:
+        router(h, TOKENS, HIDDEN, EXPERTS, TOP_K, torch.device("cuda"))
 
 
 def moe_layer(hidden: int, experts: int, top_k: int, inter: int, kind: str, device, dtype) -> MoE:
@@ -234,6 +241,13 @@ def compare(h, tokens: int, hidden: int, experts: int, top_k: int, inter: int, k
            notes["per-op"], flops)
     record(h, what, "k2c loop over experts, torch path (anchor for the loop rows)", t["loop"], t["loop"],
            notes["loop"], flops)
+    # GPU time alone, against the anchor's (or the loop's), with the kernels that take it; and how the grouped
+    # kernels' autotuner loads W
+    gpu = {name: h.kernel_times(variants[name] if name != "anchor" else anchor)
+           for name in ("fused", "anchor" if anchor is not None else "loop")}
+    reference = "anchor" if anchor is not None else "loop"
+    record(h, what, f"k2c fused Triton experts, GPU kernel time (vs the {reference}'s)", sum(gpu["fused"].values()),
+           sum(gpu[reference].values()), f"{largest(gpu['fused'])}; {descriptor_picks()}", flops)
 
     # the forward alone, where the gather and the SwiGLU / weighting epilogues show
     fwd = {"fused": lambda: k2c_step(True, "fused"), "loop": lambda: k2c_step(False, "per-op")}
@@ -247,11 +261,21 @@ def compare(h, tokens: int, hidden: int, experts: int, top_k: int, inter: int, k
     return t
 
 
+def largest(kernels: dict[str, float], count: int = 8) -> str:
+    """The `count` kernels that take the most time, as "name ms"."""
+    return ", ".join(f"{name[:40]} {ms:.3f}" for name, ms in list(kernels.items())[:count])
+
+
+def descriptor_picks() -> str:
+    """How many of the grouped GEMM's tuned keys the autotuner gave W by tensor descriptor."""
+    chosen = list(moe_kernels._grouped_matmul_kernel.cache.values())
+    return f"grouped GEMM W by descriptor in {sum(c.kwargs['DESC'] for c in chosen)} of {len(chosen)} keys"
+
+
 def gate_up_choice() -> str:
-    """The gate/up GEMM's config as the autotuner last chose it: its tile, and how it loads W."""
+    """The gate/up GEMM's tile as the autotuner last chose it."""
     meta = moe_kernels._gate_up_kernel.best_config.kwargs
-    return (f"gate/up tile {meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}, W by "
-            f"{'tensor descriptor' if meta['DESC'] else 'pointer loads'}")
+    return f"gate/up tile {meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']}"
 
 
 def router(h, tokens: int, hidden: int, experts: int, top_k: int, device) -> None:
