@@ -149,7 +149,7 @@ def table(rows) -> None:
 
 def moe_family() -> None:
     """The routed experts' grouped kernels as k2-1b's full training step launches them (bf16, rows gathered by token,
-    no adapter): the gate/up GEMM (also with LoRA on gate and up, as a LoRA step launches it), the down backward, and
+    no adapter): the gate/up GEMM and the down backward (each also with LoRA, as a LoRA step launches them), and
     the grouped GEMM as the down forward (the combine weight and the scatter in its epilogue; W_d read transposed) and
     as the input gradient (two products, scattered)."""
     rows = {"offsets_ptr": "*i64", "M": "i32", "E": "i32"}
@@ -175,11 +175,12 @@ def moe_family() -> None:
     table([
         *((name, moe._gate_up_kernel, moe._gate_up_kernel.configs, gate_up,
            {"stride_xk": 1, "stride_wk": 1, "stride_lagr": 1, "stride_lbgn": 1, "stride_laur": 1, "stride_lbun": 1,
-            "stride_on": 1, "LORA_GATE": lora, "LORA_UP": lora, "W_DESCRIPTOR": True, "BLOCK_RG": 16, "BLOCK_RU": 16,
+            "stride_on": 1, "LORA_GATE": lora, "LORA_UP": lora, "BLOCK_RG": 16, "BLOCK_RU": 16,
             "BLOCK_E": 32}) for name, lora in (("gate/up", False), ("gate/up, LoRA r16 on both", True))),
-        ("down backward", moe._down_backward_kernel, moe._down_backward_kernel.configs, down_backward,
-         {"stride_dk": 1, "stride_wn": 1, "stride_lur": 1, "stride_adn": 1, "stride_gn": 1, "GATHER": True,
-          "COMBINE": True, "LOW_RANK": False, "W_DESCRIPTOR": True, "BLOCK_R": 16, "BLOCK_E": 32}),
+        *((name, moe._down_backward_kernel, moe._down_backward_kernel.configs, down_backward,
+           {"stride_dk": 1, "stride_wn": 1, "stride_lur": 1, "stride_adn": 1, "stride_gn": 1, "GATHER": True,
+            "COMBINE": True, "LOW_RANK": lora, "BLOCK_R": 16, "BLOCK_E": 32})
+          for name, lora in (("down backward", False), ("down backward, LoRA r16", True))),
         ("down forward", moe._grouped_matmul_kernel, wide, grouped | {"stride_wn": "i32:16"},
          {"stride_ak": 1, "stride_wk": 1, "stride_a2k": 1, "stride_w2n": 1, "stride_lar": 1, "stride_lbn": 1,
           "stride_cn": 1, "GATHER": False, "TWO": False, "ROW_SCALE": True, "SCATTER": True, "W_DESCRIPTOR": 2,

@@ -31,9 +31,10 @@ waits for the GPU, and it runs one small GEMM per expert. Here the counts stay o
   (dY B0) A0 in the epilogue beside the adapter's term. Under CE-LoRA on down the forward also keeps the rows before
   their weight, y, so that the combine weight's gradient dOut . y stays exact. The k rows of a token are summed in
   slot order, with the shared experts' output, by `combine_slots` (forward) and `slot_sum` (the input gradient).
-- W's tiles: the gate/up GEMM, the down backward and the grouped GEMM's wide tiles load them by pointer loads or,
-  where W is addressable (`descriptor_order`), by tensor descriptor, each tile shape both ways; the autotuner keeps
-  the faster.
+- W's tiles: the grouped GEMM's wide tiles load them by pointer loads or, where W is addressable
+  (`descriptor_order`), by tensor descriptor, each tile shape both ways; the autotuner keeps the faster. The gate/up
+  GEMM and the down backward load W by pointers: on an H200 their autotuners never chose the descriptor path
+  (`-kernels-moe-breakdown.md` in benchmarks/results).
 - Weight gradients: `grouped_weight_grad` gives dW[e] = P_e^T Q_e over expert e's rows (a program per output tile
   per expert, looping over that expert's rows), reading gathered or weighted rows in place. A full weight's
   gradient in bf16 on Hopper goes to cuBLAS's grouped GEMM instead, on rows first copied into expert order
@@ -557,11 +558,7 @@ def _grouped_matmul_kernel(
 # --------------------------------------------------------------------------- SwiGLU experts: gate/up and its backward
 
 
-# each GATE_UP tile shape twice: W's tiles by pointer loads, and by tensor descriptor (the tensor memory
-# accelerator's loads, which take no registers); the autotuner keeps the faster where both can run
-@autotune(_configs(GATE_UP, HALVES=True, DESC=False) + _configs(GATE_UP, HALVES=True, DESC=True),
-          key=["N", "K", "RG", "RU", "LORA_GATE", "LORA_UP", "W_DESCRIPTOR"],
-          prune_configs_by={"early_config_prune": _prune_descriptors})
+@autotune(_configs(GATE_UP, HALVES=True), key=["N", "K", "RG", "RU", "LORA_GATE", "LORA_UP"])
 @triton.jit
 def _gate_up_kernel(
     x_ptr,  # X [*, K]: the layer's input, a row per token
@@ -584,7 +581,6 @@ def _gate_up_kernel(
     scale_g, scale_u,
     LORA_GATE: tl.constexpr,
     LORA_UP: tl.constexpr,
-    W_DESCRIPTOR: tl.constexpr,  # W is addressable by tensor descriptor (`addressable`)
     BLOCK_RG: tl.constexpr,
     BLOCK_RU: tl.constexpr,
     BLOCK_E: tl.constexpr,
@@ -593,7 +589,6 @@ def _gate_up_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     HALVES: tl.constexpr,
-    DESC: tl.constexpr,  # load W's tiles by tensor descriptor (W_DESCRIPTOR only)
 ):
     expert, rows, row_in, tile_n = _row_tile(offsets_ptr, M, N, E, BLOCK_M, BLOCK_N, BLOCK_E, GROUP_M)
     if expert >= E:
@@ -608,22 +603,13 @@ def _gate_up_kernel(
     w_tile = ks[:, None] * stride_wk + cols_w[None, :] * stride_wn
     wg_tile = wg_ptr + e * stride_we + w_tile
     wu_tile = wu_ptr + e * stride_we + w_tile
-    if DESC:
-        tl.static_assert(W_DESCRIPTOR)
-        # W [E, N, K] is W^T [E, K, N] by rows of K (order 2); zero past N and K, where the pointer loads wrap or mask
-        wg_of = _w_descriptor(wg_ptr, E, K, N, stride_we, stride_wk, stride_wn, 2, BLOCK_K, BLOCK_N)
-        wu_of = _w_descriptor(wu_ptr, E, K, N, stride_we, stride_wk, stride_wn, 2, BLOCK_K, BLOCK_N)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(tl.cdiv(K, BLOCK_K)):
         k_in = ks < K - k * BLOCK_K
         x = tl.load(x_tile, mask=k_in[None, :], other=0.0)
-        if DESC:
-            wg = _w_tile(wg_of, expert, k * BLOCK_K, tile_n * BLOCK_N, 2, BLOCK_K, BLOCK_N)
-            wu = _w_tile(wu_of, expert, k * BLOCK_K, tile_n * BLOCK_N, 2, BLOCK_K, BLOCK_N)
-        else:
-            wg = tl.load(wg_tile, mask=k_in[:, None], other=0.0)
-            wu = tl.load(wu_tile, mask=k_in[:, None], other=0.0)
+        wg = tl.load(wg_tile, mask=k_in[:, None], other=0.0)
+        wu = tl.load(wu_tile, mask=k_in[:, None], other=0.0)
         acc_g = tl.dot(x, wg, acc_g, input_precision="ieee")
         acc_u = tl.dot(x, wu, acc_u, input_precision="ieee")
         x_tile += BLOCK_K * stride_xk
@@ -665,9 +651,7 @@ def _swiglu_epilogue(acc_g, acc_u, rows, row_in, cols, N, gate_ptr, up_ptr, act_
     tl.store(act_ptr + out, act, mask=mask)
 
 
-@autotune(_configs(DOWN_BACKWARD, HALVES=True, DESC=False) + _configs(DOWN_BACKWARD, HALVES=True, DESC=True),
-          key=["N", "K", "R", "GATHER", "LOW_RANK", "W_DESCRIPTOR"],
-          prune_configs_by={"early_config_prune": _prune_descriptors})
+@autotune(_configs(DOWN_BACKWARD, HALVES=True), key=["N", "K", "R", "GATHER", "LOW_RANK"])
 @triton.jit
 def _down_backward_kernel(
     dout_ptr,  # dOut [*, K]: the gradient of each (token, slot)'s weighted output
@@ -680,7 +664,7 @@ def _down_backward_kernel(
     up_ptr,  # [M, N]: the forward's up projection
     dgate_ptr,  # [M, N] out
     dup_ptr,  # [M, N] out
-    dw_ptr,  # [M, cdiv(N, BLOCK_N)] fp32 out (COMBINE only): this tile's share of act . (dOut W_d)
+    dw_ptr,  # [M, cdiv(N, BLOCK_N)] fp32 out (COMBINE only): this tile's share of act . (dOut W_d + s lu A_d)
     offsets_ptr,  # [E + 1] int64
     M, N, K, R, E,
     stride_dm, stride_dk, stride_we, stride_wk, stride_wn,
@@ -690,7 +674,6 @@ def _down_backward_kernel(
     GATHER: tl.constexpr,
     COMBINE: tl.constexpr,
     LOW_RANK: tl.constexpr,
-    W_DESCRIPTOR: tl.constexpr,  # W_d is addressable by tensor descriptor (`addressable`)
     BLOCK_R: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -698,7 +681,6 @@ def _down_backward_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     HALVES: tl.constexpr,
-    DESC: tl.constexpr,  # load W_d's tiles by tensor descriptor (W_DESCRIPTOR only)
 ):
     expert, rows, row_in, tile_n = _row_tile(offsets_ptr, M, N, E, BLOCK_M, BLOCK_N, BLOCK_E, GROUP_M)
     if expert >= E:
@@ -710,44 +692,38 @@ def _down_backward_kernel(
     # main loop: acc = dOut[(token, slot) of each row] @ W_d[e], the activations' gradient before the weight
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     dout_rows = _row_offsets(rows, dout_rows_ptr, stride_dm, GATHER)
-    if DESC:
-        tl.static_assert(W_DESCRIPTOR)
-        wd_of = _w_descriptor(wd_ptr, E, K, N, stride_we, stride_wk, stride_wn, 1, BLOCK_K, BLOCK_N)
-        acc = _dot_loop_described(acc, dout_ptr, dout_rows, stride_dk, wd_of, expert, tile_n * BLOCK_N, K, 1,
-                                  BLOCK_K, BLOCK_N)
-    else:
-        acc = _dot_loop(acc, dout_ptr, dout_rows, stride_dk, wd_ptr + e * stride_we, stride_wk, stride_wn, cols_w, K,
-                        BLOCK_K)
+    acc = _dot_loop(acc, dout_ptr, dout_rows, stride_dk, wd_ptr + e * stride_we, stride_wk, stride_wn, cols_w, K,
+                    BLOCK_K)
 
     # epilogue, a half tile of columns at a time when HALVES: a whole 128 x 128 tile's fp32 temporaries spill
     # registers at 8 warps (on an H200 at k2-1b's experts, halves took 0.78x the time at the best config, 0.324
     # against 0.416 ms, and were faster at every config swept: `-down-backward-sweep.md` in benchmarks/results)
-    full = acc
+    # the adapter's term joins the product in place: act . (dOut W_d + s lu A_d) is then the combine weight's whole
+    # gradient, dOut . y, with one tile of accumulators live
     if LOW_RANK:
-        full = _add_low_rank(acc, lu_ptr, rows, stride_lum, stride_lur, ad_ptr + e * stride_ade, stride_adr,
-                             stride_adn, cols_w, R, scale_d, BLOCK_R)
+        acc = _add_low_rank(acc, lu_ptr, rows, stride_lum, stride_lur, ad_ptr + e * stride_ade, stride_adr,
+                            stride_adn, cols_w, R, scale_d, BLOCK_R)
     row_weight = tl.load(weight_ptr + rows)
     if HALVES:
         half: tl.constexpr = BLOCK_N // 2
-        acc_left, acc_right = column_halves(acc, BLOCK_M, half)
-        full_left, full_right = column_halves(full, BLOCK_M, half)
+        left_tile, right_tile = column_halves(acc, BLOCK_M, half)
         left = tile_n * BLOCK_N + tl.arange(0, half)
-        dw = _down_epilogue(acc_left, full_left, rows, row_in, left, N, row_weight, gate_ptr, up_ptr, dgate_ptr,
-                            dup_ptr, stride_gm, stride_gn)
-        dw += _down_epilogue(acc_right, full_right, rows, row_in, left + half, N, row_weight, gate_ptr, up_ptr,
-                             dgate_ptr, dup_ptr, stride_gm, stride_gn)
-    else:
-        dw = _down_epilogue(acc, full, rows, row_in, cols, N, row_weight, gate_ptr, up_ptr, dgate_ptr, dup_ptr,
+        dw = _down_epilogue(left_tile, rows, row_in, left, N, row_weight, gate_ptr, up_ptr, dgate_ptr, dup_ptr,
                             stride_gm, stride_gn)
+        dw += _down_epilogue(right_tile, rows, row_in, left + half, N, row_weight, gate_ptr, up_ptr, dgate_ptr,
+                             dup_ptr, stride_gm, stride_gn)
+    else:
+        dw = _down_epilogue(acc, rows, row_in, cols, N, row_weight, gate_ptr, up_ptr, dgate_ptr, dup_ptr, stride_gm,
+                            stride_gn)
     if COMBINE:
         tl.store(dw_ptr + rows * stride_dwm + tile_n, dw, mask=row_in)
 
 
 @triton.jit
-def _down_epilogue(acc, full, rows, row_in, cols, N, row_weight, gate_ptr, up_ptr, dgate_ptr, dup_ptr, stride_gm,
+def _down_epilogue(acc, rows, row_in, cols, N, row_weight, gate_ptr, up_ptr, dgate_ptr, dup_ptr, stride_gm,
                    stride_gn):
     """The down backward's epilogue over columns `cols`: act recomputed from gate and up as the forward rounded it,
-    dAct = weight * full (the product, with the adapter's term) rounded as the reference's is, the SwiGLU backward
+    dAct = weight * acc (the product, with the adapter's term) rounded as the reference's is, the SwiGLU backward
     stored; returns each row's act . acc, its share of the combine weight's gradient (masked columns have act 0)."""
     mask = row_in[:, None] & (cols[None, :] < N)
     gu = rows[:, None] * stride_gm + cols[None, :] * stride_gn
@@ -757,7 +733,7 @@ def _down_epilogue(acc, full, rows, row_in, cols, N, row_weight, gate_ptr, up_pt
     sig = tl.sigmoid(g)
     silu = (g * sig).to(dtype).to(tl.float32)
     act = (silu * u).to(dtype).to(tl.float32)
-    dact = (full * row_weight[:, None]).to(dtype).to(tl.float32)
+    dact = (acc * row_weight[:, None]).to(dtype).to(tl.float32)
     # silu'(g) = s + g s (1 - s)
     tl.store(dup_ptr + gu, (dact * silu).to(dtype), mask=mask)
     tl.store(dgate_ptr + gu, (dact * u * sig * (1.0 + g * (1.0 - sig))).to(dtype), mask=mask)
@@ -1272,9 +1248,6 @@ def gate_up_swiglu(x: torch.Tensor, x_rows: torch.Tensor, offsets: torch.Tensor,
     def grid(meta):
         return ((triton.cdiv(m, meta["BLOCK_M"]) + experts) * triton.cdiv(inter, meta["BLOCK_N"]),)
 
-    described = addressable(gate_proj) and addressable(up_proj)
-    if described:
-        triton.set_allocator(descriptor_scratch)
     _gate_up_kernel[grid](
         x, x_rows, gate_proj, up_proj, lag, lbg, lau, lbu, gate, up, act, offsets,
         m, inter, hidden, rg, ru, experts,
@@ -1283,7 +1256,7 @@ def gate_up_swiglu(x: torch.Tensor, x_rows: torch.Tensor, offsets: torch.Tensor,
         lau.stride(0), lau.stride(1), lbu.stride(0), lbu.stride(1), lbu.stride(2),
         gate.stride(0), gate.stride(1),
         float(scale_g), float(scale_u),
-        LORA_GATE=low_gate is not None, LORA_UP=low_up is not None, W_DESCRIPTOR=described,
+        LORA_GATE=low_gate is not None, LORA_UP=low_up is not None,
         BLOCK_RG=_block(rg), BLOCK_RU=_block(ru), BLOCK_E=_block_e(experts),
     )
     return gate, up, act
@@ -1296,7 +1269,7 @@ def down_backward(dout: torch.Tensor, dout_rows: torch.Tensor | None, offsets: t
 
     dout [*, H] read at the rows dout_rows [M] (None: row i); down_proj [E, H, I]; weights [M] fp32; gate, up
     [M, I]; low = (dOut B_d [M, r], A_d [E, r, I], s). The third output [M] fp32 (None unless `combine`) is the
-    combine weight's gradient less the adapter's share s (dOut B_d) . (act A_d^T).
+    combine weight's gradient, act . (dOut W_d + s (dOut B_d) A_d).
     CE-LoRA passes its packed kept channels dOut[:, S] as dout and R_S [E, |S|, I] as down_proj.
     """
     m, (experts, hidden, inter) = gate.shape[0], down_proj.shape
@@ -1317,9 +1290,6 @@ def down_backward(dout: torch.Tensor, dout_rows: torch.Tensor | None, offsets: t
     def grid(meta):
         return ((triton.cdiv(m, meta["BLOCK_M"]) + experts) * tiles_n,)
 
-    described = addressable(down_proj)
-    if described:
-        triton.set_allocator(descriptor_scratch)
     _down_backward_kernel[grid](
         dout, dout if dout_rows is None else dout_rows, down_proj, lu, ad, weights, gate, up, dgate, dup, dw, offsets,
         m, inter, hidden, r, experts,
@@ -1327,7 +1297,7 @@ def down_backward(dout: torch.Tensor, dout_rows: torch.Tensor | None, offsets: t
         lu.stride(0), lu.stride(1), ad.stride(0), ad.stride(1), ad.stride(2),
         gate.stride(0), gate.stride(1), dw.stride(0),
         float(scale),
-        GATHER=dout_rows is not None, COMBINE=combine, LOW_RANK=low is not None, W_DESCRIPTOR=described,
+        GATHER=dout_rows is not None, COMBINE=combine, LOW_RANK=low is not None,
         BLOCK_R=_block(r), BLOCK_E=_block_e(experts),
     )
     return dgate, dup, dw.sum(dim=1) if combine else None
@@ -1498,8 +1468,6 @@ class _SwiGLUExperts(torch.autograd.Function):
                 lu = grouped_mm(dout, down_B, offsets, a_rows=dout_rows)  # dOut B_d, before the combine weight
             dgate, dup, dw = down_backward(dout, dout_rows, offsets, down_proj, weights, gate, up,
                                            low=(lu, down_A, scale_d) if lu is not None else None)
-            if lu is not None:
-                dw.add_(row_dots(lu, xa_down), alpha=scale_d)
         grads["weights"] = dw
         if need["down_proj"]:
             # dY = weight * dOut in expert order, for the full weights' grouped GEMM on dense rows
