@@ -243,9 +243,9 @@ def compare(h, tokens: int, hidden: int, experts: int, top_k: int, inter: int, k
            notes["loop"], flops)
     # GPU time alone, against the anchor's (or the loop's), with the kernels that take it; and how the grouped
     # kernels' autotuner loads W
-    gpu = {name: h.kernel_times(variants[name] if name != "anchor" else anchor)
-           for name in ("fused", "anchor" if anchor is not None else "loop")}
     reference = "anchor" if anchor is not None else "loop"
+    gpu = {"fused": h.kernel_times(variants["fused"]),
+           reference: h.kernel_times(anchor if anchor is not None else variants["loop"])}
     record(h, what, f"k2c fused Triton experts, GPU kernel time (vs the {reference}'s)", sum(gpu["fused"].values()),
            sum(gpu[reference].values()), f"{largest(gpu['fused'])}; {descriptor_picks()}", flops)
 
@@ -255,7 +255,6 @@ def compare(h, tokens: int, hidden: int, experts: int, top_k: int, inter: int, k
         fwd["anchor"] = lambda: forward(x, w_slots)
     with torch.no_grad():
         tf = {name: h.time(fn) for name, fn in fwd.items()}
-    reference = "anchor" if anchor is not None else "loop"
     record(h, what.replace("fwd+bwd", "forward only"), f"k2c fused Triton experts (vs {reference})", tf["fused"],
            tf[reference], gate_up_choice(), 2 * m * hidden * inter * 3)
     return t
