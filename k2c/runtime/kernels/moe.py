@@ -110,14 +110,6 @@ def _prune_by_width(configs, named_args, **kwargs):
     return kept or configs
 
 
-def _prune_descriptors(configs, named_args, **kwargs):
-    """The configs that load W by tensor descriptor only where W is addressable (W_DESCRIPTOR); under the
-    interpreter, which times nothing, one config: by descriptor where it can be."""
-    described = bool({**named_args, **kwargs}["W_DESCRIPTOR"])  # a constexpr: among the keyword arguments
-    able = [c for c in configs if c.kwargs["DESC"] <= described]
-    return [c for c in able if c.kwargs["DESC"] == described] if INTERPRETED else able
-
-
 WEIGHT_GRAD_CONFIGS = _configs(WEIGHT_GRAD)
 WEIGHT_GRAD_THIN_CONFIGS = [] if INTERPRETED else _configs(WEIGHT_GRAD_THIN)  # the interpreter's one config will do
 
@@ -468,11 +460,15 @@ def _add_low_rank(acc, la_ptr, rows, stride_lam, stride_lar, lb_ptr, stride_lbr,
 
 
 def _prune_grouped(configs, named_args, **kwargs):
-    return _prune_descriptors(_prune_by_width(configs, named_args, **kwargs), named_args, **kwargs)
+    """`_prune_by_width`'s configs, those that load W by tensor descriptor only where W is addressable
+    (W_DESCRIPTOR); under the interpreter, which times nothing, one config: by descriptor where it can be."""
+    described = bool({**named_args, **kwargs}["W_DESCRIPTOR"])  # a constexpr: among the keyword arguments
+    able = [c for c in _prune_by_width(configs, named_args, **kwargs) if c.kwargs["DESC"] <= described]
+    return [c for c in able if c.kwargs["DESC"] == described] if INTERPRETED else able
 
 
-# the wide tile shapes twice, W's tiles by pointer loads and by tensor descriptor (as the gate/up GEMM's); the thin
-# ones stream A and read little of W
+# the wide tile shapes twice, W's tiles by pointer loads and by tensor descriptor; the thin ones stream A and read
+# little of W
 @autotune(_configs(WIDE + THIN, DESC=False) + _configs(WIDE, DESC=True),
           key=["N", "K", "K2", "R", "GATHER", "TWO", "ROW_SCALE", "SCATTER", "UNSCALED", "LOW_RANK", "W_DESCRIPTOR"],
           prune_configs_by={"early_config_prune": _prune_grouped})

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from k2c.runtime.kernels.tiles import column_halves, descriptor_scratch
+from k2c.runtime.kernels.tiles import addressable, column_halves, descriptor_scratch
 from k2c.runtime.kernels.tuning import autotune
 from k2c.runtime.plan import GRAM, NS_FORMS, STANDARD, restart_segments
 
@@ -333,7 +333,7 @@ def _check_matrices(what: str, **tensors: torch.Tensor) -> None:
     """`_check`, and rows that the Newton-Schulz kernels' tensor descriptors can address (`fits`)."""
     _check(what, **tensors)
     for name, t in tensors.items():
-        if not _addressable(t.shape[-1], t.dtype) or t.data_ptr() % 16:
+        if not addressable(t):
             raise ValueError(f"{what}: {name}'s rows must start 16-byte aligned and hold a multiple of 16 bytes "
                              f"(the kernels' tensor descriptors), found rows of {t.shape[-1]} x {t.dtype}")
 
